@@ -1,0 +1,229 @@
+//! The cgroup v2 hierarchy: where it is mounted, and which directory each cgroup id names.
+//!
+//! A cgroup v2 id (what `bpf_skb_cgroup_id` returns) is the inode number of the cgroup's
+//! directory, so one walk of the hierarchy maps ids to paths.
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+/// statfs(2) magic of a cgroup2 file system.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo for a cgroup2 mount); \
+         mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or pass --cgroup-root PATH"
+    )]
+    NoV2Mount,
+    #[error("--cgroup-root {0}: not a cgroup v2 mount (statfs type is not cgroup2)")]
+    NotCgroup2(PathBuf),
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Finds the cgroup v2 mount point in the text of /proc/self/mountinfo.
+///
+/// A pure v2 host mounts it at /sys/fs/cgroup, a hybrid host at /sys/fs/cgroup/unified; when
+/// there are several, /sys/fs/cgroup wins, then the shortest path.
+pub fn find_v2_mount(mountinfo: &str) -> Option<PathBuf> {
+    let mut mounts: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ..."
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (fstype == "cgroup2").then_some(mount_point)
+        })
+        .collect();
+    mounts.sort_by_key(|m| (*m != "/sys/fs/cgroup", m.len()));
+    mounts.first().map(|m| PathBuf::from(unescape_mountinfo(m)))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup v2 root to attach to: `explicit` if given (checked to be cgroup2), else the mount
+/// found in /proc/self/mountinfo.
+pub fn detect_root(explicit: Option<&Path>) -> Result<PathBuf, CgroupError> {
+    if let Some(path) = explicit {
+        return if is_cgroup2(path)? {
+            Ok(path.to_owned())
+        } else {
+            Err(CgroupError::NotCgroup2(path.to_owned()))
+        };
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
+        path: "/proc/self/mountinfo".into(),
+        source,
+    })?;
+    find_v2_mount(&mountinfo).ok_or(CgroupError::NoV2Mount)
+}
+
+fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
+    let io_err = |source| CgroupError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated and st is a valid out-pointer.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
+        return Err(io_err(io::Error::last_os_error()));
+    }
+    Ok(st.f_type as i64 == CGROUP2_SUPER_MAGIC)
+}
+
+/// The cgroup id of a directory in the v2 hierarchy.
+pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
+    Ok(fs::metadata(dir)?.ino())
+}
+
+/// cgroup id -> path relative to the v2 root ("/" is the root, "/docker/<id>" a container).
+#[derive(Debug, Default)]
+pub struct CgroupIndex {
+    root: PathBuf,
+    paths: HashMap<u64, String>,
+}
+
+impl CgroupIndex {
+    /// Walks the whole hierarchy under `root`.
+    pub fn scan(root: &Path) -> Result<Self, CgroupError> {
+        let mut index = Self {
+            root: root.to_owned(),
+            paths: HashMap::new(),
+        };
+        index.rescan()?;
+        Ok(index)
+    }
+
+    /// Walks the hierarchy again: cgroups come and go between intervals.
+    pub fn rescan(&mut self) -> Result<(), CgroupError> {
+        let mut paths = HashMap::with_capacity(self.paths.len().max(64));
+        let root_id = cgroup_id(&self.root).map_err(|source| CgroupError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        paths.insert(root_id, "/".to_owned());
+        let mut stack = vec![(self.root.clone(), String::new())];
+        while let Some((dir, rel)) = stack.pop() {
+            // A cgroup removed while we walk is not an error: it is simply gone.
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let Ok(file_type) = entry.file_type() else { continue };
+                if !file_type.is_dir() {
+                    continue;
+                }
+                let Ok(meta) = entry.metadata() else { continue };
+                let child_rel = format!("{rel}/{}", entry.file_name().to_string_lossy());
+                paths.insert(meta.ino(), child_rel.clone());
+                stack.push((entry.path(), child_rel));
+            }
+        }
+        self.paths = paths;
+        Ok(())
+    }
+
+    pub fn path(&self, id: u64) -> Option<&str> {
+        self.paths.get(&id).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+24 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+29 24 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+30 29 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+31 29 0:28 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+33 29 0:30 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,memory
+";
+    const PURE_V2: &str = "\
+25 30 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+
+    #[test]
+    fn hybrid_host_uses_unified() {
+        assert_eq!(find_v2_mount(HYBRID), Some("/sys/fs/cgroup/unified".into()));
+    }
+
+    #[test]
+    fn pure_v2_host_uses_sys_fs_cgroup() {
+        assert_eq!(find_v2_mount(PURE_V2), Some("/sys/fs/cgroup".into()));
+    }
+
+    #[test]
+    fn sys_fs_cgroup_wins_over_other_v2_mounts() {
+        let both = format!(
+            "{PURE_V2}90 25 0:23 / /host/sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+        );
+        assert_eq!(find_v2_mount(&both), Some("/sys/fs/cgroup".into()));
+        let other = "90 25 0:23 / /host/sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+                     91 25 0:23 / /a/much/longer/path/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_v2_mount(other), Some("/host/sys/fs/cgroup".into()));
+    }
+
+    #[test]
+    fn v1_only_has_no_v2_mount() {
+        let v1_only: String = HYBRID.lines().filter(|l| !l.contains("cgroup2")).collect::<Vec<_>>().join("\n");
+        assert_eq!(find_v2_mount(&v1_only), None);
+        assert_eq!(find_v2_mount(""), None);
+        assert_eq!(find_v2_mount("garbage line without separator\n - \n"), None);
+    }
+
+    #[test]
+    fn escaped_mount_points_are_unescaped() {
+        let line = "30 29 0:27 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_v2_mount(line), Some("/mnt/my cgroups".into()));
+    }
+
+    #[test]
+    fn index_maps_inodes_to_relative_paths() {
+        let dir = std::env::temp_dir().join(format!("observer-index-{}", std::process::id()));
+        fs::create_dir_all(dir.join("a/b")).unwrap();
+        fs::create_dir_all(dir.join("c")).unwrap();
+        fs::write(dir.join("a/file"), b"").unwrap();
+        let index = CgroupIndex::scan(&dir).unwrap();
+        let id_b = cgroup_id(&dir.join("a/b")).unwrap();
+        assert_eq!(index.path(id_b), Some("/a/b"));
+        assert_eq!(index.path(cgroup_id(&dir).unwrap()), Some("/"));
+        assert_eq!(index.len(), 4, "root, a, a/b, c: files are not cgroups");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,138 @@
+//! Totals -> per-interval deltas. Output counters never go backwards: an entry whose totals
+//! shrink was removed and made again, so its new totals are all new traffic.
+
+use std::collections::HashMap;
+
+use observer_common::{Counter, TrafficKey, TrafficValue};
+
+#[derive(Debug, Default)]
+pub struct DeltaTracker {
+    previous: HashMap<TrafficKey, TrafficValue>,
+}
+
+impl DeltaTracker {
+    /// Traffic of `key` since the last call. A key seen for the first time starts from zero:
+    /// the map is new at start, so an entry made mid-interval holds only this interval's traffic.
+    pub fn delta(&mut self, key: TrafficKey, total: TrafficValue) -> TrafficValue {
+        let previous = self.previous.insert(key, total).unwrap_or_default();
+        difference(&previous, &total)
+    }
+
+    /// Drops keys that `keep` rejects (entries no longer in the map).
+    pub fn retain(&mut self, mut keep: impl FnMut(&TrafficKey) -> bool) {
+        self.previous.retain(|k, _| keep(k));
+    }
+
+    pub fn len(&self) -> usize {
+        self.previous.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.previous.is_empty()
+    }
+}
+
+fn counters(v: &TrafficValue) -> [Counter; 4] {
+    [v.rx, v.tx, v.lo_rx, v.lo_tx]
+}
+
+/// `current - previous`, or `current` when any counter went backwards (the entry restarted).
+pub fn difference(previous: &TrafficValue, current: &TrafficValue) -> TrafficValue {
+    let restarted = counters(previous)
+        .iter()
+        .zip(counters(current).iter())
+        .any(|(p, c)| c.bytes < p.bytes || c.packets < p.packets);
+    if restarted {
+        return *current;
+    }
+    let sub = |p: Counter, c: Counter| Counter {
+        bytes: c.bytes - p.bytes,
+        packets: c.packets - p.packets,
+    };
+    TrafficValue {
+        rx: sub(previous.rx, current.rx),
+        tx: sub(previous.tx, current.tx),
+        lo_rx: sub(previous.lo_rx, current.lo_rx),
+        lo_tx: sub(previous.lo_tx, current.lo_tx),
+    }
+}
+
+/// Adds `b` into `a`, counter by counter.
+pub fn accumulate(a: &mut TrafficValue, b: &TrafficValue) {
+    for (x, y) in [
+        (&mut a.rx, b.rx),
+        (&mut a.tx, b.tx),
+        (&mut a.lo_rx, b.lo_rx),
+        (&mut a.lo_tx, b.lo_tx),
+    ] {
+        x.bytes = x.bytes.wrapping_add(y.bytes);
+        x.packets = x.packets.wrapping_add(y.packets);
+    }
+}
+
+pub fn is_zero(v: &TrafficValue) -> bool {
+    *v == TrafficValue::default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(tx_bytes: u64, tx_packets: u64, lo_rx_bytes: u64) -> TrafficValue {
+        TrafficValue {
+            tx: Counter {
+                bytes: tx_bytes,
+                packets: tx_packets,
+            },
+            lo_rx: Counter {
+                bytes: lo_rx_bytes,
+                packets: lo_rx_bytes / 100,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn first_sample_starts_from_zero() {
+        let mut t = DeltaTracker::default();
+        let k = TrafficKey::new(7);
+        assert_eq!(t.delta(k, value(500, 5, 1000)), value(500, 5, 1000));
+    }
+
+    #[test]
+    fn later_samples_are_differences() {
+        let mut t = DeltaTracker::default();
+        let k = TrafficKey::new(7);
+        t.delta(k, value(500, 5, 1000));
+        assert_eq!(t.delta(k, value(800, 8, 1500)), value(300, 3, 500));
+        assert!(is_zero(&t.delta(k, value(800, 8, 1500))));
+    }
+
+    #[test]
+    fn counters_never_go_backwards() {
+        let mut t = DeltaTracker::default();
+        let k = TrafficKey::new(7);
+        t.delta(k, value(5000, 50, 1000));
+        // The entry was removed and made again: what it holds now is all new.
+        assert_eq!(t.delta(k, value(200, 2, 1200)), value(200, 2, 1200));
+    }
+
+    #[test]
+    fn keys_are_independent_and_forgettable() {
+        let mut t = DeltaTracker::default();
+        let (a, b) = (TrafficKey::new(1), TrafficKey::new(2));
+        t.delta(a, value(100, 1, 0));
+        t.delta(b, value(900, 9, 0));
+        assert_eq!(t.delta(a, value(150, 2, 0)), value(50, 1, 0));
+        t.retain(|k| *k != b);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.delta(b, value(950, 10, 0)), value(950, 10, 0));
+    }
+
+    #[test]
+    fn accumulate_adds_every_counter() {
+        let mut a = value(1, 1, 100);
+        accumulate(&mut a, &value(2, 3, 200));
+        assert_eq!(a, value(3, 4, 300));
+    }
+}

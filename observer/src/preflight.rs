@@ -1,0 +1,106 @@
+//! Checks made before loading anything, so that a host that cannot run observer gets a sentence
+//! saying why, not a verifier dump or an errno.
+
+use std::{fs, path::Path};
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "observer needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) to load and attach its eBPF \
+         programs, and this process lacks {missing}: run it as root, or as a privileged container \
+         (ECS: \"privileged\": true; Kubernetes: securityContext.privileged: true)"
+    )]
+    MissingCapabilities { missing: String },
+    #[error(
+        "this kernel exposes no BTF (/sys/kernel/btf/vmlinux is missing): observer needs a kernel \
+         built with CONFIG_DEBUG_INFO_BTF=y (Amazon Linux 2023, Bottlerocket and current distro \
+         kernels have it)"
+    )]
+    NoBtf,
+    #[error(
+        "this kernel cannot load cgroup_skb programs: it needs CONFIG_BPF_SYSCALL and \
+         CONFIG_CGROUP_BPF (kernel 5.7 or newer for bpf links)"
+    )]
+    NoCgroupBpf,
+}
+
+/// Effective capability set from the `CapEff:` line of /proc/<pid>/status.
+pub fn effective_capabilities(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+/// Names of the capabilities observer needs that `caps` lacks; empty when it has enough.
+pub fn missing_capabilities(caps: u64) -> Vec<&'static str> {
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    let sys_admin = has(CAP_SYS_ADMIN);
+    let mut missing = Vec::new();
+    if !(has(CAP_BPF) || sys_admin) {
+        missing.push("CAP_BPF");
+    }
+    if !(has(CAP_NET_ADMIN) || sys_admin) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    missing
+}
+
+/// Everything observer needs from the host before it loads its programs.
+pub fn check() -> Result<(), PreflightError> {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    // If /proc cannot tell, let the kernel decide at load time.
+    if let Some(caps) = effective_capabilities(&status) {
+        let missing = missing_capabilities(caps);
+        if !missing.is_empty() {
+            return Err(PreflightError::MissingCapabilities {
+                missing: missing.join(" and "),
+            });
+        }
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(PreflightError::NoBtf);
+    }
+    if !aya::sys::is_program_supported(aya::programs::ProgramType::CgroupSkb).unwrap_or(true) {
+        return Err(PreflightError::NoCgroupBpf);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cap_eff() {
+        let status = "Name:\tobserver\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective_capabilities(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(effective_capabilities("Name: x\n"), None);
+        assert_eq!(effective_capabilities("CapEff:\tzz\n"), None);
+    }
+
+    #[test]
+    fn root_has_everything() {
+        assert!(missing_capabilities(0x1ff_ffff_ffff).is_empty());
+    }
+
+    #[test]
+    fn unprivileged_lacks_both() {
+        assert_eq!(missing_capabilities(0), vec!["CAP_BPF", "CAP_NET_ADMIN"]);
+    }
+
+    #[test]
+    fn sys_admin_stands_in_for_both() {
+        assert!(missing_capabilities(1 << CAP_SYS_ADMIN).is_empty());
+    }
+
+    #[test]
+    fn bpf_without_net_admin_is_not_enough() {
+        assert_eq!(missing_capabilities(1 << CAP_BPF), vec!["CAP_NET_ADMIN"]);
+        assert!(missing_capabilities((1 << CAP_BPF) | (1 << CAP_NET_ADMIN)).is_empty());
+    }
+}
