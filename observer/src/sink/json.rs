@@ -173,7 +173,7 @@ mod tests {
         assert_eq!(lines.len(), 2);
         let c = &lines[0];
         assert_eq!(c["type"], "cgroup");
-        assert_eq!(c["time"], "2026-11-18T07:33:20.000Z");
+        assert_eq!(c["time"], "2026-11-18T11:06:40.000Z");
         assert_eq!(c["cgroup_id"], 42);
         assert_eq!(c["cgroup_path"], "/docker/abc");
         assert_eq!(c["tx_bytes"], 1280);
