@@ -1,0 +1,147 @@
+//! Sends and receives known traffic for observer's tests and benchmark. Receivers print
+//! `ready <addr>` once bound, so the caller knows when to start the sender.
+//!
+//!   trafficgen udp-recv <bind> <count> [idle_ms]   prints "received <datagrams> <bytes>"
+//!   trafficgen udp-send <dest> <count> <payload>    prints "sent <datagrams>"
+//!   trafficgen udp-flood <dest> <seconds> <payload> prints "sent <datagrams>"
+//!   trafficgen tcp-recv <bind>                      prints "received <bytes>"
+//!   trafficgen tcp-send <dest> <bytes>              prints "sent <bytes>"
+//!   trafficgen tcp-flood <dest> <seconds>           prints "sent <bytes>"
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| -> &str {
+        args.get(i)
+            .map(String::as_str)
+            .unwrap_or_else(|| usage())
+    };
+    let num = |i: usize| -> u64 { arg(i).parse().unwrap_or_else(|_| usage()) };
+    let addr = |i: usize| -> SocketAddr { arg(i).parse().unwrap_or_else(|_| usage()) };
+    match arg(0) {
+        "udp-recv" => udp_recv(addr(1), num(2), args.get(3).map_or(2000, |_| num(3))),
+        "udp-send" => udp_send(addr(1), Limit::Count(num(2)), num(3) as usize),
+        "udp-flood" => udp_send(addr(1), Limit::Time(Duration::from_secs(num(2))), num(3) as usize),
+        "tcp-recv" => tcp_recv(addr(1)),
+        "tcp-send" => tcp_send(addr(1), Limit::Count(num(2))),
+        "tcp-flood" => tcp_send(addr(1), Limit::Time(Duration::from_secs(num(2)))),
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!("usage: trafficgen udp-recv|udp-send|udp-flood|tcp-recv|tcp-send|tcp-flood ...");
+    std::process::exit(2)
+}
+
+enum Limit {
+    Count(u64),
+    Time(Duration),
+}
+
+fn ready(addr: SocketAddr) {
+    println!("ready {addr}");
+    std::io::stdout().flush().unwrap();
+}
+
+fn set_rcvbuf(fd: i32, bytes: i32) {
+    // SAFETY: plain setsockopt on a socket we own; failure only means a smaller buffer.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const i32 as *const libc::c_void,
+            size_of::<i32>() as u32,
+        );
+    }
+}
+
+fn udp_recv(bind: SocketAddr, count: u64, idle_ms: u64) {
+    let socket = UdpSocket::bind(bind).expect("bind");
+    set_rcvbuf(socket.as_raw_fd(), 8 << 20);
+    socket
+        .set_read_timeout(Some(Duration::from_millis(idle_ms)))
+        .unwrap();
+    ready(socket.local_addr().unwrap());
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let mut buf = vec![0u8; 65536];
+    while n < count {
+        match socket.recv(&mut buf) {
+            Ok(len) => {
+                n += 1;
+                bytes += len as u64;
+            }
+            Err(_) => break, // idle: the sender is done
+        }
+    }
+    println!("received {n} {bytes}");
+}
+
+fn udp_send(dest: SocketAddr, limit: Limit, payload: usize) {
+    let local: SocketAddr = if dest.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let socket = UdpSocket::bind(local).expect("bind");
+    let buf = vec![0x5au8; payload];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        match limit {
+            Limit::Count(n) if sent >= n => break,
+            Limit::Time(d) if sent % 64 == 0 && start.elapsed() >= d => break,
+            _ => {}
+        }
+        // Only successful sends count: a failed send never reached the egress hook.
+        match socket.send_to(&buf, dest) {
+            Ok(_) => sent += 1,
+            Err(_) => std::thread::yield_now(),
+        }
+    }
+    println!("sent {sent}");
+}
+
+fn tcp_recv(bind: SocketAddr) {
+    let listener = TcpListener::bind(bind).expect("bind");
+    ready(listener.local_addr().unwrap());
+    let (mut stream, _) = listener.accept().expect("accept");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    println!("received {total}");
+}
+
+fn tcp_send(dest: SocketAddr, limit: Limit) {
+    let mut stream = TcpStream::connect(dest).expect("connect");
+    let chunk = vec![0xa5u8; 1 << 16];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let n = match limit {
+            Limit::Count(total) if sent >= total => break,
+            Limit::Count(total) => chunk.len().min((total - sent) as usize),
+            Limit::Time(d) if start.elapsed() >= d => break,
+            Limit::Time(_) => chunk.len(),
+        };
+        stream.write_all(&chunk[..n]).expect("write");
+        sent += n as u64;
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    // Wait for the receiver to close, so every byte has passed both hooks when we exit.
+    let _ = stream.read(&mut [0u8; 1]);
+    println!("sent {sent}");
+}

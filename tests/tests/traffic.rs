@@ -1,0 +1,271 @@
+//! observer's programs against real cgroups, namespaces and packets. Needs root; each test
+//! skips with a message otherwise. Every test loads its own copy of the programs, so tests may
+//! run in parallel: each asserts only on cgroups it made.
+
+use std::{path::Path, time::Duration};
+
+use observer::{programs::Programs, traffic::TrafficReader};
+use observer_common::{Counter, TrafficValue};
+use testbed::{skip_unless_root, NetNs, Spawned, TestCgroup, Where};
+
+const TRAFFICGEN: &str = env!("CARGO_BIN_EXE_trafficgen");
+/// IPv4 (20) + UDP (8) header bytes on top of each datagram's payload.
+const UDP_OVERHEAD: u64 = 28;
+
+/// observer's programs attached at the v2 root, with their map to read.
+struct Counting {
+    _programs: Programs,
+    reader: TrafficReader,
+}
+
+impl Counting {
+    fn attach() -> Self {
+        Self::with_entries(4096)
+    }
+
+    fn with_entries(entries: u32) -> Self {
+        let mut programs = Programs::load_observer(entries).expect("load");
+        let reader = TrafficReader::new(programs.ebpf_mut()).expect("maps");
+        programs.attach(&testbed::v2_root()).expect("attach");
+        Self {
+            _programs: programs,
+            reader,
+        }
+    }
+
+    /// Everything counted for `cgroup` so far.
+    fn of(&mut self, cgroup: &TestCgroup) -> TrafficValue {
+        let reading = self.reader.read().expect("read");
+        let mut total = TrafficValue::default();
+        for (key, value) in reading.entries {
+            if key.cgroup_id == cgroup.id() {
+                observer::delta::accumulate(&mut total, &value);
+            }
+        }
+        total
+    }
+}
+
+fn udp(n: u64, payload: u64) -> Counter {
+    Counter {
+        bytes: n * (payload + UDP_OVERHEAD),
+        packets: n,
+    }
+}
+
+fn trafficgen() -> &'static Path {
+    Path::new(TRAFFICGEN)
+}
+
+/// Sends `count` datagrams of `payload` bytes from `sender` to a receiver bound to `bind` in
+/// `receiver`, and waits until both are done.
+fn udp_exchange(sender: Where, receiver: Where, bind: &str, count: u64, payload: u64) {
+    let mut rx = Spawned::start(trafficgen(), &["udp-recv", bind, &count.to_string()], receiver)
+        .expect("start receiver");
+    let addr = rx.expect("ready ").expect("receiver ready");
+    let mut tx = Spawned::start(
+        trafficgen(),
+        &["udp-send", &addr, &count.to_string(), &payload.to_string()],
+        sender,
+    )
+    .expect("start sender");
+    assert_eq!(tx.expect("sent ").unwrap(), count.to_string());
+    let received = rx.expect("received ").unwrap();
+    assert_eq!(
+        received,
+        format!("{count} {}", count * payload),
+        "the receiver got every datagram"
+    );
+    tx.wait(Duration::from_secs(10)).unwrap();
+    rx.wait(Duration::from_secs(10)).unwrap();
+}
+
+fn at(cgroup: &TestCgroup) -> Where<'_> {
+    Where {
+        cgroup,
+        netns: None,
+    }
+}
+
+fn at_in<'a>(cgroup: &'a TestCgroup, netns: &'a NetNs) -> Where<'a> {
+    Where {
+        cgroup,
+        netns: Some(netns),
+    }
+}
+
+#[test]
+fn udp_over_loopback_is_counted_exactly_per_cgroup() {
+    if skip_unless_root("udp_over_loopback_is_counted_exactly_per_cgroup") {
+        return;
+    }
+    let mut counting = Counting::attach();
+    let (sender, receiver) = (TestCgroup::new("lo-tx").unwrap(), TestCgroup::new("lo-rx").unwrap());
+    udp_exchange(at(&sender), at(&receiver), "127.0.0.1:0", 1000, 100);
+
+    let expected = udp(1000, 100);
+    assert_eq!(
+        counting.of(&sender),
+        TrafficValue {
+            lo_tx: expected,
+            ..Default::default()
+        },
+        "sender: loopback egress only"
+    );
+    assert_eq!(
+        counting.of(&receiver),
+        TrafficValue {
+            lo_rx: expected,
+            ..Default::default()
+        },
+        "receiver: loopback ingress only"
+    );
+}
+
+#[test]
+fn udp_over_veth_into_a_namespace_is_not_loopback() {
+    if skip_unless_root("udp_over_veth_into_a_namespace_is_not_loopback") {
+        return;
+    }
+    let mut counting = Counting::attach();
+    let ns = NetNs::with_veth("veth").unwrap();
+    let (sender, receiver) = (TestCgroup::new("veth-tx").unwrap(), TestCgroup::new("veth-rx").unwrap());
+    let bind = format!("{}:0", ns.veth().ns_addr);
+    udp_exchange(at(&sender), at_in(&receiver, &ns), &bind, 700, 512);
+
+    let expected = udp(700, 512);
+    assert_eq!(
+        counting.of(&sender),
+        TrafficValue {
+            tx: expected,
+            ..Default::default()
+        },
+        "sender in the host netns: device egress only"
+    );
+    assert_eq!(
+        counting.of(&receiver),
+        TrafficValue {
+            rx: expected,
+            ..Default::default()
+        },
+        "receiver in its own netns: device ingress only, under its cgroup"
+    );
+}
+
+#[test]
+fn udp_over_loopback_inside_a_namespace() {
+    if skip_unless_root("udp_over_loopback_inside_a_namespace") {
+        return;
+    }
+    let mut counting = Counting::attach();
+    let ns = NetNs::new("nslo").unwrap();
+    let (sender, receiver) = (TestCgroup::new("nslo-tx").unwrap(), TestCgroup::new("nslo-rx").unwrap());
+    udp_exchange(at_in(&sender, &ns), at_in(&receiver, &ns), "127.0.0.1:0", 300, 1200);
+
+    let expected = udp(300, 1200);
+    assert_eq!(
+        counting.of(&sender),
+        TrafficValue {
+            lo_tx: expected,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        counting.of(&receiver),
+        TrafficValue {
+            lo_rx: expected,
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn two_cgroups_sending_at_once_are_not_mixed_up() {
+    if skip_unless_root("two_cgroups_sending_at_once_are_not_mixed_up") {
+        return;
+    }
+    let mut counting = Counting::attach();
+    let (a, b, sink) = (
+        TestCgroup::new("mix-a").unwrap(),
+        TestCgroup::new("mix-b").unwrap(),
+        TestCgroup::new("mix-sink").unwrap(),
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| udp_exchange(at(&a), at(&sink), "127.0.0.1:0", 3000, 64));
+        s.spawn(|| udp_exchange(at(&b), at(&sink), "127.0.0.1:0", 2000, 900));
+    });
+    assert_eq!(
+        counting.of(&a),
+        TrafficValue {
+            lo_tx: udp(3000, 64),
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        counting.of(&b),
+        TrafficValue {
+            lo_tx: udp(2000, 900),
+            ..Default::default()
+        }
+    );
+    let both = Counter {
+        bytes: udp(3000, 64).bytes + udp(2000, 900).bytes,
+        packets: 5000,
+    };
+    assert_eq!(
+        counting.of(&sink),
+        TrafficValue {
+            lo_rx: both,
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn tcp_transfer_is_counted_within_one_percent() {
+    if skip_unless_root("tcp_transfer_is_counted_within_one_percent") {
+        return;
+    }
+    const BYTES: u64 = 16 << 20;
+    let mut counting = Counting::attach();
+    let (sender, receiver) = (TestCgroup::new("tcp-tx").unwrap(), TestCgroup::new("tcp-rx").unwrap());
+    let mut rx = Spawned::start(trafficgen(), &["tcp-recv", "127.0.0.1:0"], at(&receiver)).unwrap();
+    let addr = rx.expect("ready ").unwrap();
+    let mut tx =
+        Spawned::start(trafficgen(), &["tcp-send", &addr, &BYTES.to_string()], at(&sender)).unwrap();
+    assert_eq!(rx.expect("received ").unwrap(), BYTES.to_string());
+    assert_eq!(tx.expect("sent ").unwrap(), BYTES.to_string());
+    tx.wait(Duration::from_secs(10)).unwrap();
+    rx.wait(Duration::from_secs(10)).unwrap();
+
+    let (s, r) = (counting.of(&sender), counting.of(&receiver));
+    let within = |measured: u64| {
+        let ratio = measured as f64 / BYTES as f64;
+        assert!(
+            (1.0..=1.01).contains(&ratio),
+            "{measured} bytes counted for a {BYTES}-byte transfer (ratio {ratio:.5})"
+        );
+    };
+    within(s.lo_tx.bytes);
+    within(r.lo_rx.bytes);
+    // The other direction carries only ACKs; nothing went over a device.
+    assert!(s.lo_rx.bytes < BYTES / 100 && r.lo_tx.bytes < BYTES / 100);
+    assert_eq!((s.rx, s.tx, r.rx, r.tx), Default::default());
+}
+
+#[test]
+fn a_full_map_counts_what_it_drops() {
+    if skip_unless_root("a_full_map_counts_what_it_drops") {
+        return;
+    }
+    // One entry: the first cgroup to send anything on this host takes it.
+    let mut counting = Counting::with_entries(1);
+    let (a, b) = (TestCgroup::new("full-a").unwrap(), TestCgroup::new("full-b").unwrap());
+    udp_exchange(at(&a), at(&b), "127.0.0.1:0", 50, 10);
+    let reading = counting.reader.read().unwrap();
+    assert_eq!(reading.entries.len(), 1);
+    assert!(
+        reading.map_full > 0,
+        "packets that found no room are counted as dropped"
+    );
+}
