@@ -49,6 +49,11 @@ impl Collector {
         }
     }
 
+    /// The map reader, for tests that check what the clean-up left in the map.
+    pub fn reader_mut(&mut self) -> &mut TrafficReader {
+        &mut self.reader
+    }
+
     pub fn collect(&mut self) -> Result<Snapshot, CollectError> {
         let reading = self.reader.read()?;
         let now = Instant::now();

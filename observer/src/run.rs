@@ -31,10 +31,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     programs
         .attach(&root)
         .with_context(|| format!("attaching at {}", root.display()))?;
+    let ids: Vec<String> = programs
+        .program_ids()
+        .iter()
+        .map(|(name, id)| format!("{name} (id {id})"))
+        .collect();
     log::info!(
-        "counting traffic of {} cgroups under {} (map of {} entries); reporting every {}",
-        index.len(),
+        "attached {} at {}; counting traffic of {} cgroups (map of {} entries); reporting every {}",
+        ids.join(", "),
         root.display(),
+        index.len(),
         reader.capacity(),
         humantime::format_duration(args.interval)
     );

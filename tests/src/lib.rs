@@ -4,12 +4,15 @@
 
 pub mod cgroup;
 pub mod netns;
+pub mod observer_cmd;
 pub mod process;
+pub mod traffic;
 
 use std::path::PathBuf;
 
 pub use cgroup::TestCgroup;
 pub use netns::NetNs;
+pub use observer_cmd::ObserverCmd;
 pub use process::{Spawned, Where};
 
 /// True when the tests may load eBPF programs and make cgroups and namespaces.

@@ -2,15 +2,16 @@
 //! skips with a message otherwise. Every test loads its own copy of the programs, so tests may
 //! run in parallel: each asserts only on cgroups it made.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use observer::{programs::Programs, traffic::TrafficReader};
 use observer_common::{Counter, TrafficValue};
-use testbed::{skip_unless_root, NetNs, Spawned, TestCgroup, Where};
+use testbed::{
+    skip_unless_root,
+    traffic::{at, at_in, trafficgen, udp, udp_exchange},
+    NetNs, Spawned, TestCgroup,
+};
 
-const TRAFFICGEN: &str = env!("CARGO_BIN_EXE_trafficgen");
-/// IPv4 (20) + UDP (8) header bytes on top of each datagram's payload.
-const UDP_OVERHEAD: u64 = 28;
 
 /// observer's programs attached at the v2 root, with their map to read.
 struct Counting {
@@ -43,54 +44,6 @@ impl Counting {
             }
         }
         total
-    }
-}
-
-fn udp(n: u64, payload: u64) -> Counter {
-    Counter {
-        bytes: n * (payload + UDP_OVERHEAD),
-        packets: n,
-    }
-}
-
-fn trafficgen() -> &'static Path {
-    Path::new(TRAFFICGEN)
-}
-
-/// Sends `count` datagrams of `payload` bytes from `sender` to a receiver bound to `bind` in
-/// `receiver`, and waits until both are done.
-fn udp_exchange(sender: Where, receiver: Where, bind: &str, count: u64, payload: u64) {
-    let mut rx = Spawned::start(trafficgen(), &["udp-recv", bind, &count.to_string()], receiver)
-        .expect("start receiver");
-    let addr = rx.expect("ready ").expect("receiver ready");
-    let mut tx = Spawned::start(
-        trafficgen(),
-        &["udp-send", &addr, &count.to_string(), &payload.to_string()],
-        sender,
-    )
-    .expect("start sender");
-    assert_eq!(tx.expect("sent ").unwrap(), count.to_string());
-    let received = rx.expect("received ").unwrap();
-    assert_eq!(
-        received,
-        format!("{count} {}", count * payload),
-        "the receiver got every datagram"
-    );
-    tx.wait(Duration::from_secs(10)).unwrap();
-    rx.wait(Duration::from_secs(10)).unwrap();
-}
-
-fn at(cgroup: &TestCgroup) -> Where<'_> {
-    Where {
-        cgroup,
-        netns: None,
-    }
-}
-
-fn at_in<'a>(cgroup: &'a TestCgroup, netns: &'a NetNs) -> Where<'a> {
-    Where {
-        cgroup,
-        netns: Some(netns),
     }
 }
 
@@ -229,10 +182,10 @@ fn tcp_transfer_is_counted_within_one_percent() {
     const BYTES: u64 = 16 << 20;
     let mut counting = Counting::attach();
     let (sender, receiver) = (TestCgroup::new("tcp-tx").unwrap(), TestCgroup::new("tcp-rx").unwrap());
-    let mut rx = Spawned::start(trafficgen(), &["tcp-recv", "127.0.0.1:0"], at(&receiver)).unwrap();
+    let mut rx = Spawned::start(&trafficgen(), &["tcp-recv", "127.0.0.1:0"], at(&receiver)).unwrap();
     let addr = rx.expect("ready ").unwrap();
     let mut tx =
-        Spawned::start(trafficgen(), &["tcp-send", &addr, &BYTES.to_string()], at(&sender)).unwrap();
+        Spawned::start(&trafficgen(), &["tcp-send", &addr, &BYTES.to_string()], at(&sender)).unwrap();
     assert_eq!(rx.expect("received ").unwrap(), BYTES.to_string());
     assert_eq!(tx.expect("sent ").unwrap(), BYTES.to_string());
     tx.wait(Duration::from_secs(10)).unwrap();

@@ -1,0 +1,125 @@
+//! The observer command run as a child process, with its stdout and stderr read line by line.
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc::{channel, Receiver},
+    time::{Duration, Instant},
+};
+
+/// How a run ended.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: Vec<String>,
+    pub log: String,
+}
+
+pub struct ObserverCmd {
+    child: Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    /// Every stderr line read so far.
+    pub log: Vec<String>,
+}
+
+impl ObserverCmd {
+    pub fn start(binary: &str, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_as(binary, args, None)
+    }
+
+    /// Starts it as `uid` (for the tests of an unprivileged start).
+    pub fn start_as(binary: &str, args: &[&str], uid: Option<u32>) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let mut child = cmd.spawn()?;
+        let stdout = lines(child.stdout.take().expect("piped"));
+        let stderr = lines(child.stderr.take().expect("piped"));
+        Ok(Self {
+            child,
+            stdout,
+            stderr,
+            log: Vec::new(),
+        })
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => anyhow::bail!(
+                    "no log line with {needle:?} within {timeout:?}; log so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for exit; returns the status, everything printed on stdout and the whole log.
+    pub fn finish(mut self, timeout: Duration) -> anyhow::Result<Finished> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                anyhow::bail!("observer still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The reader threads end at EOF, which follows exit.
+        let stdout: Vec<String> = self.stdout.iter().collect();
+        self.log.extend(self.stderr.iter());
+        Ok(Finished {
+            status,
+            stdout,
+            log: self.log.join("\n"),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn lines(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Drop for ObserverCmd {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

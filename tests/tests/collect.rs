@@ -1,0 +1,93 @@
+//! One interval after another through the collector, with cgroups that come and go.
+
+use observer::{
+    cgroupfs::CgroupIndex, collect::Collector, programs::Programs, snapshot::Snapshot,
+    traffic::TrafficReader,
+};
+use observer_common::TrafficValue;
+use testbed::{
+    skip_unless_root,
+    traffic::{at, udp, udp_exchange},
+    TestCgroup,
+};
+
+fn collector() -> (Programs, Collector) {
+    let root = testbed::v2_root();
+    let mut programs = Programs::load_observer(4096).unwrap();
+    let reader = TrafficReader::new(programs.ebpf_mut()).unwrap();
+    programs.attach(&root).unwrap();
+    (programs, Collector::new(reader, CgroupIndex::scan(&root).unwrap()))
+}
+
+fn find(snapshot: &Snapshot, id: u64) -> Option<&observer::snapshot::CgroupTraffic> {
+    snapshot.cgroups.iter().find(|c| c.cgroup_id == id)
+}
+
+fn lo_tx(n: u64, payload: u64) -> TrafficValue {
+    TrafficValue {
+        lo_tx: udp(n, payload),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_cgroup_made_mid_interval_starts_from_its_first_packet() {
+    if skip_unless_root("a_cgroup_made_mid_interval_starts_from_its_first_packet") {
+        return;
+    }
+    let (_programs, mut collector) = collector();
+    collector.collect().unwrap();
+    // Made after the collector's walk of the hierarchy: found by the re-walk an unknown id asks for.
+    let (sender, sink) = (TestCgroup::new("mid-tx").unwrap(), TestCgroup::new("mid-rx").unwrap());
+    udp_exchange(at(&sender), at(&sink), "127.0.0.1:0", 100, 50);
+    let first = collector.collect().unwrap();
+    let c = find(&first, sender.id()).expect("reported");
+    assert_eq!(c.path.as_deref(), Some(sender.rel()));
+    assert_eq!(c.delta, lo_tx(100, 50));
+
+    udp_exchange(at(&sender), at(&sink), "127.0.0.1:0", 30, 50);
+    let second = collector.collect().unwrap();
+    assert_eq!(find(&second, sender.id()).unwrap().delta, lo_tx(30, 50), "only the new traffic");
+    let third = collector.collect().unwrap();
+    assert_eq!(find(&third, sender.id()).unwrap().delta, TrafficValue::default());
+}
+
+#[test]
+fn a_cgroup_removed_between_reads_loses_nothing_and_is_then_freed() {
+    if skip_unless_root("a_cgroup_removed_between_reads_loses_nothing_and_is_then_freed") {
+        return;
+    }
+    let (_programs, mut collector) = collector();
+    let sink = TestCgroup::new("gone-rx").unwrap();
+
+    // Seen once, then traffic, then removed before the next read: reported under its old name.
+    let seen = TestCgroup::new("gone-seen").unwrap();
+    udp_exchange(at(&seen), at(&sink), "127.0.0.1:0", 10, 20);
+    collector.collect().unwrap();
+    udp_exchange(at(&seen), at(&sink), "127.0.0.1:0", 70, 20);
+    let (seen_id, seen_rel) = (seen.id(), seen.rel().to_owned());
+    drop(seen);
+
+    // Made, used and removed within one interval: never seen by name, still counted.
+    let brief = TestCgroup::new("gone-brief").unwrap();
+    udp_exchange(at(&brief), at(&sink), "127.0.0.1:0", 40, 20);
+    let brief_id = brief.id();
+    drop(brief);
+
+    let last = collector.collect().unwrap();
+    let s = find(&last, seen_id).expect("final counts of a removed cgroup");
+    assert_eq!(s.delta, lo_tx(70, 20));
+    assert_eq!(s.path.as_deref(), Some(seen_rel.as_str()));
+    let b = find(&last, brief_id).expect("counts of a cgroup that lived within one interval");
+    assert_eq!(b.delta, lo_tx(40, 20));
+    assert_eq!(b.path, None);
+
+    // Nothing new: both are gone with nothing left to report, so their entries are freed.
+    let after = collector.collect().unwrap();
+    assert!(find(&after, seen_id).is_none() && find(&after, brief_id).is_none());
+    let entries = collector.reader_mut().read().unwrap().entries;
+    assert!(
+        !entries.iter().any(|(k, _)| k.cgroup_id == seen_id || k.cgroup_id == brief_id),
+        "entries of removed cgroups were freed"
+    );
+}
