@@ -6,7 +6,7 @@
 use std::{fs::File, path::Path};
 
 use aya::{
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+    programs::{cgroup_skb::CgroupSkbLinkId, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
     Ebpf, EbpfLoader,
 };
 use observer_common::TRAFFIC_MAP;
@@ -57,6 +57,15 @@ pub enum ProgramsError {
 pub struct Programs {
     ebpf: Ebpf,
     names: [(&'static str, CgroupSkbAttachType); 2],
+    links: Vec<(&'static str, CgroupSkbLinkId)>,
+}
+
+/// A program's cumulative run statistics (kept by the kernel while kernel.bpf_stats_enabled=1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunStats {
+    pub name: &'static str,
+    pub run_time_ns: u64,
+    pub run_count: u64,
 }
 
 impl Programs {
@@ -74,20 +83,21 @@ impl Programs {
     }
 
     fn with(
-        mut ebpf: Ebpf,
+        ebpf: Ebpf,
         names: [(&'static str, CgroupSkbAttachType); 2],
     ) -> Result<Self, ProgramsError> {
+        let mut programs = Self {
+            ebpf,
+            names,
+            links: Vec::new(),
+        };
         for (name, _) in names {
-            let program: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .ok_or(ProgramsError::Missing(name))?
-                .try_into()
-                .map_err(|source| ProgramsError::Program { name, source })?;
-            program
+            programs
+                .program_mut(name)?
                 .load()
                 .map_err(|source| ProgramsError::Program { name, source })?;
         }
-        Ok(Self { ebpf, names })
+        Ok(programs)
     }
 
     /// Attaches both programs to `cgroup` (normally the v2 root, where they see every socket).
@@ -99,13 +109,8 @@ impl Programs {
             source,
         })?;
         for (name, attach_type) in self.names {
-            let program: &mut CgroupSkb = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(ProgramsError::Missing(name))?
-                .try_into()
-                .map_err(|source| ProgramsError::Program { name, source })?;
-            program
+            let program = self.program_mut(name)?;
+            let link = program
                 .attach(&dir, attach_type, CgroupAttachMode::Single)
                 .map_err(|source| match &source {
                     aya::programs::ProgramError::SyscallError(e)
@@ -118,10 +123,52 @@ impl Programs {
                     }
                     _ => ProgramsError::Program { name, source },
                 })?;
+            self.links.push((name, link));
         }
         Ok(())
     }
 
+    /// Detaches what [`Programs::attach`] attached; the programs stay loaded. (Dropping
+    /// [`Programs`] also detaches.)
+    pub fn detach(&mut self) -> Result<(), ProgramsError> {
+        while let Some((name, link)) = self.links.pop() {
+            self.program_mut(name)?
+                .detach(link)
+                .map_err(|source| ProgramsError::Program { name, source })?;
+        }
+        Ok(())
+    }
+
+    fn program_mut(&mut self, name: &'static str) -> Result<&mut CgroupSkb, ProgramsError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(ProgramsError::Missing(name))?
+            .try_into()
+            .map_err(|source| ProgramsError::Program { name, source })
+    }
+
+    /// Run statistics of both programs, as the kernel keeps them.
+    pub fn run_stats(&self) -> Result<Vec<RunStats>, ProgramsError> {
+        self.names
+            .iter()
+            .map(|(name, _)| {
+                let program: &CgroupSkb = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(ProgramsError::Missing(name))?
+                    .try_into()
+                    .map_err(|source| ProgramsError::Program { name, source })?;
+                let info = program
+                    .info()
+                    .map_err(|source| ProgramsError::Program { name, source })?;
+                Ok(RunStats {
+                    name,
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                    run_count: info.run_count(),
+                })
+            })
+            .collect()
+    }
     /// Kernel ids of the loaded programs, for their run statistics.
     pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
         self.names

@@ -105,7 +105,7 @@ impl TrafficReader {
                 // Kernels before 5.6 have no batch operations: fall back to key by key.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
                     self.batch_supported = false;
-                    self.read_each()?
+                    self.read_key_by_key()?
                 }
                 Err(source) => {
                     return Err(TrafficError::Read {
@@ -115,7 +115,7 @@ impl TrafficReader {
                 }
             }
         } else {
-            self.read_each()?
+            self.read_key_by_key()?
         };
         let map_full = self
             .stats
@@ -128,7 +128,8 @@ impl TrafficReader {
         Ok(Reading { entries, map_full })
     }
 
-    fn read_each(&self) -> Result<Vec<(TrafficKey, TrafficValue)>, TrafficError> {
+    /// Two syscalls per entry (next key, lookup): what kernels without batch operations allow.
+    pub fn read_key_by_key(&self) -> Result<Vec<(TrafficKey, TrafficValue)>, TrafficError> {
         let mut entries = Vec::new();
         for item in self.traffic.iter() {
             match item {

@@ -6,6 +6,8 @@ pub mod cgroup;
 pub mod netns;
 pub mod observer_cmd;
 pub mod process;
+pub mod stats;
+pub mod sysctl;
 pub mod traffic;
 
 use std::path::PathBuf;

@@ -1,1 +1,194 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, run, test and bench for the observer workspace.
+
+mod cargo;
+mod setup;
+mod sys;
+mod tally;
+
+use std::os::unix::process::CommandExt as _;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+use crate::sys::say;
+
+/// Development tasks for the observer: each one first installs what it needs.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building needs (rust-src, llvm-22-dev, bpf-linker); checks first, safe to repeat.
+    Setup {
+        /// Also install the test tools (bpftool, iproute2, docker.io, busybox-static, iptables,
+        /// prometheus) and make sure a Docker engine answers, starting dockerd if needed.
+        #[arg(long)]
+        for_tests: bool,
+    },
+    /// Set up, then build the observer (its build script builds the eBPF programs).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build (release unless --debug), then run the observer: `cargo xtask run -- ARGS`.
+    Run {
+        /// Build and run the debug profile instead of release.
+        #[arg(long)]
+        debug: bool,
+        /// Arguments for the observer, after `--`.
+        #[arg(last = true, value_name = "OBSERVER_ARGS")]
+        args: Vec<String>,
+    },
+    /// Set up for tests, then run the unit tests and the root-only integration tests.
+    Test {
+        /// Extra arguments for the integration test binaries, after `--` (a name filter,
+        /// --nocapture, ...).
+        #[arg(last = true, value_name = "TEST_ARGS")]
+        args: Vec<String>,
+    },
+    /// Set up for tests, then run the observer-bench binary (release): `cargo xtask bench -- ARGS`.
+    Bench {
+        /// Arguments for observer-bench, after `--`.
+        #[arg(last = true, value_name = "BENCH_ARGS")]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup { for_tests } => setup::setup(for_tests),
+        Task::Build { release } => build(release),
+        Task::Run { debug, args } => run(!debug, &args),
+        Task::Test { args } => test(&args),
+        Task::Bench { args } => bench(&args),
+    }
+}
+
+fn build(release: bool) -> Result<()> {
+    setup::setup(false)?;
+    let mut cmd = cargo::cargo(["build", "--package", "observer"]);
+    if release {
+        cmd.arg("--release");
+    }
+    sys::run(&mut cmd).context("building the observer")
+}
+
+fn run(release: bool, args: &[String]) -> Result<()> {
+    build(release)?;
+    let binary = cargo::observer_binary(release);
+    let mut cmd = sys::command(&binary);
+    cmd.args(args);
+    // Replace xtask with the observer: it gets the terminal's signals (Ctrl-C) directly and
+    // its exit status becomes ours.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot run {}", binary.display()))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::setup(true)?;
+    let mut total = tally::Tally::default();
+    let (unit, counted) = tally::run_counting(&mut cargo::cargo([
+        "test",
+        "--no-fail-fast",
+        "--package",
+        "observer-common",
+        "--package",
+        "observer",
+        "--package",
+        "xtask",
+    ]));
+    total.add(counted);
+    if let Err(e) = &unit {
+        say!("unit tests failed: {e:#}");
+    }
+    let integration = if cargo::has_tests_package() {
+        let mut cmd = cargo::cargo([
+            "test",
+            "--no-fail-fast",
+            "--package",
+            "observer-tests",
+            "--",
+            "--test-threads=2",
+        ]);
+        cmd.args(args);
+        let (result, counted) = tally::run_counting(&mut cmd);
+        total.add(counted);
+        if let Err(e) = &result {
+            say!("integration tests failed: {e:#}");
+        }
+        Some(result)
+    } else {
+        say!("integration tests: skipped, tests/Cargo.toml (package observer-tests) does not exist yet");
+        None
+    };
+    let verdict = |r: &Result<()>| if r.is_ok() { "passed" } else { "FAILED" };
+    say!(
+        "test summary: unit tests {}, integration tests {}",
+        verdict(&unit),
+        integration.as_ref().map_or("skipped", verdict)
+    );
+    // One plain closing line that counts every test run, whatever cargo printed last.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        total.passed, total.failed, total.ignored
+    );
+    if unit.is_err() || integration.is_some_and(|r| r.is_err()) {
+        bail!("some tests failed");
+    }
+    Ok(())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    setup::setup(true)?;
+    if !cargo::has_tests_package() {
+        bail!("tests/Cargo.toml (package observer-tests, which holds observer-bench) does not exist yet");
+    }
+    let mut cmd = cargo::cargo([
+        "run",
+        "--release",
+        "--package",
+        "observer-tests",
+        "--bin",
+        "observer-bench",
+        "--",
+    ]);
+    cmd.args(args);
+    sys::run(&mut cmd).context("running observer-bench")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_passes_everything_after_the_separator() {
+        let cli =
+            Cli::try_parse_from(["xtask", "run", "--debug", "--", "--interval", "2s"]).unwrap();
+        match cli.command {
+            Task::Run { debug, args } => {
+                assert!(debug);
+                assert_eq!(args, ["--interval", "2s"]);
+            }
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn test_takes_extra_arguments() {
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "cpu", "--nocapture"]).unwrap();
+        assert!(matches!(cli.command, Task::Test { args } if args == ["cpu", "--nocapture"]));
+        let cli = Cli::try_parse_from(["xtask", "setup", "--for-tests"]).unwrap();
+        assert!(matches!(cli.command, Task::Setup { for_tests: true }));
+    }
+}

@@ -7,6 +7,9 @@
 //!   trafficgen tcp-recv <bind>                      prints "received <bytes>"
 //!   trafficgen tcp-send <dest> <bytes>              prints "sent <bytes>"
 //!   trafficgen tcp-flood <dest> <seconds>           prints "sent <bytes>"
+//!   trafficgen udp-each <dest> <payload>            for each cgroup directory read from stdin:
+//!                                                   join it, send one datagram from a new
+//!                                                   socket; prints "sent <datagrams>"
 
 use std::{
     io::{Read, Write},
@@ -31,6 +34,7 @@ fn main() {
         "tcp-recv" => tcp_recv(addr(1)),
         "tcp-send" => tcp_send(addr(1), Limit::Count(num(2))),
         "tcp-flood" => tcp_send(addr(1), Limit::Time(Duration::from_secs(num(2)))),
+        "udp-each" => udp_each(addr(1), num(2) as usize),
         _ => usage(),
     }
 }
@@ -106,7 +110,15 @@ fn udp_send(dest: SocketAddr, limit: Limit, payload: usize) {
             Err(_) => std::thread::yield_now(),
         }
     }
-    println!("sent {sent}");
+    report(sent, &limit, start);
+}
+
+/// "sent <n>", plus the seconds it took when sending for a time.
+fn report(sent: u64, limit: &Limit, start: Instant) {
+    match limit {
+        Limit::Count(_) => println!("sent {sent}"),
+        Limit::Time(_) => println!("sent {sent} {:.6}", start.elapsed().as_secs_f64()),
+    }
 }
 
 fn tcp_recv(bind: SocketAddr) {
@@ -143,5 +155,21 @@ fn tcp_send(dest: SocketAddr, limit: Limit) {
     stream.shutdown(Shutdown::Write).unwrap();
     // Wait for the receiver to close, so every byte has passed both hooks when we exit.
     let _ = stream.read(&mut [0u8; 1]);
+    report(sent, &limit, start);
+}
+
+/// One datagram from each cgroup named on stdin: a socket belongs to the cgroup its maker was in
+/// when it was made, so join first, then make the socket.
+fn udp_each(dest: SocketAddr, payload: usize) {
+    use std::io::BufRead;
+    let buf = vec![0x11u8; payload];
+    let mut sent = 0u64;
+    for dir in std::io::stdin().lock().lines() {
+        let dir = dir.expect("stdin");
+        std::fs::write(format!("{dir}/cgroup.procs"), b"0").expect("join cgroup");
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.send_to(&buf, dest).expect("send");
+        sent += 1;
+    }
     println!("sent {sent}");
 }

@@ -1,0 +1,397 @@
+//! `cargo xtask bench`: what observer costs, measured side by side in one run.
+//!
+//! 1. Data plane: 64-byte UDP over loopback, 64-byte UDP over a veth into a namespace, and a
+//!    TCP stream over loopback, each sent from a process in a cgroup made here, in interleaved
+//!    rounds with observer's programs attached, with an empty program pair attached the same way
+//!    (the hook's floor), and with nothing attached. Prints the kernel's own ns per program run
+//!    (kernel.bpf_stats_enabled=1 for the run, restored after) and end-to-end rates as ratios to
+//!    detached.
+//! 2. Reading the counters: user-space time of one read of the map with 10, 1,000 and 5,000
+//!    active cgroups (batch lookup, key by key, and a whole collection cycle).
+//!
+//! Options: --rounds N (default 10), --seconds S per measurement (default 1),
+//! --cgroups 10,1000,5000, --only dataplane|read.
+
+use std::{
+    io::Write as _,
+    process::{Command, ExitCode, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _};
+use observer::{
+    cgroupfs::CgroupIndex,
+    collect::Collector,
+    programs::{Programs, RunStats},
+    traffic::TrafficReader,
+};
+use observer_common::DEFAULT_MAX_ENTRIES;
+use testbed::{
+    stats::Summary,
+    sysctl::Sysctl,
+    traffic::{at, at_in, trafficgen},
+    NetNs, Spawned, TestCgroup,
+};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted: cleaning up");
+    }
+    Ok(())
+}
+
+struct Opts {
+    rounds: usize,
+    seconds: u64,
+    cgroups: Vec<usize>,
+    dataplane: bool,
+    read: bool,
+}
+
+fn parse_opts() -> anyhow::Result<Opts> {
+    let mut opts = Opts {
+        rounds: 10,
+        seconds: 1,
+        cgroups: vec![10, 1000, 5000],
+        dataplane: true,
+        read: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--rounds" => opts.rounds = value()?.parse()?,
+            "--seconds" => opts.seconds = value()?.parse()?,
+            "--cgroups" => {
+                opts.cgroups = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--only" => match value()?.as_str() {
+                "dataplane" => opts.read = false,
+                "read" => opts.dataplane = false,
+                other => bail!("--only takes dataplane or read, not {other}"),
+            },
+            "-h" | "--help" => {
+                println!("observer-bench [--rounds N] [--seconds S] [--cgroups 10,1000,5000] [--only dataplane|read]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown option {other} (see --help)"),
+        }
+    }
+    Ok(opts)
+}
+
+fn main() -> ExitCode {
+    if !testbed::is_root() {
+        eprintln!("observer-bench needs root: it loads eBPF programs and makes cgroups and namespaces");
+        return ExitCode::FAILURE;
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    match parse_opts().and_then(|opts| bench(&opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("observer-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(opts: &Opts) -> anyhow::Result<()> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    println!(
+        "observer benchmark: kernel {}, {} CPUs, cgroup v2 at {}",
+        kernel.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        testbed::v2_root().display()
+    );
+    println!(
+        "command: cargo xtask bench -- {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    if opts.dataplane {
+        dataplane(opts)?;
+    }
+    if opts.read {
+        read_cost(opts)?;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Detached,
+    Floor,
+    Observer,
+}
+const MODES: [Mode; 3] = [Mode::Detached, Mode::Floor, Mode::Observer];
+
+#[derive(Clone, Copy)]
+enum Workload {
+    UdpLo,
+    UdpVeth,
+    TcpLo,
+}
+const WORKLOADS: [Workload; 3] = [Workload::UdpLo, Workload::UdpVeth, Workload::TcpLo];
+
+impl Workload {
+    fn label(self) -> &'static str {
+        match self {
+            Workload::UdpLo => "udp 64B loopback",
+            Workload::UdpVeth => "udp 64B veth",
+            Workload::TcpLo => "tcp loopback",
+        }
+    }
+}
+
+/// Per workload: end-to-end rates per mode, and ns per run per (mode, direction).
+#[derive(Default)]
+struct Results {
+    rates: [[Vec<f64>; 3]; 3],
+    /// [workload][0 = floor, 1 = observer][0 = ingress, 1 = egress]
+    ns: [[[Vec<f64>; 2]; 2]; 3],
+}
+
+struct Bed {
+    ns: NetNs,
+    tx: TestCgroup,
+    rx: TestCgroup,
+}
+
+fn dataplane(opts: &Opts) -> anyhow::Result<()> {
+    let stats = Sysctl::set("kernel.bpf_stats_enabled", "1")
+        .context("turning on kernel.bpf_stats_enabled")?;
+    let root = testbed::v2_root();
+    let mut observer = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
+    let mut floor = Programs::load_floor()?;
+    let bed = Bed {
+        ns: NetNs::with_veth("bench")?,
+        tx: TestCgroup::new("bench-tx")?,
+        rx: TestCgroup::new("bench-rx")?,
+    };
+    let mut results = Results::default();
+    eprint!("data plane: {} rounds of 3 modes x 3 workloads x {} s ", opts.rounds, opts.seconds);
+    for round in 0..opts.rounds {
+        // Rotate the order of modes so that none always runs first after a quiet spell.
+        for k in 0..MODES.len() {
+            let m = (round + k) % MODES.len();
+            let programs = match MODES[m] {
+                Mode::Detached => None,
+                Mode::Floor => Some(&mut floor),
+                Mode::Observer => Some(&mut observer),
+            };
+            if let Some(p) = programs {
+                p.attach(&root)?;
+            }
+            for (w, workload) in WORKLOADS.iter().enumerate() {
+                check_interrupted()?;
+                let before = run_stats(MODES[m], &observer, &floor)?;
+                let rate = run(*workload, opts.seconds, &bed)?;
+                let after = run_stats(MODES[m], &observer, &floor)?;
+                results.rates[w][m].push(rate);
+                if let (Some(b), Some(a)) = (before, after) {
+                    let slot = if MODES[m] == Mode::Floor { 0 } else { 1 };
+                    for dir in 0..2 {
+                        let runs = a[dir].run_count - b[dir].run_count;
+                        let ns = (a[dir].run_time_ns - b[dir].run_time_ns) as f64 / runs as f64;
+                        results.ns[w][slot][dir].push(if runs > 0 { ns } else { f64::NAN });
+                    }
+                }
+            }
+            observer.detach()?;
+            floor.detach()?;
+        }
+        eprint!(".");
+        let _ = std::io::stderr().flush();
+    }
+    eprintln!(" done");
+    drop(stats);
+    print_dataplane(opts, &results);
+    Ok(())
+}
+
+fn run_stats(mode: Mode, observer: &Programs, floor: &Programs) -> anyhow::Result<Option<Vec<RunStats>>> {
+    Ok(match mode {
+        Mode::Detached => None,
+        Mode::Floor => Some(floor.run_stats()?),
+        Mode::Observer => Some(observer.run_stats()?),
+    })
+}
+
+/// One measurement; returns datagrams/s (UDP) or bytes/s (TCP) as the sender saw them.
+fn run(workload: Workload, seconds: u64, bed: &Bed) -> anyhow::Result<f64> {
+    let gen = trafficgen();
+    let secs = seconds.to_string();
+    let (mut receiver, flood, payload): (Spawned, &str, Option<&str>) = match workload {
+        Workload::UdpLo => (
+            Spawned::start(&gen, &["udp-recv", "127.0.0.1:0", &u64::MAX.to_string(), "300"], at(&bed.rx))?,
+            "udp-flood",
+            Some("64"),
+        ),
+        Workload::UdpVeth => (
+            Spawned::start(
+                &gen,
+                &["udp-recv", &format!("{}:0", bed.ns.veth().ns_addr), &u64::MAX.to_string(), "300"],
+                at_in(&bed.rx, &bed.ns),
+            )?,
+            "udp-flood",
+            Some("64"),
+        ),
+        Workload::TcpLo => (Spawned::start(&gen, &["tcp-recv", "127.0.0.1:0"], at(&bed.rx))?, "tcp-flood", None),
+    };
+    let addr = receiver.expect("ready ")?;
+    let mut args = vec![flood, addr.as_str(), secs.as_str()];
+    args.extend(payload);
+    let mut sender = Spawned::start(&gen, &args, at(&bed.tx))?;
+    let sent = sender.expect("sent ")?;
+    let (count, elapsed) = sent
+        .split_once(' ')
+        .with_context(|| format!("unexpected sender report {sent:?}"))?;
+    let rate = count.parse::<f64>()? / elapsed.parse::<f64>()?;
+    receiver.expect("received ")?;
+    sender.wait(std::time::Duration::from_secs(10))?;
+    receiver.wait(std::time::Duration::from_secs(10))?;
+    Ok(rate)
+}
+
+fn fmt(s: Option<Summary>, scale: f64, digits: usize) -> String {
+    match s {
+        Some(s) => format!(
+            "{:.d$} [{:.d$}..{:.d$}]",
+            s.median / scale,
+            s.min / scale,
+            s.max / scale,
+            d = digits
+        ),
+        None => "-".into(),
+    }
+}
+
+fn print_dataplane(opts: &Opts, r: &Results) {
+    println!();
+    println!(
+        "Kernel cost per program run, ns (median [min..max] of {} rounds; kernel.bpf_stats_enabled)",
+        opts.rounds
+    );
+    println!("{:<18} {:<8} {:>22} {:>22} {:>12}", "workload", "program", "observer", "empty (floor)", "above floor");
+    for (w, workload) in WORKLOADS.iter().enumerate() {
+        for (dir, name) in ["ingress", "egress"].iter().enumerate() {
+            let floor = Summary::of(&r.ns[w][0][dir]);
+            let obs = Summary::of(&r.ns[w][1][dir]);
+            let above = match (obs, floor) {
+                (Some(o), Some(f)) => format!("{:+.1}", o.median - f.median),
+                _ => "-".into(),
+            };
+            println!("{:<18} {:<8} {:>22} {:>22} {:>12}", workload.label(), name, fmt(obs, 1.0, 1), fmt(floor, 1.0, 1), above);
+        }
+    }
+    println!();
+    println!("End to end, as the sender saw it (median [min..max] of {} rounds of {} s)", opts.rounds, opts.seconds);
+    println!("{:<18} {:>34} {:>24} {:>24}", "workload", "detached", "floor / detached", "observer / detached");
+    for (w, workload) in WORKLOADS.iter().enumerate() {
+        let (scale, unit) = match workload {
+            Workload::TcpLo => (1e9, "GB/s"),
+            _ => (1e3, "k datagrams/s"),
+        };
+        let detached = Summary::of(&r.rates[w][0]);
+        let ratio = |m: usize| detached.and_then(|d| Summary::ratio_to(&r.rates[w][m], &d));
+        println!(
+            "{:<18} {:>34} {:>24} {:>24}",
+            workload.label(),
+            format!("{} {unit}", fmt(detached, scale, 1)),
+            fmt(ratio(1), 1.0, 3),
+            fmt(ratio(2), 1.0, 3)
+        );
+    }
+}
+
+fn read_cost(opts: &Opts) -> anyhow::Result<()> {
+    const READS: usize = 20;
+    println!();
+    println!("Reading the counters: user-space time of one read, ms (median [min..max] of {READS})");
+    println!("{:>8} {:>8} {:>24} {:>24} {:>24}", "cgroups", "entries", "batch lookup", "key by key", "whole cycle");
+    let root = testbed::v2_root();
+    for &n in &opts.cgroups {
+        check_interrupted()?;
+        let mut programs = Programs::load_observer(DEFAULT_MAX_ENTRIES.max(n as u32 * 2))?;
+        let reader = TrafficReader::new(programs.ebpf_mut())?;
+        programs.attach(&root)?;
+        let sink = TestCgroup::new("read-sink")?;
+        let cgroups = (0..n)
+            .map(|i| TestCgroup::new(&format!("read{i}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut receiver = Spawned::start(
+            &trafficgen(),
+            &["udp-recv", "127.0.0.1:0", &n.to_string(), "1000"],
+            at(&sink),
+        )?;
+        let addr = receiver.expect("ready ")?;
+        send_from_each(&addr, &cgroups)?;
+        receiver.expect("received ")?;
+        drop(receiver);
+
+        let mut collector = Collector::new(reader, CgroupIndex::scan(&root)?);
+        collector.collect()?;
+        let entries = collector.reader_mut().read()?.entries.len();
+        let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<Option<Summary>> {
+            let mut ms = Vec::with_capacity(READS);
+            for _ in 0..READS {
+                let start = Instant::now();
+                f()?;
+                ms.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(Summary::of(&ms))
+        };
+        let batch = time(&mut || {
+            collector.reader_mut().read()?;
+            Ok(())
+        })?;
+        let key_by_key = time(&mut || {
+            collector.reader_mut().read_key_by_key()?;
+            Ok(())
+        })?;
+        let cycle = time(&mut || {
+            collector.collect()?;
+            Ok(())
+        })?;
+        println!(
+            "{:>8} {:>8} {:>24} {:>24} {:>24}",
+            n,
+            entries,
+            fmt(batch, 1.0, 3),
+            fmt(key_by_key, 1.0, 3),
+            fmt(cycle, 1.0, 3)
+        );
+    }
+    Ok(())
+}
+
+/// One datagram from a fresh socket in each cgroup, by one process that joins them in turn.
+fn send_from_each(addr: &str, cgroups: &[TestCgroup]) -> anyhow::Result<()> {
+    let mut child = Command::new(trafficgen())
+        .args(["udp-each", addr, "32"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    {
+        let mut stdin = child.stdin.take().expect("piped");
+        for c in cgroups {
+            writeln!(stdin, "{}", c.path().display())?;
+        }
+    }
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "udp-each failed: {}", out.status);
+    Ok(())
+}
