@@ -74,10 +74,11 @@ pub fn detect_root(explicit: Option<&Path>) -> Result<PathBuf, CgroupError> {
             Err(CgroupError::NotCgroup2(path.to_owned()))
         };
     }
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
-        path: "/proc/self/mountinfo".into(),
-        source,
-    })?;
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
     find_v2_mount(&mountinfo).ok_or(CgroupError::NoV2Mount)
 }
 
@@ -130,9 +131,13 @@ impl CgroupIndex {
         let mut stack = vec![(self.root.clone(), String::new())];
         while let Some((dir, rel)) = stack.pop() {
             // A cgroup removed while we walk is not an error: it is simply gone.
-            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
             for entry in entries.flatten() {
-                let Ok(file_type) = entry.file_type() else { continue };
+                let Ok(file_type) = entry.file_type() else {
+                    continue;
+                };
                 if !file_type.is_dir() {
                     continue;
                 }
@@ -190,9 +195,7 @@ mod tests {
 
     #[test]
     fn sys_fs_cgroup_wins_over_other_v2_mounts() {
-        let both = format!(
-            "{PURE_V2}90 25 0:23 / /host/sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
-        );
+        let both = format!("{PURE_V2}90 25 0:23 / /host/sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
         assert_eq!(find_v2_mount(&both), Some("/sys/fs/cgroup".into()));
         let other = "90 25 0:23 / /host/sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
                      91 25 0:23 / /a/much/longer/path/cgroup rw - cgroup2 cgroup2 rw\n";
@@ -201,7 +204,11 @@ mod tests {
 
     #[test]
     fn v1_only_has_no_v2_mount() {
-        let v1_only: String = HYBRID.lines().filter(|l| !l.contains("cgroup2")).collect::<Vec<_>>().join("\n");
+        let v1_only: String = HYBRID
+            .lines()
+            .filter(|l| !l.contains("cgroup2"))
+            .collect::<Vec<_>>()
+            .join("\n");
         assert_eq!(find_v2_mount(&v1_only), None);
         assert_eq!(find_v2_mount(""), None);
         assert_eq!(find_v2_mount("garbage line without separator\n - \n"), None);

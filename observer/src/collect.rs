@@ -69,7 +69,7 @@ impl Collector {
         let present: HashSet<TrafficKey> = entries.iter().map(|(k, _)| *k).collect();
         self.deltas.retain(|k| present.contains(k));
 
-        // Keys differ only by later dimensions (class); a cgroup's traffic is their sum.
+        // Keys may gain dimensions besides the cgroup (observer-common); a cgroup is their sum.
         let mut by_cgroup: BTreeMap<u64, (TrafficValue, Vec<TrafficKey>)> = BTreeMap::new();
         for (key, total) in entries {
             let delta = self.deltas.delta(key, total);

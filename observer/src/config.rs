@@ -91,8 +91,16 @@ mod tests {
 
     #[test]
     fn help_explains_every_flag() {
-        let help = <Args as clap::CommandFactory>::command().render_long_help().to_string();
-        for flag in ["--interval", "--once", "--output", "--cgroup-root", "--map-entries"] {
+        let help = <Args as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for flag in [
+            "--interval",
+            "--once",
+            "--output",
+            "--cgroup-root",
+            "--map-entries",
+        ] {
             assert!(help.contains(flag), "--help lacks {flag}");
         }
         assert!(help.contains("OBSERVER_INTERVAL"));

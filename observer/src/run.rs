@@ -52,10 +52,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut ticker = tokio::time::interval_at(
-        tokio::time::Instant::now() + args.interval,
-        args.interval,
-    );
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -66,15 +66,16 @@ impl TrafficReader {
             });
         };
         let capacity = data.info().map_err(map_err(TRAFFIC_MAP))?.max_entries();
-        let traffic_fd = data
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| TrafficError::Read {
-                name: TRAFFIC_MAP,
-                source,
-            })?;
-        let traffic = PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(map_err(TRAFFIC_MAP))?;
+        let traffic_fd =
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| TrafficError::Read {
+                    name: TRAFFIC_MAP,
+                    source,
+                })?;
+        let traffic =
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(map_err(TRAFFIC_MAP))?;
         let stats = ebpf
             .take_map(STATS_MAP)
             .ok_or(TrafficError::MissingMap(STATS_MAP))?;
@@ -194,7 +195,7 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// The whole map in `len / BATCH` syscalls. Per-CPU values come back as `cpus` consecutive
 /// values per key (the value size is already a multiple of 8).
 fn lookup_batch(fd: &OwnedFd, cpus: usize) -> io::Result<Vec<(TrafficKey, TrafficValue)>> {
-    const _: () = assert!(size_of::<TrafficValue>() % 8 == 0);
+    const _: () = assert!(size_of::<TrafficValue>().is_multiple_of(8));
     let mut keys = vec![TrafficKey::default(); BATCH];
     let mut values = vec![TrafficValue::default(); BATCH * cpus];
     let mut entries = Vec::new();
@@ -203,7 +204,11 @@ fn lookup_batch(fd: &OwnedFd, cpus: usize) -> io::Result<Vec<(TrafficKey, Traffi
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { &token as *const u32 as u64 },
+            in_batch: if first {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
             out_batch: &mut token as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,

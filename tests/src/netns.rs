@@ -39,22 +39,73 @@ impl NetNs {
         let n = (std::process::id() + NEXT.fetch_add(1, Ordering::Relaxed)) % 250 + 1;
         let tag = format!("{}{}", std::process::id() % 10_000, n);
         let (host_if, ns_if) = (format!("obh{tag}"), format!("obn{tag}"));
-        let (host_mac, ns_mac) = (format!("02:0b:5e:00:{:02x}:01", n), format!("02:0b:5e:00:{:02x}:02", n));
+        let (host_mac, ns_mac) = (
+            format!("02:0b:5e:00:{:02x}:01", n),
+            format!("02:0b:5e:00:{:02x}:02", n),
+        );
         let host_addr = Ipv4Addr::new(10, 201, n as u8, 1);
         let ns_addr = Ipv4Addr::new(10, 201, n as u8, 2);
-        sh("ip", &["link", "add", &host_if, "address", &host_mac, "type", "veth", "peer", "name", &ns_if, "address", &ns_mac, "netns", &ns.name])?;
+        sh(
+            "ip",
+            &[
+                "link", "add", &host_if, "address", &host_mac, "type", "veth", "peer", "name",
+                &ns_if, "address", &ns_mac, "netns", &ns.name,
+            ],
+        )?;
         ns.veth = Some(Veth {
             host_if: host_if.clone(),
             ns_if: ns_if.clone(),
             host_addr,
             ns_addr,
         });
-        sh("ip", &["addr", "add", &format!("{host_addr}/30"), "dev", &host_if])?;
+        sh(
+            "ip",
+            &["addr", "add", &format!("{host_addr}/30"), "dev", &host_if],
+        )?;
         sh("ip", &["link", "set", &host_if, "up"])?;
-        sh("ip", &["-n", &ns.name, "addr", "add", &format!("{ns_addr}/30"), "dev", &ns_if])?;
+        sh(
+            "ip",
+            &[
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{ns_addr}/30"),
+                "dev",
+                &ns_if,
+            ],
+        )?;
         sh("ip", &["-n", &ns.name, "link", "set", &ns_if, "up"])?;
-        sh("ip", &["neigh", "replace", &ns_addr.to_string(), "lladdr", &ns_mac, "dev", &host_if, "nud", "permanent"])?;
-        sh("ip", &["-n", &ns.name, "neigh", "replace", &host_addr.to_string(), "lladdr", &host_mac, "dev", &ns_if, "nud", "permanent"])?;
+        sh(
+            "ip",
+            &[
+                "neigh",
+                "replace",
+                &ns_addr.to_string(),
+                "lladdr",
+                &ns_mac,
+                "dev",
+                &host_if,
+                "nud",
+                "permanent",
+            ],
+        )?;
+        sh(
+            "ip",
+            &[
+                "-n",
+                &ns.name,
+                "neigh",
+                "replace",
+                &host_addr.to_string(),
+                "lladdr",
+                &host_mac,
+                "dev",
+                &ns_if,
+                "nud",
+                "permanent",
+            ],
+        )?;
         Ok(ns)
     }
 

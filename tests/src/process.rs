@@ -34,7 +34,9 @@ impl Spawned {
             .open(at.cgroup.path().join("cgroup.procs"))?;
         let netns = at.netns.map(NetNs::open).transpose()?;
         let mut cmd = Command::new(program);
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let procs_fd = procs.as_raw_fd();
         let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
         // SAFETY: only async-signal-safe syscalls (write, setns) run in the child before exec.
@@ -85,7 +87,10 @@ impl Spawned {
                 anyhow::ensure!(status.success(), "process exited with {status}");
                 return Ok(());
             }
-            anyhow::ensure!(std::time::Instant::now() < deadline, "process still running after {timeout:?}");
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "process still running after {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

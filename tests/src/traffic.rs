@@ -1,9 +1,6 @@
 //! Known traffic between processes in test cgroups, through the `trafficgen` binary.
 
-use std::{
-    path::PathBuf,
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use observer_common::Counter;
 

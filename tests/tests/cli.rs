@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use testbed::{
+    observer_cmd::Finished,
     sh, skip_unless_root,
     traffic::{at, udp, udp_exchange},
-    observer_cmd::Finished,
     ObserverCmd, TestCgroup,
 };
 
@@ -36,7 +36,16 @@ fn program_ids(line: &str) -> Vec<u32> {
 }
 
 fn attached_ids() -> String {
-    sh("bpftool", &["-j", "cgroup", "show", &testbed::v2_root().display().to_string()]).unwrap()
+    sh(
+        "bpftool",
+        &[
+            "-j",
+            "cgroup",
+            "show",
+            &testbed::v2_root().display().to_string(),
+        ],
+    )
+    .unwrap()
 }
 
 #[test]
@@ -45,21 +54,41 @@ fn once_prints_one_interval_of_exact_json_lines() {
         return;
     }
     let mut observer = ObserverCmd::start(OBSERVER, &["--once", "--interval", "3s"]).unwrap();
-    observer.wait_log(ATTACHED, Duration::from_secs(20)).unwrap();
-    let (sender, receiver) = (TestCgroup::new("cli-tx").unwrap(), TestCgroup::new("cli-rx").unwrap());
+    observer
+        .wait_log(ATTACHED, Duration::from_secs(20))
+        .unwrap();
+    let (sender, receiver) = (
+        TestCgroup::new("cli-tx").unwrap(),
+        TestCgroup::new("cli-rx").unwrap(),
+    );
     udp_exchange(at(&sender), at(&receiver), "127.0.0.1:0", 400, 250);
     let done = observer.finish(Duration::from_secs(20)).unwrap();
-    assert!(done.status.success(), "exit status {}: {}", done.status, done.log);
+    assert!(
+        done.status.success(),
+        "exit status {}: {}",
+        done.status,
+        done.log
+    );
     let lines = lines(&done.stdout);
 
     let expected = udp(400, 250);
     let tx = line_for(&lines, &sender);
     let interval = tx["interval_seconds"].as_f64().unwrap();
-    assert!((2.5..4.0).contains(&interval), "interval_seconds {interval}");
+    assert!(
+        (2.5..4.0).contains(&interval),
+        "interval_seconds {interval}"
+    );
     assert_eq!(tx["cgroup_id"], sender.id());
     assert_eq!(tx["lo_tx_bytes"], expected.bytes);
     assert_eq!(tx["lo_tx_packets"], expected.packets);
-    for zero in ["rx_bytes", "tx_bytes", "lo_rx_bytes", "rx_packets", "tx_packets", "lo_rx_packets"] {
+    for zero in [
+        "rx_bytes",
+        "tx_bytes",
+        "lo_rx_bytes",
+        "rx_packets",
+        "tx_packets",
+        "lo_rx_packets",
+    ] {
         assert_eq!(tx[zero], 0, "{zero}");
     }
     let rate = tx["lo_tx_bytes_per_second"].as_f64().unwrap();
@@ -73,7 +102,11 @@ fn once_prints_one_interval_of_exact_json_lines() {
     let summary = lines.last().unwrap();
     assert_eq!(summary["type"], "observer");
     assert_eq!(summary["map_full_drops"], 0);
-    assert_eq!(lines.iter().filter(|l| l["type"] == "observer").count(), 1, "--once: one interval");
+    assert_eq!(
+        lines.iter().filter(|l| l["type"] == "observer").count(),
+        1,
+        "--once: one interval"
+    );
 }
 
 fn stops_cleanly_on(signal: i32, name: &str) {
@@ -81,21 +114,37 @@ fn stops_cleanly_on(signal: i32, name: &str) {
         return;
     }
     let mut observer = ObserverCmd::start(OBSERVER, &["--interval", "60s"]).unwrap();
-    let line = observer.wait_log(ATTACHED, Duration::from_secs(20)).unwrap();
+    let line = observer
+        .wait_log(ATTACHED, Duration::from_secs(20))
+        .unwrap();
     let ids = program_ids(&line);
     assert_eq!(ids.len(), 2, "two program ids in {line:?}");
     let before = attached_ids();
     for id in &ids {
-        assert!(before.contains(&format!("\"id\":{id},")), "program {id} attached: {before}");
+        assert!(
+            before.contains(&format!("\"id\":{id},")),
+            "program {id} attached: {before}"
+        );
     }
     observer.signal(signal);
     let done = observer.finish(Duration::from_secs(10)).unwrap();
-    assert!(done.status.success(), "exit status {}: {}", done.status, done.log);
+    assert!(
+        done.status.success(),
+        "exit status {}: {}",
+        done.status,
+        done.log
+    );
     assert!(done.log.contains("programs detached"), "{}", done.log);
     let after = attached_ids();
     for id in &ids {
-        assert!(!after.contains(&format!("\"id\":{id},")), "program {id} still attached: {after}");
-        assert!(sh("bpftool", &["prog", "show", "id", &id.to_string()]).is_err(), "program {id} still loaded");
+        assert!(
+            !after.contains(&format!("\"id\":{id},")),
+            "program {id} still attached: {after}"
+        );
+        assert!(
+            sh("bpftool", &["prog", "show", "id", &id.to_string()]).is_err(),
+            "program {id} still loaded"
+        );
     }
 }
 
@@ -114,10 +163,18 @@ fn a_full_map_is_reported_once_per_interval() {
     if skip_unless_root("a_full_map_is_reported_once_per_interval") {
         return;
     }
-    let mut observer =
-        ObserverCmd::start(OBSERVER, &["--once", "--interval", "2s", "--map-entries", "1"]).unwrap();
-    observer.wait_log(ATTACHED, Duration::from_secs(20)).unwrap();
-    let (a, b) = (TestCgroup::new("cli-full-a").unwrap(), TestCgroup::new("cli-full-b").unwrap());
+    let mut observer = ObserverCmd::start(
+        OBSERVER,
+        &["--once", "--interval", "2s", "--map-entries", "1"],
+    )
+    .unwrap();
+    observer
+        .wait_log(ATTACHED, Duration::from_secs(20))
+        .unwrap();
+    let (a, b) = (
+        TestCgroup::new("cli-full-a").unwrap(),
+        TestCgroup::new("cli-full-b").unwrap(),
+    );
     udp_exchange(at(&a), at(&b), "127.0.0.1:0", 20, 10);
     let done = observer.finish(Duration::from_secs(20)).unwrap();
     assert!(done.status.success(), "{}", done.log);
@@ -134,10 +191,22 @@ fn without_privileges_it_says_what_it_needs() {
         return;
     }
     // nobody: no capabilities at all.
-    let done = run(ObserverCmd::start_as(OBSERVER, &["--once", "--interval", "1s"], Some(65534)));
+    let done = run(ObserverCmd::start_as(
+        OBSERVER,
+        &["--once", "--interval", "1s"],
+        Some(65534),
+    ));
     assert_eq!(done.status.code(), Some(1), "{}", done.log);
-    assert!(done.stdout.is_empty(), "nothing on stdout: {:?}", done.stdout);
-    assert!(done.log.contains("CAP_BPF") && done.log.contains("root"), "{}", done.log);
+    assert!(
+        done.stdout.is_empty(),
+        "nothing on stdout: {:?}",
+        done.stdout
+    );
+    assert!(
+        done.log.contains("CAP_BPF") && done.log.contains("root"),
+        "{}",
+        done.log
+    );
     assert!(!done.log.contains("panicked"), "{}", done.log);
 }
 
@@ -146,13 +215,27 @@ fn a_cgroup_root_that_is_not_cgroup2_is_explained() {
     if skip_unless_root("a_cgroup_root_that_is_not_cgroup2_is_explained") {
         return;
     }
-    let done = run(ObserverCmd::start(OBSERVER, &["--once", "--cgroup-root", "/tmp"]));
+    let done = run(ObserverCmd::start(
+        OBSERVER,
+        &["--once", "--cgroup-root", "/tmp"],
+    ));
     assert_eq!(done.status.code(), Some(1));
     assert!(done.stdout.is_empty());
-    assert!(done.log.contains("/tmp: not a cgroup v2 mount"), "{}", done.log);
-    let done = run(ObserverCmd::start(OBSERVER, &["--once", "--cgroup-root", "/does/not/exist"]));
+    assert!(
+        done.log.contains("/tmp: not a cgroup v2 mount"),
+        "{}",
+        done.log
+    );
+    let done = run(ObserverCmd::start(
+        OBSERVER,
+        &["--once", "--cgroup-root", "/does/not/exist"],
+    ));
     assert_eq!(done.status.code(), Some(1));
-    assert!(done.log.contains("/does/not/exist") && !done.log.contains("panicked"), "{}", done.log);
+    assert!(
+        done.log.contains("/does/not/exist") && !done.log.contains("panicked"),
+        "{}",
+        done.log
+    );
 }
 
 #[test]
@@ -160,7 +243,11 @@ fn bad_flags_are_rejected_before_anything_loads() {
     let done = run(ObserverCmd::start(OBSERVER, &["--interval", "soon"]));
     assert_eq!(done.status.code(), Some(2), "clap's usage error");
     assert!(done.stdout.is_empty());
-    assert!(done.log.contains("--interval") && done.log.contains("60s"), "{}", done.log);
+    assert!(
+        done.log.contains("--interval") && done.log.contains("60s"),
+        "{}",
+        done.log
+    );
 }
 
 #[test]
@@ -168,7 +255,15 @@ fn help_shows_every_flag_with_its_default() {
     let done = run(ObserverCmd::start(OBSERVER, &["--help"]));
     assert!(done.status.success());
     let help = done.stdout.join("\n");
-    for needle in ["--interval", "[default: 60s]", "--once", "--output", "--cgroup-root", "--map-entries", "OBSERVER_INTERVAL"] {
+    for needle in [
+        "--interval",
+        "[default: 60s]",
+        "--once",
+        "--output",
+        "--cgroup-root",
+        "--map-entries",
+        "OBSERVER_INTERVAL",
+    ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
 }

@@ -16,7 +16,10 @@ fn collector() -> (Programs, Collector) {
     let mut programs = Programs::load_observer(4096).unwrap();
     let reader = TrafficReader::new(programs.ebpf_mut()).unwrap();
     programs.attach(&root).unwrap();
-    (programs, Collector::new(reader, CgroupIndex::scan(&root).unwrap()))
+    (
+        programs,
+        Collector::new(reader, CgroupIndex::scan(&root).unwrap()),
+    )
 }
 
 fn find(snapshot: &Snapshot, id: u64) -> Option<&observer::snapshot::CgroupTraffic> {
@@ -38,7 +41,10 @@ fn a_cgroup_made_mid_interval_starts_from_its_first_packet() {
     let (_programs, mut collector) = collector();
     collector.collect().unwrap();
     // Made after the collector's walk of the hierarchy: found by the re-walk an unknown id asks for.
-    let (sender, sink) = (TestCgroup::new("mid-tx").unwrap(), TestCgroup::new("mid-rx").unwrap());
+    let (sender, sink) = (
+        TestCgroup::new("mid-tx").unwrap(),
+        TestCgroup::new("mid-rx").unwrap(),
+    );
     udp_exchange(at(&sender), at(&sink), "127.0.0.1:0", 100, 50);
     let first = collector.collect().unwrap();
     let c = find(&first, sender.id()).expect("reported");
@@ -47,9 +53,16 @@ fn a_cgroup_made_mid_interval_starts_from_its_first_packet() {
 
     udp_exchange(at(&sender), at(&sink), "127.0.0.1:0", 30, 50);
     let second = collector.collect().unwrap();
-    assert_eq!(find(&second, sender.id()).unwrap().delta, lo_tx(30, 50), "only the new traffic");
+    assert_eq!(
+        find(&second, sender.id()).unwrap().delta,
+        lo_tx(30, 50),
+        "only the new traffic"
+    );
     let third = collector.collect().unwrap();
-    assert_eq!(find(&third, sender.id()).unwrap().delta, TrafficValue::default());
+    assert_eq!(
+        find(&third, sender.id()).unwrap().delta,
+        TrafficValue::default()
+    );
 }
 
 #[test]
@@ -87,7 +100,9 @@ fn a_cgroup_removed_between_reads_loses_nothing_and_is_then_freed() {
     assert!(find(&after, seen_id).is_none() && find(&after, brief_id).is_none());
     let entries = collector.reader_mut().read().unwrap().entries;
     assert!(
-        !entries.iter().any(|(k, _)| k.cgroup_id == seen_id || k.cgroup_id == brief_id),
+        !entries
+            .iter()
+            .any(|(k, _)| k.cgroup_id == seen_id || k.cgroup_id == brief_id),
         "entries of removed cgroups were freed"
     );
 }

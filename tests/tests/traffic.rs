@@ -12,7 +12,6 @@ use testbed::{
     NetNs, Spawned, TestCgroup,
 };
 
-
 /// observer's programs attached at the v2 root, with their map to read.
 struct Counting {
     _programs: Programs,
@@ -53,7 +52,10 @@ fn udp_over_loopback_is_counted_exactly_per_cgroup() {
         return;
     }
     let mut counting = Counting::attach();
-    let (sender, receiver) = (TestCgroup::new("lo-tx").unwrap(), TestCgroup::new("lo-rx").unwrap());
+    let (sender, receiver) = (
+        TestCgroup::new("lo-tx").unwrap(),
+        TestCgroup::new("lo-rx").unwrap(),
+    );
     udp_exchange(at(&sender), at(&receiver), "127.0.0.1:0", 1000, 100);
 
     let expected = udp(1000, 100);
@@ -82,7 +84,10 @@ fn udp_over_veth_into_a_namespace_is_not_loopback() {
     }
     let mut counting = Counting::attach();
     let ns = NetNs::with_veth("veth").unwrap();
-    let (sender, receiver) = (TestCgroup::new("veth-tx").unwrap(), TestCgroup::new("veth-rx").unwrap());
+    let (sender, receiver) = (
+        TestCgroup::new("veth-tx").unwrap(),
+        TestCgroup::new("veth-rx").unwrap(),
+    );
     let bind = format!("{}:0", ns.veth().ns_addr);
     udp_exchange(at(&sender), at_in(&receiver, &ns), &bind, 700, 512);
 
@@ -112,8 +117,17 @@ fn udp_over_loopback_inside_a_namespace() {
     }
     let mut counting = Counting::attach();
     let ns = NetNs::new("nslo").unwrap();
-    let (sender, receiver) = (TestCgroup::new("nslo-tx").unwrap(), TestCgroup::new("nslo-rx").unwrap());
-    udp_exchange(at_in(&sender, &ns), at_in(&receiver, &ns), "127.0.0.1:0", 300, 1200);
+    let (sender, receiver) = (
+        TestCgroup::new("nslo-tx").unwrap(),
+        TestCgroup::new("nslo-rx").unwrap(),
+    );
+    udp_exchange(
+        at_in(&sender, &ns),
+        at_in(&receiver, &ns),
+        "127.0.0.1:0",
+        300,
+        1200,
+    );
 
     let expected = udp(300, 1200);
     assert_eq!(
@@ -181,11 +195,19 @@ fn tcp_transfer_is_counted_within_one_percent() {
     }
     const BYTES: u64 = 16 << 20;
     let mut counting = Counting::attach();
-    let (sender, receiver) = (TestCgroup::new("tcp-tx").unwrap(), TestCgroup::new("tcp-rx").unwrap());
-    let mut rx = Spawned::start(&trafficgen(), &["tcp-recv", "127.0.0.1:0"], at(&receiver)).unwrap();
+    let (sender, receiver) = (
+        TestCgroup::new("tcp-tx").unwrap(),
+        TestCgroup::new("tcp-rx").unwrap(),
+    );
+    let mut rx =
+        Spawned::start(&trafficgen(), &["tcp-recv", "127.0.0.1:0"], at(&receiver)).unwrap();
     let addr = rx.expect("ready ").unwrap();
-    let mut tx =
-        Spawned::start(&trafficgen(), &["tcp-send", &addr, &BYTES.to_string()], at(&sender)).unwrap();
+    let mut tx = Spawned::start(
+        &trafficgen(),
+        &["tcp-send", &addr, &BYTES.to_string()],
+        at(&sender),
+    )
+    .unwrap();
     assert_eq!(rx.expect("received ").unwrap(), BYTES.to_string());
     assert_eq!(tx.expect("sent ").unwrap(), BYTES.to_string());
     tx.wait(Duration::from_secs(10)).unwrap();
@@ -213,7 +235,10 @@ fn a_full_map_counts_what_it_drops() {
     }
     // One entry: the first cgroup to send anything on this host takes it.
     let mut counting = Counting::with_entries(1);
-    let (a, b) = (TestCgroup::new("full-a").unwrap(), TestCgroup::new("full-b").unwrap());
+    let (a, b) = (
+        TestCgroup::new("full-a").unwrap(),
+        TestCgroup::new("full-b").unwrap(),
+    );
     udp_exchange(at(&a), at(&b), "127.0.0.1:0", 50, 10);
     let reading = counting.reader.read().unwrap();
     assert_eq!(reading.entries.len(), 1);

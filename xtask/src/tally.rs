@@ -30,7 +30,12 @@ pub fn parse_result_line(line: &str) -> Option<Tally> {
     let rest = line.trim().strip_prefix("test result: ")?;
     let count = |word: &str| -> Option<u64> {
         rest.split(';')
-            .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches("ok. ")
+                    .trim_start_matches("FAILED. ")
+                    .strip_suffix(word)
+            })
             .and_then(|n| n.trim().parse().ok())
     };
     Some(Tally {
@@ -74,17 +79,46 @@ mod tests {
     #[test]
     fn reads_cargo_result_lines() {
         let ok = "test result: ok. 23 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.09s";
-        assert_eq!(parse_result_line(ok), Some(Tally { passed: 23, failed: 0, ignored: 1 }));
+        assert_eq!(
+            parse_result_line(ok),
+            Some(Tally {
+                passed: 23,
+                failed: 0,
+                ignored: 1
+            })
+        );
         let failed = "test result: FAILED. 22 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.09s";
-        assert_eq!(parse_result_line(failed), Some(Tally { passed: 22, failed: 1, ignored: 0 }));
+        assert_eq!(
+            parse_result_line(failed),
+            Some(Tally {
+                passed: 22,
+                failed: 1,
+                ignored: 0
+            })
+        );
         assert_eq!(parse_result_line("running 3 tests"), None);
         assert_eq!(parse_result_line("test result: garbage"), None);
     }
 
     #[test]
     fn tallies_add_up() {
-        let mut t = Tally { passed: 1, failed: 2, ignored: 3 };
-        t.add(Tally { passed: 10, failed: 0, ignored: 1 });
-        assert_eq!(t, Tally { passed: 11, failed: 2, ignored: 4 });
+        let mut t = Tally {
+            passed: 1,
+            failed: 2,
+            ignored: 3,
+        };
+        t.add(Tally {
+            passed: 10,
+            failed: 0,
+            ignored: 1,
+        });
+        assert_eq!(
+            t,
+            Tally {
+                passed: 11,
+                failed: 2,
+                ignored: 4
+            }
+        );
     }
 }

@@ -92,7 +92,9 @@ fn parse_opts() -> anyhow::Result<Opts> {
 
 fn main() -> ExitCode {
     if !testbed::is_root() {
-        eprintln!("observer-bench needs root: it loads eBPF programs and makes cgroups and namespaces");
+        eprintln!(
+            "observer-bench needs root: it loads eBPF programs and makes cgroups and namespaces"
+        );
         return ExitCode::FAILURE;
     }
     // SAFETY: the handler only stores to an atomic.
@@ -182,7 +184,10 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
         rx: TestCgroup::new("bench-rx")?,
     };
     let mut results = Results::default();
-    eprint!("data plane: {} rounds of 3 modes x 3 workloads x {} s ", opts.rounds, opts.seconds);
+    eprint!(
+        "data plane: {} rounds of 3 modes x 3 workloads x {} s ",
+        opts.rounds, opts.seconds
+    );
     for round in 0..opts.rounds {
         // Rotate the order of modes so that none always runs first after a quiet spell.
         for k in 0..MODES.len() {
@@ -222,7 +227,11 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_stats(mode: Mode, observer: &Programs, floor: &Programs) -> anyhow::Result<Option<Vec<RunStats>>> {
+fn run_stats(
+    mode: Mode,
+    observer: &Programs,
+    floor: &Programs,
+) -> anyhow::Result<Option<Vec<RunStats>>> {
     Ok(match mode {
         Mode::Detached => None,
         Mode::Floor => Some(floor.run_stats()?),
@@ -236,20 +245,33 @@ fn run(workload: Workload, seconds: u64, bed: &Bed) -> anyhow::Result<f64> {
     let secs = seconds.to_string();
     let (mut receiver, flood, payload): (Spawned, &str, Option<&str>) = match workload {
         Workload::UdpLo => (
-            Spawned::start(&gen, &["udp-recv", "127.0.0.1:0", &u64::MAX.to_string(), "300"], at(&bed.rx))?,
+            Spawned::start(
+                &gen,
+                &["udp-recv", "127.0.0.1:0", &u64::MAX.to_string(), "300"],
+                at(&bed.rx),
+            )?,
             "udp-flood",
             Some("64"),
         ),
         Workload::UdpVeth => (
             Spawned::start(
                 &gen,
-                &["udp-recv", &format!("{}:0", bed.ns.veth().ns_addr), &u64::MAX.to_string(), "300"],
+                &[
+                    "udp-recv",
+                    &format!("{}:0", bed.ns.veth().ns_addr),
+                    &u64::MAX.to_string(),
+                    "300",
+                ],
                 at_in(&bed.rx, &bed.ns),
             )?,
             "udp-flood",
             Some("64"),
         ),
-        Workload::TcpLo => (Spawned::start(&gen, &["tcp-recv", "127.0.0.1:0"], at(&bed.rx))?, "tcp-flood", None),
+        Workload::TcpLo => (
+            Spawned::start(&gen, &["tcp-recv", "127.0.0.1:0"], at(&bed.rx))?,
+            "tcp-flood",
+            None,
+        ),
     };
     let addr = receiver.expect("ready ")?;
     let mut args = vec![flood, addr.as_str(), secs.as_str()];
@@ -285,7 +307,10 @@ fn print_dataplane(opts: &Opts, r: &Results) {
         "Kernel cost per program run, ns (median [min..max] of {} rounds; kernel.bpf_stats_enabled)",
         opts.rounds
     );
-    println!("{:<18} {:<8} {:>22} {:>22} {:>12}", "workload", "program", "observer", "empty (floor)", "above floor");
+    println!(
+        "{:<18} {:<8} {:>22} {:>22} {:>12}",
+        "workload", "program", "observer", "empty (floor)", "above floor"
+    );
     for (w, workload) in WORKLOADS.iter().enumerate() {
         for (dir, name) in ["ingress", "egress"].iter().enumerate() {
             let floor = Summary::of(&r.ns[w][0][dir]);
@@ -294,12 +319,25 @@ fn print_dataplane(opts: &Opts, r: &Results) {
                 (Some(o), Some(f)) => format!("{:+.1}", o.median - f.median),
                 _ => "-".into(),
             };
-            println!("{:<18} {:<8} {:>22} {:>22} {:>12}", workload.label(), name, fmt(obs, 1.0, 1), fmt(floor, 1.0, 1), above);
+            println!(
+                "{:<18} {:<8} {:>22} {:>22} {:>12}",
+                workload.label(),
+                name,
+                fmt(obs, 1.0, 1),
+                fmt(floor, 1.0, 1),
+                above
+            );
         }
     }
     println!();
-    println!("End to end, as the sender saw it (median [min..max] of {} rounds of {} s)", opts.rounds, opts.seconds);
-    println!("{:<18} {:>34} {:>24} {:>24}", "workload", "detached", "floor / detached", "observer / detached");
+    println!(
+        "End to end, as the sender saw it (median [min..max] of {} rounds of {} s)",
+        opts.rounds, opts.seconds
+    );
+    println!(
+        "{:<18} {:>34} {:>24} {:>24}",
+        "workload", "detached", "floor / detached", "observer / detached"
+    );
     for (w, workload) in WORKLOADS.iter().enumerate() {
         let (scale, unit) = match workload {
             Workload::TcpLo => (1e9, "GB/s"),
@@ -320,8 +358,13 @@ fn print_dataplane(opts: &Opts, r: &Results) {
 fn read_cost(opts: &Opts) -> anyhow::Result<()> {
     const READS: usize = 20;
     println!();
-    println!("Reading the counters: user-space time of one read, ms (median [min..max] of {READS})");
-    println!("{:>8} {:>8} {:>24} {:>24} {:>24}", "cgroups", "entries", "batch lookup", "key by key", "whole cycle");
+    println!(
+        "Reading the counters: user-space time of one read, ms (median [min..max] of {READS})"
+    );
+    println!(
+        "{:>8} {:>8} {:>24} {:>24} {:>24}",
+        "cgroups", "entries", "batch lookup", "key by key", "whole cycle"
+    );
     let root = testbed::v2_root();
     for &n in &opts.cgroups {
         check_interrupted()?;

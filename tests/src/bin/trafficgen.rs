@@ -20,17 +20,17 @@ use std::{
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |i: usize| -> &str {
-        args.get(i)
-            .map(String::as_str)
-            .unwrap_or_else(|| usage())
-    };
+    let arg = |i: usize| -> &str { args.get(i).map(String::as_str).unwrap_or_else(|| usage()) };
     let num = |i: usize| -> u64 { arg(i).parse().unwrap_or_else(|_| usage()) };
     let addr = |i: usize| -> SocketAddr { arg(i).parse().unwrap_or_else(|_| usage()) };
     match arg(0) {
         "udp-recv" => udp_recv(addr(1), num(2), args.get(3).map_or(2000, |_| num(3))),
         "udp-send" => udp_send(addr(1), Limit::Count(num(2)), num(3) as usize),
-        "udp-flood" => udp_send(addr(1), Limit::Time(Duration::from_secs(num(2))), num(3) as usize),
+        "udp-flood" => udp_send(
+            addr(1),
+            Limit::Time(Duration::from_secs(num(2))),
+            num(3) as usize,
+        ),
         "tcp-recv" => tcp_recv(addr(1)),
         "tcp-send" => tcp_send(addr(1), Limit::Count(num(2))),
         "tcp-flood" => tcp_send(addr(1), Limit::Time(Duration::from_secs(num(2)))),
@@ -101,7 +101,7 @@ fn udp_send(dest: SocketAddr, limit: Limit, payload: usize) {
     loop {
         match limit {
             Limit::Count(n) if sent >= n => break,
-            Limit::Time(d) if sent % 64 == 0 && start.elapsed() >= d => break,
+            Limit::Time(d) if sent.is_multiple_of(64) && start.elapsed() >= d => break,
             _ => {}
         }
         // Only successful sends count: a failed send never reached the egress hook.

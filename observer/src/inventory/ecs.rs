@@ -1,0 +1,580 @@
+//! The ECS container agent's introspection API (`http://127.0.0.1:51678`): `/v1/metadata` and
+//! `/v1/tasks` decoded, turned into [`Workload`]s, and the Docker-label fallback for when the
+//! API cannot be reached.
+//!
+//! Field names follow the agent's struct tags (`ecs-agent/introspection/v1/response.go`,
+//! platforms.md 1.2): PascalCase, Go omits empty optional fields and writes nil slices as
+//! `null`, so every field may be missing or null; unknown fields are ignored.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::{
+    null_as_default, Container, Limits, NetworkMode, NodeInfo, Runtime, Workload, WorkloadKind,
+};
+
+/// `GET /v1/metadata`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AgentMetadata {
+    #[serde(deserialize_with = "null_as_default")]
+    pub cluster: String,
+    pub container_instance_arn: Option<String>,
+    /// Absent when the agent hides its version.
+    pub version: Option<String>,
+}
+
+/// `GET /v1/tasks`: every task the agent manages on this instance.
+///
+/// `Tasks` is required (`null` is fine): a body without it is not the agent's answer, and
+/// must not read as "no tasks on this instance".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TasksResponse {
+    #[serde(deserialize_with = "null_as_default")]
+    pub tasks: Vec<TaskResponse>,
+}
+
+/// One task; also the whole body of `GET /v1/tasks?dockerid=` and `?taskarn=`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct TaskResponse {
+    #[serde(deserialize_with = "null_as_default")]
+    pub arn: String,
+    /// Omitted by the agent in some transitions (KnownStatus STOPPED but desired not).
+    pub desired_status: Option<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub known_status: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub family: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub version: String,
+    /// Internal containers (the awsvpc pause container) are never listed.
+    #[serde(deserialize_with = "null_as_default")]
+    pub containers: Vec<ContainerResponse>,
+}
+
+/// One (non-internal) container of a task.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct ContainerResponse {
+    #[serde(deserialize_with = "null_as_default")]
+    pub docker_id: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub docker_name: String,
+    /// The name in the task definition.
+    #[serde(deserialize_with = "null_as_default")]
+    pub name: String,
+    pub image: Option<String>,
+    #[serde(rename = "ImageID")]
+    pub image_id: Option<String>,
+    /// RFC 3339, kept as text: only reported, never computed with.
+    pub created_at: Option<String>,
+    pub started_at: Option<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub ports: Vec<PortResponse>,
+    /// Only filled for awsvpc tasks (from the task's ENI).
+    #[serde(deserialize_with = "null_as_default")]
+    pub networks: Vec<Network>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub volumes: Vec<VolumeResponse>,
+    pub restart_count: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct PortResponse {
+    pub container_port: Option<u16>,
+    pub protocol: Option<String>,
+    pub host_port: Option<u16>,
+    pub host_ip: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Network {
+    #[serde(rename = "NetworkMode", deserialize_with = "null_as_default")]
+    pub network_mode: String,
+    #[serde(rename = "IPv4Addresses", deserialize_with = "null_as_default")]
+    pub ipv4_addresses: Vec<String>,
+    #[serde(rename = "IPv6Addresses", deserialize_with = "null_as_default")]
+    pub ipv6_addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct VolumeResponse {
+    pub docker_name: Option<String>,
+    pub source: Option<String>,
+    pub destination: Option<String>,
+}
+
+/// The task id in an ARN: its last `/` component, as the agent names the task's cgroup.
+///
+/// `arn:aws:ecs:<region>:<account>:task/<cluster>/<32 hex>` (current) and
+/// `arn:aws:ecs:<region>:<account>:task/<uuid>` (old) both work.
+pub fn task_id_from_arn(arn: &str) -> Option<&str> {
+    let resource = arn.rsplit(':').next()?;
+    let rest = resource.strip_prefix("task/")?;
+    let id = rest.rsplit('/').next()?;
+    (!id.is_empty()).then_some(id)
+}
+
+/// An ECS `NetworkMode` string.
+pub fn network_mode(mode: &str) -> NetworkMode {
+    match mode {
+        "awsvpc" => NetworkMode::Awsvpc,
+        "bridge" | "default" => NetworkMode::Bridge,
+        "host" => NetworkMode::Host,
+        "none" => NetworkMode::None,
+        "" => NetworkMode::Unknown,
+        other => NetworkMode::Network(other.to_owned()),
+    }
+}
+
+impl AgentMetadata {
+    pub fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            cluster: (!self.cluster.is_empty()).then(|| self.cluster.clone()),
+            instance: self.container_instance_arn.clone(),
+            agent_version: self.version.clone(),
+        }
+    }
+}
+
+impl TaskResponse {
+    pub fn task_id(&self) -> Option<&str> {
+        task_id_from_arn(&self.arn)
+    }
+
+    /// The task as a [`Workload`], or None when its ARN names no task.
+    ///
+    /// The network mode is known only for awsvpc tasks (the only ones with `Networks`); the v1
+    /// API reports no limits. Containers without a Docker id (not created yet) are left out:
+    /// they have no cgroup.
+    pub fn to_workload(&self, cluster: Option<&str>) -> Option<Workload> {
+        let id = self.task_id()?;
+        let containers: Vec<Container> = self
+            .containers
+            .iter()
+            .filter(|c| !c.docker_id.is_empty())
+            .map(ContainerResponse::to_container)
+            .collect();
+        let network_mode = containers
+            .iter()
+            .map(|c| c.network_mode.clone())
+            .find(|m| *m != NetworkMode::Unknown)
+            .unwrap_or_default();
+        Some(Workload {
+            kind: WorkloadKind::EcsTask,
+            id: id.to_owned(),
+            name: format!("{}:{}", self.family, self.version),
+            namespace: cluster.map(str::to_owned),
+            labels: BTreeMap::new(),
+            owner: None,
+            controller: None,
+            status: (!self.known_status.is_empty()).then(|| self.known_status.clone()),
+            network_mode,
+            limits: Limits::default(),
+            containers,
+            cgroup_ids: Vec::new(),
+        })
+    }
+}
+
+impl ContainerResponse {
+    pub fn to_container(&self) -> Container {
+        let network_mode = self
+            .networks
+            .iter()
+            .map(|n| network_mode(&n.network_mode))
+            .find(|m| *m != NetworkMode::Unknown)
+            .unwrap_or_default();
+        Container {
+            id: self.docker_id.clone(),
+            name: self.name.clone(),
+            runtime: Runtime::Docker,
+            image: self.image.clone(),
+            network_mode,
+            limits: Limits::default(),
+            labels: BTreeMap::new(),
+            cgroup_ids: Vec::new(),
+        }
+    }
+}
+
+/// Docker labels the ECS agent puts on every container of a task, pause container included.
+pub const LABEL_TASK_ARN: &str = "com.amazonaws.ecs.task-arn";
+pub const LABEL_CONTAINER_NAME: &str = "com.amazonaws.ecs.container-name";
+pub const LABEL_CLUSTER: &str = "com.amazonaws.ecs.cluster";
+pub const LABEL_FAMILY: &str = "com.amazonaws.ecs.task-definition-family";
+pub const LABEL_VERSION: &str = "com.amazonaws.ecs.task-definition-version";
+
+/// What a container's ECS Docker labels say: the fallback when the agent's API is down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcsLabels {
+    pub task_arn: String,
+    pub container_name: Option<String>,
+    pub cluster: Option<String>,
+    pub family: Option<String>,
+    pub version: Option<String>,
+}
+
+impl EcsLabels {
+    /// None unless the labels name a task ARN with a task id.
+    pub fn from_labels(labels: &BTreeMap<String, String>) -> Option<Self> {
+        let task_arn = labels.get(LABEL_TASK_ARN)?;
+        task_id_from_arn(task_arn)?;
+        let get = |key: &str| labels.get(key).filter(|v| !v.is_empty()).cloned();
+        Some(Self {
+            task_arn: task_arn.clone(),
+            container_name: get(LABEL_CONTAINER_NAME),
+            cluster: get(LABEL_CLUSTER),
+            family: get(LABEL_FAMILY),
+            version: get(LABEL_VERSION),
+        })
+    }
+
+    pub fn task_id(&self) -> &str {
+        // from_labels checked that there is one.
+        task_id_from_arn(&self.task_arn).unwrap_or_default()
+    }
+}
+
+/// Groups Docker containers into ECS tasks by their labels; returns the tasks and the
+/// containers that carry no ECS labels. Each container keeps its labels; its name becomes the
+/// task definition's container name when the labels give one.
+pub fn workloads_from_labels(containers: Vec<Container>) -> (Vec<Workload>, Vec<Container>) {
+    let mut tasks: Vec<Workload> = Vec::new();
+    let mut rest = Vec::new();
+    for mut container in containers {
+        let Some(labels) = EcsLabels::from_labels(&container.labels) else {
+            rest.push(container);
+            continue;
+        };
+        if let Some(name) = &labels.container_name {
+            container.name = name.clone();
+        }
+        let task_id = labels.task_id();
+        let task = match tasks.iter().position(|t| t.id == task_id) {
+            Some(i) => &mut tasks[i],
+            None => {
+                let name = match (&labels.family, &labels.version) {
+                    (Some(f), Some(v)) => format!("{f}:{v}"),
+                    (Some(f), None) => f.clone(),
+                    _ => task_id.to_owned(),
+                };
+                tasks.push(Workload {
+                    kind: WorkloadKind::EcsTask,
+                    id: task_id.to_owned(),
+                    name,
+                    namespace: labels.cluster.clone(),
+                    labels: BTreeMap::new(),
+                    owner: None,
+                    controller: None,
+                    status: None,
+                    network_mode: NetworkMode::Unknown,
+                    limits: Limits::default(),
+                    containers: Vec::new(),
+                    cgroup_ids: Vec::new(),
+                });
+                tasks.last_mut().expect("just pushed")
+            }
+        };
+        task.containers.push(container);
+    }
+    // awsvpc tasks: app containers join a pause container's namespace; the task then uses it.
+    for task in &mut tasks {
+        task.network_mode = task_network_mode(&task.containers);
+    }
+    (tasks, rest)
+}
+
+/// A task's network mode from its containers' Docker modes: `container:` pointing at a member
+/// of the task means awsvpc-style sharing; otherwise the first known mode.
+fn task_network_mode(containers: &[Container]) -> NetworkMode {
+    let shares_member = containers.iter().any(|c| match &c.network_mode {
+        NetworkMode::Container(target) => {
+            !target.is_empty() && containers.iter().any(|o| o.id.starts_with(target.as_str()))
+        }
+        _ => false,
+    });
+    if shares_member {
+        return NetworkMode::Awsvpc;
+    }
+    containers
+        .iter()
+        .map(|c| c.network_mode.clone())
+        .find(|m| !matches!(m, NetworkMode::Unknown | NetworkMode::None))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOCS: &str = include_str!("fixtures/ecs_tasks_docs.json");
+    const CURRENT: &str = include_str!("fixtures/ecs_task_current.json");
+    const AWSVPC: &str = include_str!("fixtures/ecs_tasks_awsvpc.json");
+    const METADATA: &str = include_str!("fixtures/ecs_metadata.json");
+
+    #[test]
+    fn metadata_from_the_docs() {
+        let m: AgentMetadata = serde_json::from_str(METADATA).unwrap();
+        assert_eq!(m.cluster, "cluster_name");
+        assert_eq!(
+            m.container_instance_arn.as_deref(),
+            Some("arn:aws:ecs:region:aws_account_id:container-instance/cluster_name/container_instance_id")
+        );
+        assert_eq!(
+            m.version.as_deref(),
+            Some("Amazon ECS Agent - v1.30.0 (02ff320c)")
+        );
+        let node = m.node_info();
+        assert_eq!(node.cluster.as_deref(), Some("cluster_name"));
+        // Hidden version, null instance ARN, extra fields.
+        let m: AgentMetadata =
+            serde_json::from_str(r#"{"Cluster":"c","ContainerInstanceArn":null,"New":1}"#).unwrap();
+        assert_eq!(
+            m,
+            AgentMetadata {
+                cluster: "c".into(),
+                container_instance_arn: None,
+                version: None
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<AgentMetadata>("{}").unwrap(),
+            AgentMetadata::default()
+        );
+    }
+
+    #[test]
+    fn tasks_from_the_docs() {
+        let r: TasksResponse = serde_json::from_str(DOCS).unwrap();
+        assert_eq!(r.tasks.len(), 1);
+        let t = &r.tasks[0];
+        assert_eq!(t.task_id(), Some("example5-58ff-46c9-ae05-543f8example"));
+        assert_eq!(
+            (t.family.as_str(), t.version.as_str()),
+            ("hello_world", "8")
+        );
+        assert_eq!(t.desired_status.as_deref(), Some("RUNNING"));
+        let c = &t.containers[0];
+        assert_eq!(
+            c.docker_id,
+            "9581a69a761a557fbfce1d0f6745e4af5b9dbfb86b6b2c5c4df156f1a5932ff1"
+        );
+        assert_eq!(
+            c.docker_name,
+            "ecs-hello_world-8-mysql-fcae8ac8f9f1d89d8301"
+        );
+        assert_eq!(c.name, "mysql");
+        assert!(c.image.is_none() && c.networks.is_empty() && c.ports.is_empty());
+
+        let w = t.to_workload(Some("default")).unwrap();
+        assert_eq!(w.name, "hello_world:8");
+        assert_eq!(w.namespace.as_deref(), Some("default"));
+        assert_eq!(
+            w.network_mode,
+            NetworkMode::Unknown,
+            "bridge/host tasks have no Networks"
+        );
+        assert_eq!(w.containers[0].runtime, Runtime::Docker);
+    }
+
+    #[test]
+    fn task_from_a_current_agent() {
+        let t: TaskResponse = serde_json::from_str(CURRENT).unwrap();
+        assert_eq!(t.task_id(), Some("8f03e41243824aea923aca126495f665"));
+        let c = &t.containers[0];
+        assert_eq!(
+            c.image_id.as_deref(),
+            Some("sha256:d691691e9652791a60114e67b365688d20d19940dde7c4736ea30e660d8d3553")
+        );
+        assert_eq!(c.started_at.as_deref(), Some("2026-01-01T00:00:01Z"));
+        assert_eq!(
+            c.ports,
+            [PortResponse {
+                container_port: Some(8080),
+                protocol: Some("tcp".into()),
+                host_port: Some(32768),
+                host_ip: None
+            }]
+        );
+        assert_eq!(
+            c.volumes[0].destination.as_deref(),
+            Some("/opt/ecs/metadata/...")
+        );
+        let w = t.to_workload(None).unwrap();
+        assert_eq!(w.id, "8f03e41243824aea923aca126495f665");
+        assert_eq!(w.status.as_deref(), Some("RUNNING"));
+        assert_eq!(
+            w.containers[0].image.as_deref(),
+            Some("111122223333.dkr.ecr.us-east-1.amazonaws.com/web:1.4")
+        );
+    }
+
+    #[test]
+    fn awsvpc_and_null_containers() {
+        let r: TasksResponse = serde_json::from_str(AWSVPC).unwrap();
+        let web = r.tasks[0].to_workload(Some("prod")).unwrap();
+        assert_eq!(web.network_mode, NetworkMode::Awsvpc);
+        assert_eq!(
+            r.tasks[0].containers[0].networks[0].ipv4_addresses,
+            ["10.0.2.61"]
+        );
+        assert_eq!(r.tasks[0].containers[0].restart_count, Some(0));
+        let batch = &r.tasks[1];
+        assert!(batch.containers.is_empty() && batch.desired_status.is_none());
+        assert_eq!(
+            batch.task_id(),
+            Some("090eff9b-1ce3-4db6-848a-a8d14064fd24"),
+            "old ARN form"
+        );
+        assert_eq!(
+            batch.to_workload(None).unwrap().status.as_deref(),
+            Some("STOPPED")
+        );
+    }
+
+    #[test]
+    fn odd_bodies() {
+        for body in [r#"{"Tasks":null}"#, r#"{"Tasks":[],"Extra":{"a":[1]}}"#] {
+            assert_eq!(
+                serde_json::from_str::<TasksResponse>(body).unwrap().tasks,
+                []
+            );
+        }
+        // The agent's 404 body is an empty TaskResponse.
+        let empty: TaskResponse = serde_json::from_str(
+            r#"{"Arn":"","KnownStatus":"","Family":"","Version":"","Containers":null}"#,
+        )
+        .unwrap();
+        assert_eq!(empty.to_workload(None), None);
+        let t: TaskResponse = serde_json::from_str(
+            r#"{"Arn":"arn:aws:ecs:r:1:task/c/abc","Containers":[{"DockerId":"","Name":"pending"},{"DockerId":null}]}"#,
+        )
+        .unwrap();
+        assert!(
+            t.to_workload(None).unwrap().containers.is_empty(),
+            "no id, no cgroup"
+        );
+        for garbage in [
+            "",
+            "[",
+            "[]",
+            "{}",
+            r#"{"Message":"error"}"#,
+            r#"{"Tasks":{}}"#,
+            r#"{"Tasks":[{"Containers":"x"}]}"#,
+            "null",
+        ] {
+            assert!(
+                serde_json::from_str::<TasksResponse>(garbage).is_err(),
+                "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn task_ids_from_arns() {
+        let rows = [
+            (
+                "arn:aws:ecs:us-east-1:111122223333:task/prod/8f03e41243824aea923aca126495f665",
+                Some("8f03e41243824aea923aca126495f665"),
+            ),
+            (
+                "arn:aws:ecs:us-east-1:111122223333:task/090eff9b-1ce3-4db6-848a-a8d14064fd24",
+                Some("090eff9b-1ce3-4db6-848a-a8d14064fd24"),
+            ),
+            ("arn:aws-cn:ecs:cn-north-1:1:task/c/abc", Some("abc")),
+            ("arn:aws:ecs:us-east-1:1:container-instance/c/abc", None),
+            ("arn:aws:ecs:us-east-1:1:task/", None),
+            ("arn:aws:ecs:us-east-1:1:task/c/", None),
+            ("task/c/abc", Some("abc")),
+            ("", None),
+            ("garbage", None),
+        ];
+        for (arn, want) in rows {
+            assert_eq!(task_id_from_arn(arn), want, "{arn}");
+        }
+    }
+
+    fn labelled(id: &str, task: Option<&str>, name: &str, mode: NetworkMode) -> Container {
+        let mut labels = BTreeMap::new();
+        if let Some(task) = task {
+            labels.insert(
+                LABEL_TASK_ARN.into(),
+                format!("arn:aws:ecs:us-east-1:1:task/prod/{task}"),
+            );
+            labels.insert(LABEL_CONTAINER_NAME.into(), name.into());
+            labels.insert(LABEL_CLUSTER.into(), "prod".into());
+            labels.insert(LABEL_FAMILY.into(), "web".into());
+            labels.insert(LABEL_VERSION.into(), "26".into());
+        }
+        Container {
+            id: id.into(),
+            name: format!("ecs-web-26-{name}-abc"),
+            runtime: Runtime::Docker,
+            image: None,
+            network_mode: mode,
+            limits: Limits::default(),
+            labels,
+            cgroup_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn label_fallback_groups_tasks() {
+        let (a, b) = ("a".repeat(32), "b".repeat(32));
+        let pause = "1".repeat(64);
+        let containers = vec![
+            labelled(&pause, Some(&a), "~internal~ecs~pause", NetworkMode::None),
+            labelled(
+                &"2".repeat(64),
+                Some(&a),
+                "app",
+                NetworkMode::Container(pause.clone()),
+            ),
+            labelled(&"3".repeat(64), Some(&b), "web", NetworkMode::Host),
+            labelled(&"4".repeat(64), None, "plain", NetworkMode::Bridge),
+        ];
+        let (tasks, rest) = workloads_from_labels(containers);
+        assert_eq!(tasks.len(), 2);
+        assert_eq!(tasks[0].id, a);
+        assert_eq!(tasks[0].name, "web:26");
+        assert_eq!(tasks[0].namespace.as_deref(), Some("prod"));
+        assert_eq!(tasks[0].network_mode, NetworkMode::Awsvpc);
+        let names: Vec<&str> = tasks[0]
+            .containers
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["~internal~ecs~pause", "app"]);
+        assert_eq!(tasks[1].network_mode, NetworkMode::Host);
+        assert_eq!(rest.len(), 1);
+
+        let labels = &tasks[1].containers[0].labels;
+        let parsed = EcsLabels::from_labels(labels).unwrap();
+        assert_eq!(parsed.task_id(), b);
+        assert_eq!(parsed.version.as_deref(), Some("26"));
+        let mut bad = labels.clone();
+        bad.insert(LABEL_TASK_ARN.into(), "not an arn".into());
+        assert_eq!(EcsLabels::from_labels(&bad), None);
+    }
+
+    #[test]
+    fn network_modes() {
+        assert_eq!(network_mode("awsvpc"), NetworkMode::Awsvpc);
+        assert_eq!(network_mode("bridge"), NetworkMode::Bridge);
+        assert_eq!(network_mode("host"), NetworkMode::Host);
+        assert_eq!(network_mode("none"), NetworkMode::None);
+        assert_eq!(network_mode(""), NetworkMode::Unknown);
+        assert_eq!(
+            network_mode("my-net"),
+            NetworkMode::Network("my-net".into())
+        );
+    }
+}

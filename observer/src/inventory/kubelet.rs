@@ -1,0 +1,722 @@
+//! The kubelet's `/pods` answer (a v1 `PodList`) decoded, container ids and resource quantities
+//! parsed, and pods turned into [`Workload`]s.
+//!
+//! Only the fields observer reports are decoded (v1.Pod names, camelCase); the rest is ignored.
+//! Pods are decoded one by one, so one malformed pod is skipped instead of losing the node.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer};
+
+use super::{
+    null_as_default, Container, Limits, NetworkMode, OwnerRef, Runtime, Workload, WorkloadKind,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeletError {
+    #[error("kubelet /pods body is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("kubelet /pods body is a {kind:?}, not a PodList with items")]
+    NotPodList { kind: Option<String> },
+}
+
+/// The pods of one `/pods` answer, and why any were skipped.
+#[derive(Debug, Default)]
+pub struct PodList {
+    pub pods: Vec<Pod>,
+    /// One message per item that did not decode as a pod.
+    pub skipped: Vec<String>,
+}
+
+impl PodList {
+    /// Decodes a `/pods` body. The body must be a PodList (an `items` key, `kind` PodList if
+    /// given): an error object must not read as "no pods on this node".
+    pub fn decode(body: &[u8]) -> Result<Self, KubeletError> {
+        // Option<Option<..>> tells a missing `items` (not a PodList) from `"items": null`.
+        #[derive(Deserialize)]
+        struct Raw {
+            kind: Option<String>,
+            #[serde(default, deserialize_with = "present")]
+            items: Option<Option<Vec<serde_json::Value>>>,
+        }
+        fn present<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Option<Vec<serde_json::Value>>>, D::Error> {
+            Ok(Some(Option::deserialize(d)?))
+        }
+        let raw: Raw = serde_json::from_slice(body)?;
+        let kind_ok = raw.kind.as_deref().is_none_or(|k| k == "PodList");
+        let (true, Some(items)) = (kind_ok, raw.items) else {
+            return Err(KubeletError::NotPodList { kind: raw.kind });
+        };
+        let mut list = PodList::default();
+        for (i, item) in items.unwrap_or_default().into_iter().enumerate() {
+            match Pod::deserialize(item) {
+                Ok(pod) => list.pods.push(pod),
+                Err(e) => list.skipped.push(format!("item {i}: {e}")),
+            }
+        }
+        Ok(list)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    pub spec: PodSpec,
+    pub status: PodStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ObjectMeta {
+    #[serde(deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub namespace: String,
+    /// Dashed UUID; 32 hex digits (a config hash) for static pods.
+    #[serde(deserialize_with = "null_as_default")]
+    pub uid: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct OwnerReference {
+    #[serde(deserialize_with = "null_as_default")]
+    pub kind: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub name: String,
+    pub controller: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PodSpec {
+    pub node_name: Option<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub host_network: bool,
+    #[serde(deserialize_with = "null_as_default")]
+    pub containers: Vec<ContainerSpec>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub init_containers: Vec<ContainerSpec>,
+    /// Pod-level resources (Kubernetes 1.32+, PodLevelResources).
+    pub resources: Option<Resources>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ContainerSpec {
+    #[serde(deserialize_with = "null_as_default")]
+    pub name: String,
+    pub image: Option<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub resources: Resources,
+}
+
+/// Quantities as written ("500m", "128Mi"); see [`cpu_millicores`] and [`memory_bytes`].
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Resources {
+    #[serde(deserialize_with = "quantity_map")]
+    pub limits: BTreeMap<String, String>,
+    #[serde(deserialize_with = "quantity_map")]
+    pub requests: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PodStatus {
+    /// Pending, Running, Succeeded, Failed, Unknown.
+    pub phase: Option<String>,
+    /// Guaranteed, Burstable, BestEffort.
+    pub qos_class: Option<String>,
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(rename = "hostIP")]
+    pub host_ip: Option<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub container_statuses: Vec<ContainerStatus>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub init_container_statuses: Vec<ContainerStatus>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub ephemeral_container_statuses: Vec<ContainerStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ContainerStatus {
+    #[serde(deserialize_with = "null_as_default")]
+    pub name: String,
+    /// `<runtime>://<id>`; missing until the container is created.
+    #[serde(rename = "containerID")]
+    pub container_id: Option<String>,
+    pub image: Option<String>,
+    #[serde(rename = "imageID")]
+    pub image_id: Option<String>,
+    pub ready: Option<bool>,
+    pub restart_count: Option<i64>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub state: ContainerState,
+}
+
+/// At most one of the three is set.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ContainerState {
+    pub running: Option<StateRunning>,
+    pub waiting: Option<StateWaiting>,
+    pub terminated: Option<StateTerminated>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct StateRunning {
+    pub started_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct StateWaiting {
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct StateTerminated {
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+}
+
+/// Quantities are strings, but a hand-written manifest may reach us as a number.
+fn quantity_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw: Option<BTreeMap<String, serde_json::Value>> = Option::deserialize(d)?;
+    Ok(raw
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::String(s) => Some((k, s)),
+            serde_json::Value::Number(n) => Some((k, n.to_string())),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The runtime and id in a status `containerID`: `containerd://<id>`, `cri-o://<id>`,
+/// `docker://<id>`. Another scheme gives [`Runtime::Unknown`]; no scheme or no id gives None.
+pub fn parse_container_id(s: &str) -> Option<(Runtime, &str)> {
+    let (scheme, id) = s.split_once("://")?;
+    if id.is_empty() {
+        return None;
+    }
+    let runtime = match scheme {
+        "containerd" => Runtime::Containerd,
+        "cri-o" => Runtime::CriO,
+        "docker" => Runtime::Docker,
+        _ => Runtime::Unknown,
+    };
+    Some((runtime, id))
+}
+
+/// Label the Deployment controller puts on the pods of each ReplicaSet it makes.
+pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+
+impl Pod {
+    /// The controlling owner reference, else the first one.
+    pub fn owner(&self) -> Option<OwnerRef> {
+        let refs = &self.metadata.owner_references;
+        let r = refs
+            .iter()
+            .find(|r| r.controller == Some(true))
+            .or(refs.first())?;
+        Some(OwnerRef {
+            kind: r.kind.clone(),
+            name: r.name.clone(),
+        })
+    }
+
+    /// The top-level owner: the Deployment behind a ReplicaSet owner whose name ends in the
+    /// pod's `pod-template-hash`; otherwise [`Pod::owner`].
+    pub fn controller(&self) -> Option<OwnerRef> {
+        let owner = self.owner()?;
+        let hash = self.metadata.labels.get(POD_TEMPLATE_HASH);
+        let deployment = hash
+            .filter(|_| owner.kind == "ReplicaSet")
+            .and_then(|h| owner.name.strip_suffix(h.as_str())?.strip_suffix('-'))
+            .filter(|name| !name.is_empty());
+        Some(match deployment {
+            Some(name) => OwnerRef {
+                kind: "Deployment".into(),
+                name: name.to_owned(),
+            },
+            None => owner,
+        })
+    }
+
+    /// The pod as a [`Workload`], or None without a UID.
+    ///
+    /// Containers are those with a `containerID` (others have no cgroup yet); init and
+    /// ephemeral containers only while running. The pod's sandbox (pause) container is not in
+    /// the PodList: its cgroup reaches the pod through the path. Limits are the pod-level ones
+    /// if set, else the sum over containers when every container has one (what the kubelet
+    /// sets on the pod cgroup); init containers are left out of the sum.
+    pub fn to_workload(&self) -> Option<Workload> {
+        let meta = &self.metadata;
+        if meta.uid.is_empty() {
+            return None;
+        }
+        let network_mode = if self.spec.host_network {
+            NetworkMode::Host
+        } else {
+            NetworkMode::Pod
+        };
+        let running = |s: &&ContainerStatus| s.state.running.is_some();
+        let statuses = self
+            .status
+            .container_statuses
+            .iter()
+            .map(|s| (s, &self.spec.containers));
+        let others = (self.status.init_container_statuses.iter())
+            .chain(&self.status.ephemeral_container_statuses)
+            .filter(running)
+            .map(|s| (s, &self.spec.init_containers));
+        let containers = statuses
+            .chain(others)
+            .filter_map(|(status, specs)| {
+                let (runtime, id) = parse_container_id(status.container_id.as_deref()?)?;
+                let spec = specs.iter().find(|c| c.name == status.name);
+                Some(Container {
+                    id: id.to_owned(),
+                    name: status.name.clone(),
+                    runtime,
+                    image: (status.image.clone().filter(|i| !i.is_empty()))
+                        .or_else(|| spec.and_then(|s| s.image.clone())),
+                    network_mode: network_mode.clone(),
+                    limits: spec.map(|s| limits(&s.resources)).unwrap_or_default(),
+                    labels: BTreeMap::new(),
+                    cgroup_ids: Vec::new(),
+                })
+            })
+            .collect();
+        Some(Workload {
+            kind: WorkloadKind::KubernetesPod,
+            id: meta.uid.clone(),
+            name: format!("{}/{}", meta.namespace, meta.name),
+            namespace: Some(meta.namespace.clone()),
+            labels: meta.labels.clone(),
+            owner: self.owner(),
+            controller: self.controller(),
+            status: self.status.phase.clone(),
+            network_mode,
+            limits: self.limits(),
+            containers,
+            cgroup_ids: Vec::new(),
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        if let Some(resources) = &self.spec.resources {
+            let pod = limits(resources);
+            if pod != Limits::default() {
+                return pod;
+            }
+        }
+        let each: Vec<Limits> = self
+            .spec
+            .containers
+            .iter()
+            .map(|c| limits(&c.resources))
+            .collect();
+        let sum_cpu = each.iter().map(|l| l.cpu_cores).sum::<Option<f64>>();
+        let sum_memory = each.iter().map(|l| l.memory_bytes).sum::<Option<u64>>();
+        let any = !each.is_empty();
+        Limits {
+            cpu_cores: sum_cpu.filter(|_| any),
+            memory_bytes: sum_memory.filter(|_| any),
+        }
+    }
+}
+
+fn limits(resources: &Resources) -> Limits {
+    Limits {
+        cpu_cores: (resources.limits.get("cpu").and_then(|q| cpu_millicores(q)))
+            .map(|m| m as f64 / 1000.0),
+        memory_bytes: resources.limits.get("memory").and_then(|q| memory_bytes(q)),
+    }
+}
+
+/// A CPU quantity in millicores, rounded up as the kubelet does: "500m" 500, "2" 2000,
+/// "1.5" 1500, "100u" 1.
+pub fn cpu_millicores(quantity: &str) -> Option<u64> {
+    scaled_up(quantity, 1_000_000)
+}
+
+/// A memory quantity in bytes, rounded up: "128Mi", "1Gi", "1G", "1000", "1e3", "1.5Gi".
+pub fn memory_bytes(quantity: &str) -> Option<u64> {
+    scaled_up(quantity, 1_000_000_000)
+}
+
+/// `quantity` in nano-units divided by `per_unit`, rounded up; None if negative or malformed.
+fn scaled_up(quantity: &str, per_unit: i128) -> Option<u64> {
+    let nanos = quantity_nanos(quantity)?;
+    if nanos < 0 {
+        return None;
+    }
+    u64::try_from((nanos + per_unit - 1) / per_unit).ok()
+}
+
+/// A Kubernetes quantity (`<sign><digits>[.<digits>]<suffix>`, suffix binary Ki..Ei, decimal
+/// n u m k M G T P E, or an exponent e<n>/E<n>) in billionths, rounded up; None if malformed
+/// or out of range.
+pub fn quantity_nanos(quantity: &str) -> Option<i128> {
+    let s = quantity.trim();
+    let (negative, s) = match s.as_bytes().first()? {
+        b'-' => (true, &s[1..]),
+        b'+' => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let number_len = s
+        .bytes()
+        .take_while(|b| b.is_ascii_digit() || *b == b'.')
+        .count();
+    let (number, suffix) = s.split_at(number_len);
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    if int.is_empty() && frac.is_empty() || frac.contains('.') || int.len() + frac.len() > 30 {
+        return None;
+    }
+    let mantissa: i128 = format!("{int}{frac}").parse().ok()?;
+
+    // Value = mantissa * 2^binary * 10^(decimal - frac digits); result in 10^-9 units.
+    let (binary, decimal): (u32, i32) = match suffix {
+        "Ki" => (10, 0),
+        "Mi" => (20, 0),
+        "Gi" => (30, 0),
+        "Ti" => (40, 0),
+        "Pi" => (50, 0),
+        "Ei" => (60, 0),
+        "n" => (0, -9),
+        "u" => (0, -6),
+        "m" => (0, -3),
+        "" => (0, 0),
+        "k" => (0, 3),
+        "M" => (0, 6),
+        "G" => (0, 9),
+        "T" => (0, 12),
+        "P" => (0, 15),
+        "E" => (0, 18),
+        _ => {
+            let exp = suffix.strip_prefix(['e', 'E'])?;
+            let digits = exp.strip_prefix(['+', '-']).unwrap_or(exp);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.len() > 3
+            {
+                return None;
+            }
+            (0, exp.parse().ok()?)
+        }
+    };
+    let mut value = mantissa.checked_mul(1i128.checked_shl(binary)?)?;
+    let exp10 = decimal + 9 - frac.len() as i32;
+    if exp10 >= 0 {
+        value = value.checked_mul(10i128.checked_pow(u32::try_from(exp10).ok()?)?)?;
+    } else {
+        let div = 10i128.checked_pow(exp10.unsigned_abs());
+        value = match div {
+            Some(div) => (value + div - 1) / div,
+            // Smaller than a billionth: rounds up to one unless zero.
+            None => i128::from(value > 0),
+        };
+    }
+    Some(if negative { -value } else { value })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOCS: &str = include_str!("fixtures/kubelet_pods.json");
+    const FULL: &str = include_str!("fixtures/kubelet_pods_full.json");
+
+    #[test]
+    fn the_documented_example() {
+        let list = PodList::decode(DOCS.as_bytes()).unwrap();
+        assert!(list.skipped.is_empty());
+        let pod = &list.pods[0];
+        assert_eq!(pod.metadata.namespace, "shop");
+        assert_eq!(
+            pod.spec.node_name.as_deref(),
+            Some("ip-10-0-1-5.ec2.internal")
+        );
+        assert_eq!(pod.status.qos_class.as_deref(), Some("BestEffort"));
+        assert_eq!(pod.status.pod_ip.as_deref(), Some("10.0.1.23"));
+        let w = pod.to_workload().unwrap();
+        assert_eq!(w.kind, WorkloadKind::KubernetesPod);
+        assert_eq!(w.id, "8712f785-1a3e-41ec-a00b-e2dcc77431cb");
+        assert_eq!(w.name, "shop/web-7d9c5b8f4-abcde");
+        assert_eq!(
+            w.owner,
+            Some(OwnerRef {
+                kind: "ReplicaSet".into(),
+                name: "web-7d9c5b8f4".into()
+            })
+        );
+        assert_eq!(
+            w.controller,
+            Some(OwnerRef {
+                kind: "Deployment".into(),
+                name: "web".into()
+            })
+        );
+        assert_eq!(w.status.as_deref(), Some("Running"));
+        assert_eq!(w.network_mode, NetworkMode::Pod);
+        assert_eq!(w.limits, Limits::default(), "BestEffort: no limits");
+        assert_eq!(w.containers.len(), 1);
+        let c = &w.containers[0];
+        assert_eq!(
+            c.id,
+            "73051af271105c07e1f493b34856a77e665e3b0b4fc72f76c807dfbffeb881bd"
+        );
+        assert_eq!(c.runtime, Runtime::Containerd);
+        assert_eq!(c.image.as_deref(), Some("web:1.4"));
+    }
+
+    #[test]
+    fn a_fuller_list_with_garbage_items() {
+        let list = PodList::decode(FULL.as_bytes()).unwrap();
+        assert_eq!(list.pods.len(), 3);
+        assert_eq!(list.skipped.len(), 2, "{:?}", list.skipped);
+
+        let api = list.pods[0].to_workload().unwrap();
+        let names: Vec<&str> = api.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["api", "debugger"],
+            "waiting and terminated init containers have no cgroup"
+        );
+        assert!(api.containers.iter().all(|c| c.runtime == Runtime::CriO));
+        assert_eq!(
+            api.containers[0].limits,
+            Limits {
+                cpu_cores: Some(0.5),
+                memory_bytes: Some(512 << 20)
+            }
+        );
+        assert_eq!(
+            api.limits,
+            Limits {
+                cpu_cores: Some(2.0),
+                memory_bytes: Some((512 << 20) + 1_000_000_000)
+            }
+        );
+        assert_eq!(
+            api.controller.as_ref().map(|o| o.name.as_str()),
+            Some("api")
+        );
+        assert_eq!(api.labels["app"], "api");
+        let status = &list.pods[0].status.container_statuses[0];
+        assert_eq!(status.restart_count, Some(2));
+        assert!(status.state.running.is_some());
+        let waiting = &list.pods[0].status.container_statuses[1].state.waiting;
+        assert_eq!(
+            waiting.as_ref().and_then(|w| w.reason.as_deref()),
+            Some("ContainerCreating")
+        );
+
+        let proxy = list.pods[1].to_workload().unwrap();
+        assert_eq!(
+            proxy.id, "9729a196c4723b60ab401eaff722982d",
+            "static pods keep the hash"
+        );
+        assert_eq!(proxy.network_mode, NetworkMode::Host);
+        assert_eq!(
+            proxy.owner,
+            Some(OwnerRef {
+                kind: "Node".into(),
+                name: "node-1".into()
+            })
+        );
+        assert_eq!(proxy.controller, proxy.owner);
+        assert_eq!(proxy.containers[0].runtime, Runtime::Docker);
+        assert_eq!(
+            proxy.limits,
+            Limits {
+                cpu_cores: Some(2.0),
+                memory_bytes: Some(128_974_848)
+            }
+        );
+
+        let pending = list.pods[2].to_workload().unwrap();
+        assert!(pending.containers.is_empty());
+        assert_eq!(pending.limits, Limits::default());
+        assert_eq!(pending.owner, None);
+    }
+
+    #[test]
+    fn bodies_that_are_not_pod_lists() {
+        let ok = |b: &str| PodList::decode(b.as_bytes()).map(|l| l.pods.len());
+        assert_eq!(ok(r#"{"kind":"PodList","items":[]}"#).unwrap(), 0);
+        assert_eq!(ok(r#"{"items":null}"#).unwrap(), 0);
+        assert_eq!(ok(r#"{"items":[{}]}"#).unwrap(), 1);
+        for bad in [
+            "",
+            "Unauthorized",
+            "{}",
+            "[]",
+            r#"{"kind":"Status","status":"Failure","message":"forbidden","code":403}"#,
+            r#"{"kind":"Status","items":[]}"#,
+            r#"{"items":{}}"#,
+            r#"{"items":[1,2"#,
+        ] {
+            assert!(PodList::decode(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        // A pod without a UID cannot be joined to cgroups.
+        let list = PodList::decode(br#"{"items":[{"metadata":{"name":"x"}}]}"#).unwrap();
+        assert_eq!(list.pods[0].to_workload(), None);
+    }
+
+    #[test]
+    fn container_ids() {
+        let id = "73051af271105c07e1f493b34856a77e665e3b0b4fc72f76c807dfbffeb881bd";
+        assert_eq!(
+            parse_container_id(&format!("containerd://{id}")),
+            Some((Runtime::Containerd, id))
+        );
+        assert_eq!(
+            parse_container_id(&format!("cri-o://{id}")),
+            Some((Runtime::CriO, id))
+        );
+        assert_eq!(
+            parse_container_id(&format!("docker://{id}")),
+            Some((Runtime::Docker, id))
+        );
+        assert_eq!(
+            parse_container_id("rkt://abc"),
+            Some((Runtime::Unknown, "abc"))
+        );
+        assert_eq!(parse_container_id("docker://"), None);
+        assert_eq!(parse_container_id(id), None);
+        assert_eq!(parse_container_id(""), None);
+    }
+
+    #[test]
+    fn cpu_quantities() {
+        let rows = [
+            ("500m", Some(500)),
+            ("2", Some(2000)),
+            ("1.5", Some(1500)),
+            ("0.1", Some(100)),
+            (".5", Some(500)),
+            ("100u", Some(1)),
+            ("1n", Some(1)),
+            ("0", Some(0)),
+            ("250m ", Some(250)),
+            ("+1", Some(1000)),
+            ("1e3", Some(1_000_000)),
+            ("2k", Some(2_000_000)),
+            ("-1", None),
+            ("", None),
+            ("m", None),
+            ("1.2.3", None),
+            ("abc", None),
+            ("1x", None),
+            ("1Ki2", None),
+            (".", None),
+        ];
+        for (q, want) in rows {
+            assert_eq!(cpu_millicores(q), want, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn memory_quantities() {
+        let rows = [
+            ("128Mi", Some(128 << 20)),
+            ("1Gi", Some(1 << 30)),
+            ("1.5Gi", Some(3 << 29)),
+            ("1G", Some(1_000_000_000)),
+            ("1000", Some(1000)),
+            ("1e3", Some(1000)),
+            ("1E3", Some(1000)),
+            ("1e+3", Some(1000)),
+            ("1e-3", Some(1)),
+            ("64Ki", Some(65536)),
+            ("1Ti", Some(1 << 40)),
+            ("1Pi", Some(1 << 50)),
+            ("1Ei", Some(1 << 60)),
+            ("1k", Some(1000)),
+            ("1M", Some(1_000_000)),
+            ("1T", Some(1_000_000_000_000)),
+            ("2P", Some(2_000_000_000_000_000)),
+            ("1E", Some(1_000_000_000_000_000_000)),
+            ("128974848000m", Some(128_974_848)),
+            ("129e6", Some(129_000_000)),
+            ("16Ei", None),
+            ("1e999", None),
+            ("99999999999999999999999999999999", None),
+            ("1Mb", None),
+            ("1 Gi", None),
+            ("Gi", None),
+            ("1e", None),
+            ("-128Mi", None),
+        ];
+        for (q, want) in rows {
+            assert_eq!(memory_bytes(q), want, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn numbers_in_resource_maps_are_tolerated() {
+        let spec: ContainerSpec = serde_json::from_str(
+            r#"{"name":"c","resources":{"limits":{"cpu":2,"memory":"1Gi","nvidia.com/gpu":[1]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            limits(&spec.resources),
+            Limits {
+                cpu_cores: Some(2.0),
+                memory_bytes: Some(1 << 30)
+            }
+        );
+        let spec: ContainerSpec = serde_json::from_str(r#"{"name":"c","resources":null}"#).unwrap();
+        assert_eq!(limits(&spec.resources), Limits::default());
+    }
+
+    #[test]
+    fn deployment_names_need_the_matching_hash() {
+        let pod = |owner_kind: &str, owner: &str, hash: Option<&str>| {
+            let mut p = Pod::default();
+            p.metadata.owner_references.push(OwnerReference {
+                kind: owner_kind.into(),
+                name: owner.into(),
+                controller: Some(true),
+            });
+            if let Some(h) = hash {
+                p.metadata.labels.insert(POD_TEMPLATE_HASH.into(), h.into());
+            }
+            p.controller().map(|o| format!("{}/{}", o.kind, o.name))
+        };
+        assert_eq!(
+            pod("ReplicaSet", "web-7d9c5b8f4", Some("7d9c5b8f4")).unwrap(),
+            "Deployment/web"
+        );
+        assert_eq!(
+            pod("ReplicaSet", "web-7d9c5b8f4", None).unwrap(),
+            "ReplicaSet/web-7d9c5b8f4"
+        );
+        assert_eq!(
+            pod("ReplicaSet", "web-abc", Some("7d9c5b8f4")).unwrap(),
+            "ReplicaSet/web-abc"
+        );
+        assert_eq!(pod("ReplicaSet", "-h", Some("h")).unwrap(), "ReplicaSet/-h");
+        assert_eq!(
+            pod("DaemonSet", "agent", Some("x")).unwrap(),
+            "DaemonSet/agent"
+        );
+        assert_eq!(Pod::default().controller(), None);
+    }
+}

@@ -1,0 +1,437 @@
+//! The inventory: which containers run on this node, which ECS task, Kubernetes pod or Compose
+//! project each belongs to, and which cgroups are theirs.
+//!
+//! One [`InventorySource`] per platform (ECS, Kubernetes, Docker) turns its API's answer into an
+//! [`Inventory`]; [`Inventory::attach_cgroups`] then hangs the cgroup ids of the v2 hierarchy on
+//! it, using what [`cgroup_path`] reads out of each cgroup's path. The submodules here are pure:
+//! decoders and parsers, no HTTP and no kernel.
+
+pub mod cgroup_path;
+pub mod docker;
+pub mod ecs;
+pub mod kubelet;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    pin::Pin,
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use cgroup_path::{CgroupIdentity, CgroupKind, Owner};
+
+/// Everything a source knows about the node at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Inventory {
+    /// [`InventorySource::name`] of the source that produced it.
+    pub source: &'static str,
+    /// When the source's answer arrived.
+    pub fetched_at: SystemTime,
+    /// Node-level facts: ECS cluster and container instance, Kubernetes node name.
+    pub node: NodeInfo,
+    /// ECS tasks, Kubernetes pods or Compose projects.
+    pub tasks: Vec<Workload>,
+    /// Containers that belong to no task, pod or project (plain `docker run`).
+    pub standalone: Vec<Container>,
+}
+
+/// Facts about the node as the platform sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    /// ECS cluster name.
+    pub cluster: Option<String>,
+    /// ECS container instance ARN, or the Kubernetes node name.
+    pub instance: Option<String>,
+    /// Version of the agent that answered (ECS agent), for the start-up log.
+    pub agent_version: Option<String>,
+}
+
+/// What kind of group a [`Workload`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadKind {
+    EcsTask,
+    KubernetesPod,
+    /// Containers sharing a `com.docker.compose.project` label.
+    ComposeProject,
+}
+
+/// An ECS task, a Kubernetes pod or a Compose project, with its containers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Workload {
+    pub kind: WorkloadKind,
+    /// The key the cgroup paths use: ECS task id (the last ARN component), pod UID, or the
+    /// Compose project name.
+    pub id: String,
+    /// For people: "family:revision", "namespace/name", or the project name.
+    pub name: String,
+    /// Kubernetes namespace or ECS cluster.
+    pub namespace: Option<String>,
+    /// Pod labels; for ECS and Compose the labels are on the containers.
+    pub labels: BTreeMap<String, String>,
+    /// The direct owner as the platform reports it (a pod's controlling ReplicaSet, say).
+    pub owner: Option<OwnerRef>,
+    /// The top-level owner when it can be derived without more API calls (the Deployment
+    /// behind a ReplicaSet); otherwise the same as `owner`.
+    pub controller: Option<OwnerRef>,
+    /// Platform status string as reported ("RUNNING", "Running").
+    pub status: Option<String>,
+    pub network_mode: NetworkMode,
+    pub limits: Limits,
+    pub containers: Vec<Container>,
+    /// cgroups of this workload that no listed container claims: the task or pod cgroup itself,
+    /// sandbox (pause) containers the API does not list, CRI-O's conmon.
+    pub cgroup_ids: Vec<u64>,
+}
+
+/// Kind and name of an owning object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OwnerRef {
+    pub kind: String,
+    pub name: String,
+}
+
+/// One container as the platform lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Container {
+    /// The runtime's id: 64 hex digits for Docker, containerd and CRI-O.
+    pub id: String,
+    pub name: String,
+    pub runtime: Runtime,
+    pub image: Option<String>,
+    pub network_mode: NetworkMode,
+    pub limits: Limits,
+    pub labels: BTreeMap<String, String>,
+    /// cgroup v2 ids of this container: usually one; CRI-O with crun adds a `container` child.
+    pub cgroup_ids: Vec<u64>,
+}
+
+/// The container runtime a container id belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Runtime {
+    #[serde(rename = "docker")]
+    Docker,
+    #[serde(rename = "containerd")]
+    Containerd,
+    #[serde(rename = "cri-o")]
+    CriO,
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+/// Whose network namespace a container or workload uses. It decides how traffic may be summed:
+/// containers sharing one namespace must not be counted once each.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode", content = "target")]
+pub enum NetworkMode {
+    /// Docker's default bridge (`default` or `bridge`).
+    Bridge,
+    /// The host's namespace.
+    Host,
+    /// No network.
+    None,
+    /// Another container's namespace (`container:<id>`; ECS awsvpc app containers).
+    Container(String),
+    /// A user-defined Docker network, by name: a namespace of its own on that network.
+    Network(String),
+    /// ECS awsvpc: one namespace per task, owned by the pause container.
+    Awsvpc,
+    /// A Kubernetes pod's own namespace, shared by its containers.
+    Pod,
+    /// The source did not say.
+    #[default]
+    Unknown,
+}
+
+/// Resource limits. None means no limit, or none the source reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Limits {
+    /// CPU in cores (1.0 = one core).
+    pub cpu_cores: Option<f64>,
+    pub memory_bytes: Option<u64>,
+}
+
+impl Inventory {
+    /// An inventory with nothing in it, from `source`, now.
+    pub fn empty(source: &'static str) -> Self {
+        Self {
+            source,
+            fetched_at: SystemTime::now(),
+            node: NodeInfo::default(),
+            tasks: Vec::new(),
+            standalone: Vec::new(),
+        }
+    }
+
+    /// Attributes cgroups (v2 id, path relative to the v2 root) to the containers and workloads
+    /// of this inventory, replacing earlier attributions.
+    ///
+    /// A container cgroup goes to the listed container with that id; a cgroup under a task or
+    /// pod that no listed container claims goes to the workload itself. Returns the cgroups that
+    /// look like a container or a task/pod but matched nothing: the inventory is older than
+    /// they are, so the caller should refresh it.
+    pub fn attach_cgroups<'a>(
+        &mut self,
+        cgroups: impl IntoIterator<Item = (u64, &'a str)>,
+    ) -> Vec<Unmatched> {
+        // Indices into self.tasks / containers, so the borrow ends before the updates.
+        let mut by_container: HashMap<&str, (Option<usize>, usize)> = HashMap::new();
+        let mut by_owner: HashMap<(WorkloadKind, &str), usize> = HashMap::new();
+        for (t, task) in self.tasks.iter().enumerate() {
+            by_owner.insert((task.kind, task.id.as_str()), t);
+            for (c, container) in task.containers.iter().enumerate() {
+                by_container.insert(container.id.as_str(), (Some(t), c));
+            }
+        }
+        for (c, container) in self.standalone.iter().enumerate() {
+            by_container.insert(container.id.as_str(), (None, c));
+        }
+
+        enum Target {
+            Container(Option<usize>, usize),
+            Workload(usize),
+        }
+        let mut targets = Vec::new();
+        let mut unmatched = Vec::new();
+        for (cgroup_id, path) in cgroups {
+            let identity = CgroupIdentity::parse(path);
+            let container = match &identity.kind {
+                CgroupKind::Container { id, .. } => by_container.get(id.as_str()).copied(),
+                _ => None,
+            };
+            let owner = identity.owner.as_ref().and_then(|owner| {
+                let key = match owner {
+                    Owner::EcsTask { task_id } => (WorkloadKind::EcsTask, task_id.as_str()),
+                    Owner::KubernetesPod { uid, .. } => (WorkloadKind::KubernetesPod, uid.as_str()),
+                };
+                by_owner.get(&key).copied()
+            });
+            match (container, owner) {
+                (Some((t, c)), _) => targets.push((cgroup_id, Target::Container(t, c))),
+                (None, Some(t)) => targets.push((cgroup_id, Target::Workload(t))),
+                (None, None) => {
+                    let looks_known = identity.owner.is_some()
+                        || matches!(identity.kind, CgroupKind::Container { .. });
+                    if looks_known {
+                        unmatched.push(Unmatched {
+                            cgroup_id,
+                            identity,
+                        });
+                    }
+                }
+            }
+        }
+
+        for task in &mut self.tasks {
+            task.cgroup_ids.clear();
+            task.containers
+                .iter_mut()
+                .for_each(|c| c.cgroup_ids.clear());
+        }
+        self.standalone
+            .iter_mut()
+            .for_each(|c| c.cgroup_ids.clear());
+        for (cgroup_id, target) in targets {
+            match target {
+                Target::Container(Some(t), c) => {
+                    self.tasks[t].containers[c].cgroup_ids.push(cgroup_id)
+                }
+                Target::Container(None, c) => self.standalone[c].cgroup_ids.push(cgroup_id),
+                Target::Workload(t) => self.tasks[t].cgroup_ids.push(cgroup_id),
+            }
+        }
+        unmatched
+    }
+}
+
+/// A cgroup that looks like a container or a task/pod the inventory does not list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unmatched {
+    pub cgroup_id: u64,
+    pub identity: CgroupIdentity,
+}
+
+/// Why a source could not produce an inventory. The caller keeps the last good one.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url} did not answer within {after:?}")]
+    Timeout { url: String, after: Duration },
+    #[error("{url} answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url} returned a body that does not decode: {source}")]
+    Decode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The future an [`InventorySource`] returns: boxed so the trait stays object-safe and a
+/// `Box<dyn InventorySource>` can be chosen at start-up by `--platform`.
+pub type InventoryFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Inventory, SourceError>> + Send + 'a>>;
+
+/// One platform's way of listing what runs on this node (ECS agent, kubelet, Docker socket).
+///
+/// Implementations are `Send + Sync` and fetch on a tokio runtime; the caller applies the
+/// timeout and backoff and keeps the last good [`Inventory`] when `fetch` fails, so an
+/// implementation just tries once and says why it failed.
+///
+/// ```
+/// use observer::inventory::{Inventory, InventoryFuture, InventorySource};
+///
+/// struct Fixed;
+/// impl InventorySource for Fixed {
+///     fn name(&self) -> &'static str { "fixed" }
+///     fn fetch(&self) -> InventoryFuture<'_> {
+///         Box::pin(async { Ok(Inventory::empty("fixed")) })
+///     }
+/// }
+/// let source: Box<dyn InventorySource> = Box::new(Fixed);
+/// assert_eq!(source.name(), "fixed");
+/// ```
+pub trait InventorySource: Send + Sync {
+    /// Short name for logs and output: "ecs", "kubernetes", "docker", "none".
+    fn name(&self) -> &'static str;
+
+    /// Asks the platform once for the current inventory.
+    fn fetch(&self) -> InventoryFuture<'_>;
+}
+
+/// `--platform none`: cgroups only, no metadata.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoSource;
+
+impl InventorySource for NoSource {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+
+    fn fetch(&self) -> InventoryFuture<'_> {
+        Box::pin(async { Ok(Inventory::empty("none")) })
+    }
+}
+
+/// Deserializes JSON `null` as the type's default: Go encodes nil slices and maps as `null`.
+pub(crate) fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CID_A: &str = "5fc21e5b015f899d22618f8aede80b6d70d71b2a75465ea49d9462c8f3d2d3af";
+    const CID_B: &str = "ee08638adaaf009d78c248913f629e38299471d45fe7dc944d1039077e3424ca";
+    const PAUSE: &str = "598cba581fe3f939459eaba1e071d5c93bb2c49b7d1ba7db6bb19deeb70d8e38";
+    const LONE: &str = "73051af271105c07e1f493b34856a77e665e3b0b4fc72f76c807dfbffeb881bd";
+    const NEW: &str = "17db96a24ae1e9dd57143e62b1cb0d2d35e693c65c774c7470e87b0572e07c1a";
+    const TASK: &str = "8f03e41243824aea923aca126495f665";
+
+    fn container(id: &str) -> Container {
+        Container {
+            id: id.into(),
+            name: "app".into(),
+            runtime: Runtime::Docker,
+            image: None,
+            network_mode: NetworkMode::Unknown,
+            limits: Limits::default(),
+            labels: BTreeMap::new(),
+            cgroup_ids: vec![99],
+        }
+    }
+
+    fn inventory() -> Inventory {
+        let mut inv = Inventory::empty("test");
+        inv.tasks.push(Workload {
+            kind: WorkloadKind::EcsTask,
+            id: TASK.into(),
+            name: "web:12".into(),
+            namespace: None,
+            labels: BTreeMap::new(),
+            owner: None,
+            controller: None,
+            status: None,
+            network_mode: NetworkMode::Awsvpc,
+            limits: Limits::default(),
+            containers: vec![container(CID_A), container(CID_B)],
+            cgroup_ids: vec![98],
+        });
+        inv.standalone.push(container(LONE));
+        inv
+    }
+
+    #[test]
+    fn cgroups_attach_to_containers_and_workloads() {
+        let mut inv = inventory();
+        let a = format!("/ecs/{TASK}/{CID_A}");
+        let b = format!("/ecs/{TASK}/{CID_B}");
+        let pause = format!("/ecs/{TASK}/{PAUSE}");
+        let task = format!("/ecs/{TASK}");
+        let lone = format!("/docker/{LONE}");
+        let new = format!("/docker/{NEW}");
+        let other_task = format!("/ecs/{}/{NEW}", "0".repeat(32));
+        let unmatched = inv.attach_cgroups([
+            (1, a.as_str()),
+            (2, b.as_str()),
+            (3, pause.as_str()),
+            (4, task.as_str()),
+            (5, lone.as_str()),
+            (6, new.as_str()),
+            (7, "/system.slice/sshd.service"),
+            (8, other_task.as_str()),
+        ]);
+        let task = &inv.tasks[0];
+        assert_eq!(task.containers[0].cgroup_ids, [1]);
+        assert_eq!(task.containers[1].cgroup_ids, [2]);
+        assert_eq!(
+            task.cgroup_ids,
+            [3, 4],
+            "pause and the task cgroup go to the task"
+        );
+        assert_eq!(inv.standalone[0].cgroup_ids, [5]);
+        let ids: Vec<u64> = unmatched.iter().map(|u| u.cgroup_id).collect();
+        assert_eq!(
+            ids,
+            [6, 8],
+            "unknown containers and tasks ask for a refresh; plain ones do not"
+        );
+    }
+
+    #[tokio::test]
+    async fn sources_are_object_safe_and_run_on_tokio() {
+        let sources: Vec<Box<dyn InventorySource>> = vec![Box::new(NoSource)];
+        for source in &sources {
+            let inv = source.fetch().await.unwrap();
+            assert_eq!(inv.source, source.name());
+            assert!(inv.tasks.is_empty() && inv.standalone.is_empty());
+        }
+        // The future is Send, so it can be spawned.
+        let handle = tokio::spawn(async { NoSource.fetch().await.map(|i| i.source) });
+        assert_eq!(handle.await.unwrap().unwrap(), "none");
+    }
+
+    #[test]
+    fn network_modes_serialize_with_their_target() {
+        let json = serde_json::to_string(&NetworkMode::Container(PAUSE.into())).unwrap();
+        assert_eq!(
+            json,
+            format!(r#"{{"mode":"container","target":"{PAUSE}"}}"#)
+        );
+        assert_eq!(
+            serde_json::to_string(&NetworkMode::Host).unwrap(),
+            r#"{"mode":"host"}"#
+        );
+        assert_eq!(serde_json::to_string(&Runtime::CriO).unwrap(), r#""cri-o""#);
+    }
+}
