@@ -155,6 +155,11 @@ impl CgroupIndex {
         self.paths.get(&id).map(String::as_str)
     }
 
+    /// Every cgroup with its path.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.paths.iter().map(|(id, path)| (*id, path.as_str()))
+    }
+
     pub fn len(&self) -> usize {
         self.paths.len()
     }

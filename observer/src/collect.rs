@@ -49,6 +49,11 @@ impl Collector {
         }
     }
 
+    /// The cgroup v2 hierarchy as last walked.
+    pub fn index(&self) -> &CgroupIndex {
+        &self.index
+    }
+
     /// The map reader, for tests that check what the clean-up left in the map.
     pub fn reader_mut(&mut self) -> &mut TrafficReader {
         &mut self.reader
@@ -135,6 +140,8 @@ impl Collector {
             time: SystemTime::now(),
             interval: Default::default(),
             cgroups,
+            workloads: Vec::new(),
+            platform: None,
             health: Health {
                 map_entries: entries_left,
                 map_capacity: self.reader.capacity(),

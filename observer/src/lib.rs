@@ -15,6 +15,7 @@ pub mod run;
 pub mod sink;
 pub mod snapshot;
 pub mod traffic;
+pub mod workloads;
 
 /// The whole `observer` command: logging, arguments, runtime, exit status.
 pub fn main() -> std::process::ExitCode {

@@ -4,6 +4,8 @@ use std::time::{Duration, SystemTime};
 
 use observer_common::TrafficValue;
 
+use crate::workloads::WorkloadReport;
+
 /// Everything measured in one interval. Sinks read it; nothing writes it after it is made.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -12,7 +14,19 @@ pub struct Snapshot {
     /// Measured length of the interval (rates divide by this, not by the configured interval).
     pub interval: Duration,
     pub cgroups: Vec<CgroupTraffic>,
+    /// ECS tasks, pods, Compose projects and lone containers, when a platform is known.
+    pub workloads: Vec<WorkloadReport>,
+    pub platform: Option<PlatformStatus>,
     pub health: Health,
+}
+
+/// Where the workloads came from, and whether that source is answering.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlatformStatus {
+    /// "ecs", "kubernetes", "docker".
+    pub source: &'static str,
+    /// Set while the source fails: the workloads are the last good answer, from this time.
+    pub stale_since: Option<SystemTime>,
 }
 
 /// Traffic of one cgroup during the interval.

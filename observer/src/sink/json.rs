@@ -1,21 +1,17 @@
-//! JSON lines: one object per cgroup per interval, then one object about observer itself.
-//!
-//! Schema (docs/output.md has the full description):
-//! `{"type":"cgroup","time":"2026-11-23T08:00:00.000Z","interval_seconds":5.0,"cgroup_id":1234,
-//!   "cgroup_path":"/docker/<id>","rx_bytes":..,"rx_packets":..,"tx_bytes":..,"tx_packets":..,
-//!   "lo_rx_bytes":..,"lo_rx_packets":..,"lo_tx_bytes":..,"lo_tx_packets":..,
-//!   "rx_bytes_per_second":..,"tx_bytes_per_second":..,"lo_rx_bytes_per_second":..,
-//!   "lo_tx_bytes_per_second":..,"rx_packets_per_second":..,"tx_packets_per_second":..,
-//!   "lo_rx_packets_per_second":..,"lo_tx_packets_per_second":..}`
-//! `{"type":"observer","time":..,"interval_seconds":..,"cgroups":..,"map_entries":..,
-//!   "map_capacity":..,"map_full_drops":..}`
+//! JSON lines: per interval, one object per cgroup, one per task/pod (with its containers),
+//! then one about observer itself. docs/output.md describes every field.
 
 use std::io::Write;
 
+use observer_common::TrafficValue;
 use serde::Serialize;
 
 use super::{Sink, SinkError};
-use crate::snapshot::{per_second, CgroupTraffic, Snapshot};
+use crate::{
+    inventory::{NetworkMode, OwnerRef},
+    snapshot::{per_second, Snapshot},
+    workloads::{ContainerReport, ReportKind, Usage, WorkloadReport},
+};
 
 pub struct JsonSink<W: Write + Send> {
     out: W,
@@ -31,13 +27,10 @@ impl<W: Write + Send> JsonSink<W> {
     }
 }
 
+/// The eight counters of an interval with their per-second rates; flattened into every line
+/// that carries traffic.
 #[derive(Serialize)]
-struct CgroupLine<'a> {
-    r#type: &'static str,
-    time: &'a str,
-    interval_seconds: f64,
-    cgroup_id: u64,
-    cgroup_path: Option<&'a str>,
+struct TrafficFields {
     rx_bytes: u64,
     rx_packets: u64,
     tx_bytes: u64,
@@ -56,27 +49,10 @@ struct CgroupLine<'a> {
     lo_tx_packets_per_second: f64,
 }
 
-#[derive(Serialize)]
-struct ObserverLine<'a> {
-    r#type: &'static str,
-    time: &'a str,
-    interval_seconds: f64,
-    cgroups: usize,
-    map_entries: usize,
-    map_capacity: u32,
-    map_full_drops: u64,
-}
-
-impl<'a> CgroupLine<'a> {
-    fn new(time: &'a str, snapshot: &Snapshot, c: &'a CgroupTraffic) -> Self {
+impl TrafficFields {
+    fn new(d: &TrafficValue, snapshot: &Snapshot) -> Self {
         let rate = |n| per_second(n, snapshot.interval);
-        let d = &c.delta;
         Self {
-            r#type: "cgroup",
-            time,
-            interval_seconds: snapshot.interval.as_secs_f64(),
-            cgroup_id: c.cgroup_id,
-            cgroup_path: c.path.as_deref(),
             rx_bytes: d.rx.bytes,
             rx_packets: d.rx.packets,
             tx_bytes: d.tx.bytes,
@@ -97,6 +73,145 @@ impl<'a> CgroupLine<'a> {
     }
 }
 
+#[derive(Serialize)]
+struct UsageFields {
+    cpu_percent: Option<f64>,
+    cpu_limit_cores: Option<f64>,
+    memory_working_set_bytes: Option<u64>,
+    memory_limit_bytes: Option<u64>,
+}
+
+impl From<&Usage> for UsageFields {
+    fn from(u: &Usage) -> Self {
+        Self {
+            cpu_percent: u.cpu_percent,
+            cpu_limit_cores: u.cpu_limit_cores,
+            memory_working_set_bytes: u.memory_working_set,
+            memory_limit_bytes: u.memory_limit,
+        }
+    }
+}
+
+/// Common head of every line.
+#[derive(Serialize)]
+struct Head<'a> {
+    r#type: &'static str,
+    time: &'a str,
+    interval_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct CgroupLine<'a> {
+    #[serde(flatten)]
+    head: Head<'a>,
+    cgroup_id: u64,
+    cgroup_path: Option<&'a str>,
+    #[serde(flatten)]
+    traffic: TrafficFields,
+}
+
+#[derive(Serialize)]
+struct WorkloadLine<'a> {
+    #[serde(flatten)]
+    head: Head<'a>,
+    platform: Option<&'static str>,
+    stale: bool,
+    kind: ReportKind,
+    id: &'a str,
+    name: &'a str,
+    namespace: Option<&'a str>,
+    controller: Option<&'a OwnerRef>,
+    labels: &'a std::collections::BTreeMap<String, String>,
+    network_mode: String,
+    cgroup_ids: &'a [u64],
+    #[serde(flatten)]
+    traffic: TrafficFields,
+    #[serde(flatten)]
+    usage: UsageFields,
+    containers: Vec<ContainerLine<'a>>,
+}
+
+#[derive(Serialize)]
+struct ContainerLine<'a> {
+    id: &'a str,
+    name: &'a str,
+    image: Option<&'a str>,
+    network_mode: String,
+    cgroup_ids: &'a [u64],
+    #[serde(flatten)]
+    traffic: TrafficFields,
+    #[serde(flatten)]
+    usage: UsageFields,
+}
+
+#[derive(Serialize)]
+struct ObserverLine<'a> {
+    #[serde(flatten)]
+    head: Head<'a>,
+    cgroups: usize,
+    workloads: usize,
+    map_entries: usize,
+    map_capacity: u32,
+    map_full_drops: u64,
+}
+
+/// "bridge", "host", "awsvpc", "container:<id>", ...
+pub fn network_mode_name(mode: &NetworkMode) -> String {
+    match mode {
+        NetworkMode::Bridge => "bridge".into(),
+        NetworkMode::Host => "host".into(),
+        NetworkMode::None => "none".into(),
+        NetworkMode::Container(target) => format!("container:{target}"),
+        NetworkMode::Network(name) => name.clone(),
+        NetworkMode::Awsvpc => "awsvpc".into(),
+        NetworkMode::Pod => "pod".into(),
+        NetworkMode::Unknown => "unknown".into(),
+    }
+}
+
+impl<W: Write + Send> JsonSink<W> {
+    fn line(&mut self, value: &impl Serialize) -> Result<(), SinkError> {
+        serde_json::to_writer(&mut self.out, value)?;
+        self.out.write_all(b"\n")?;
+        Ok(())
+    }
+}
+
+fn container_line<'a>(c: &'a ContainerReport, snapshot: &Snapshot) -> ContainerLine<'a> {
+    ContainerLine {
+        id: &c.id,
+        name: &c.name,
+        image: c.image.as_deref(),
+        network_mode: network_mode_name(&c.network_mode),
+        cgroup_ids: &c.cgroup_ids,
+        traffic: TrafficFields::new(&c.traffic, snapshot),
+        usage: (&c.usage).into(),
+    }
+}
+
+fn workload_line<'a>(w: &'a WorkloadReport, time: &'a str, snapshot: &'a Snapshot) -> WorkloadLine<'a> {
+    WorkloadLine {
+        head: Head {
+            r#type: "task",
+            time,
+            interval_seconds: snapshot.interval.as_secs_f64(),
+        },
+        platform: snapshot.platform.as_ref().map(|p| p.source),
+        stale: snapshot.platform.as_ref().is_some_and(|p| p.stale_since.is_some()),
+        kind: w.kind,
+        id: &w.id,
+        name: &w.name,
+        namespace: w.namespace.as_deref(),
+        controller: w.controller.as_ref(),
+        labels: &w.labels,
+        network_mode: network_mode_name(&w.network_mode),
+        cgroup_ids: &w.cgroup_ids,
+        traffic: TrafficFields::new(&w.traffic, snapshot),
+        usage: (&w.usage).into(),
+        containers: w.containers.iter().map(|c| container_line(c, snapshot)).collect(),
+    }
+}
+
 impl<W: Write + Send> Sink for JsonSink<W> {
     fn name(&self) -> &'static str {
         "json"
@@ -104,24 +219,31 @@ impl<W: Write + Send> Sink for JsonSink<W> {
 
     fn emit(&mut self, snapshot: &Snapshot) -> Result<(), SinkError> {
         let time = humantime::format_rfc3339_millis(snapshot.time).to_string();
+        let head = |r#type| Head {
+            r#type,
+            time: &time,
+            interval_seconds: snapshot.interval.as_secs_f64(),
+        };
         for c in &snapshot.cgroups {
-            serde_json::to_writer(&mut self.out, &CgroupLine::new(&time, snapshot, c))?;
-            self.out.write_all(b"\n")?;
+            self.line(&CgroupLine {
+                head: head("cgroup"),
+                cgroup_id: c.cgroup_id,
+                cgroup_path: c.path.as_deref(),
+                traffic: TrafficFields::new(&c.delta, snapshot),
+            })?;
+        }
+        for w in &snapshot.workloads {
+            self.line(&workload_line(w, &time, snapshot))?;
         }
         let h = &snapshot.health;
-        serde_json::to_writer(
-            &mut self.out,
-            &ObserverLine {
-                r#type: "observer",
-                time: &time,
-                interval_seconds: snapshot.interval.as_secs_f64(),
-                cgroups: snapshot.cgroups.len(),
-                map_entries: h.map_entries,
-                map_capacity: h.map_capacity,
-                map_full_drops: h.map_full_drops,
-            },
-        )?;
-        self.out.write_all(b"\n")?;
+        self.line(&ObserverLine {
+            head: head("observer"),
+            cgroups: snapshot.cgroups.len(),
+            workloads: snapshot.workloads.len(),
+            map_entries: h.map_entries,
+            map_capacity: h.map_capacity,
+            map_full_drops: h.map_full_drops,
+        })?;
         self.out.flush()?;
         Ok(())
     }
@@ -129,17 +251,29 @@ impl<W: Write + Send> Sink for JsonSink<W> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
+    use std::{
+        collections::BTreeMap,
+        time::{Duration, UNIX_EPOCH},
+    };
 
-    use observer_common::{Counter, TrafficValue};
+    use observer_common::Counter;
     use serde_json::Value;
 
     use super::*;
-    use crate::snapshot::Health;
+    use crate::snapshot::{CgroupTraffic, Health, PlatformStatus};
 
-    #[test]
-    fn one_line_per_cgroup_then_one_for_observer() {
-        let snapshot = Snapshot {
+    fn lines(snapshot: &Snapshot) -> Vec<Value> {
+        let mut sink = JsonSink::new(Vec::new());
+        sink.emit(snapshot).unwrap();
+        String::from_utf8(sink.into_inner())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
             time: UNIX_EPOCH + Duration::from_secs(1_795_000_000),
             interval: Duration::from_secs(2),
             cgroups: vec![CgroupTraffic {
@@ -157,19 +291,19 @@ mod tests {
                     ..Default::default()
                 },
             }],
+            workloads: Vec::new(),
+            platform: None,
             health: Health {
                 map_entries: 3,
                 map_capacity: 16384,
                 map_full_drops: 0,
             },
-        };
-        let mut sink = JsonSink::new(Vec::new());
-        sink.emit(&snapshot).unwrap();
-        let text = String::from_utf8(sink.into_inner()).unwrap();
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        }
+    }
+
+    #[test]
+    fn one_line_per_cgroup_then_one_for_observer() {
+        let lines = lines(&snapshot());
         assert_eq!(lines.len(), 2);
         let c = &lines[0];
         assert_eq!(c["type"], "cgroup");
@@ -186,7 +320,69 @@ mod tests {
         let o = &lines[1];
         assert_eq!(o["type"], "observer");
         assert_eq!(o["cgroups"], 1);
+        assert_eq!(o["workloads"], 0);
         assert_eq!(o["map_capacity"], 16384);
         assert_eq!(o["map_full_drops"], 0);
+    }
+
+    #[test]
+    fn tasks_carry_their_containers_usage_and_staleness() {
+        let mut s = snapshot();
+        let traffic = TrafficValue {
+            rx: Counter {
+                bytes: 4000,
+                packets: 4,
+            },
+            ..Default::default()
+        };
+        s.platform = Some(PlatformStatus {
+            source: "ecs",
+            stale_since: Some(UNIX_EPOCH),
+        });
+        s.workloads = vec![WorkloadReport {
+            kind: ReportKind::EcsTask,
+            id: "8f03e41243824aea923aca126495f665".into(),
+            name: "web:12".into(),
+            namespace: None,
+            labels: BTreeMap::new(),
+            controller: None,
+            network_mode: NetworkMode::Awsvpc,
+            cgroup_ids: vec![7, 8],
+            traffic,
+            usage: Usage {
+                cpu_percent: Some(25.0),
+                cpu_limit_cores: Some(0.5),
+                memory_working_set: Some(1 << 20),
+                memory_limit: Some(512 << 20),
+            },
+            containers: vec![ContainerReport {
+                id: "c".repeat(64),
+                name: "app".into(),
+                image: Some("web:1.4".into()),
+                network_mode: NetworkMode::Container("p".into()),
+                cgroup_ids: vec![8],
+                traffic,
+                usage: Usage::default(),
+            }],
+        }];
+        let lines = lines(&s);
+        assert_eq!(lines.len(), 3);
+        let t = &lines[1];
+        assert_eq!(t["type"], "task");
+        assert_eq!(t["platform"], "ecs");
+        assert_eq!(t["stale"], true);
+        assert_eq!(t["kind"], "ecs_task");
+        assert_eq!(t["network_mode"], "awsvpc");
+        assert_eq!(t["rx_bytes"], 4000);
+        assert_eq!(t["rx_bytes_per_second"], 2000.0);
+        assert_eq!(t["cpu_percent"], 25.0);
+        assert_eq!(t["memory_limit_bytes"], 512u64 << 20);
+        assert_eq!(t["cgroup_ids"], serde_json::json!([7, 8]));
+        let c = &t["containers"][0];
+        assert_eq!(c["name"], "app");
+        assert_eq!(c["network_mode"], "container:p");
+        assert_eq!(c["rx_bytes"], 4000);
+        assert_eq!(c["cpu_percent"], Value::Null);
+        assert_eq!(lines[2]["workloads"], 1);
     }
 }

@@ -1,0 +1,385 @@
+//! The join: cgroup ids -> containers -> ECS tasks, Kubernetes pods or Compose projects, with
+//! each container's traffic, CPU and memory, and each workload's sums.
+//!
+//! A workload's traffic is the sum over the union of its cgroups, each counted once: the
+//! containers of an awsvpc task or a pod share one network namespace, but every socket belongs
+//! to exactly one cgroup, so nothing is counted twice.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
+
+use observer_common::TrafficValue;
+use serde::Serialize;
+
+use crate::{
+    delta::accumulate,
+    inventory::{Container, Inventory, NetworkMode, OwnerRef, Workload, WorkloadKind},
+    resources::{cpu_percent, CgroupFs},
+};
+
+/// What a workload is, for reports. Containers that belong to no task, pod or Compose project
+/// are reported as workloads of their own (`Container`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportKind {
+    EcsTask,
+    KubernetesPod,
+    ComposeProject,
+    Container,
+}
+
+impl From<WorkloadKind> for ReportKind {
+    fn from(kind: WorkloadKind) -> Self {
+        match kind {
+            WorkloadKind::EcsTask => Self::EcsTask,
+            WorkloadKind::KubernetesPod => Self::KubernetesPod,
+            WorkloadKind::ComposeProject => Self::ComposeProject,
+        }
+    }
+}
+
+/// CPU and memory of one cgroup during the interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// Percent of one core (100 = one core busy for the whole interval).
+    pub cpu_percent: Option<f64>,
+    pub cpu_limit_cores: Option<f64>,
+    /// Usage without inactive page cache.
+    pub memory_working_set: Option<u64>,
+    pub memory_limit: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerReport {
+    pub id: String,
+    pub name: String,
+    pub image: Option<String>,
+    pub network_mode: NetworkMode,
+    pub cgroup_ids: Vec<u64>,
+    pub traffic: TrafficValue,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadReport {
+    pub kind: ReportKind,
+    pub id: String,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub controller: Option<OwnerRef>,
+    pub network_mode: NetworkMode,
+    /// Every cgroup of the workload (its containers' and its own, such as a pause container
+    /// no API lists), each once.
+    pub cgroup_ids: Vec<u64>,
+    pub traffic: TrafficValue,
+    /// Sums over the containers; limits are the workload's own when the platform sets one.
+    pub usage: Usage,
+    pub containers: Vec<ContainerReport>,
+}
+
+/// Host facts used as the last fallback for limits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Host {
+    pub cpus: Option<usize>,
+    pub memory: Option<u64>,
+}
+
+/// Reads CPU and memory per container and keeps the previous CPU sample of each.
+pub struct Joiner {
+    fs: CgroupFs,
+    host: Host,
+    cpu_before: HashMap<String, (Duration, Instant)>,
+}
+
+impl Joiner {
+    pub fn new(fs: CgroupFs, host: Host) -> Self {
+        Self {
+            fs,
+            host,
+            cpu_before: HashMap::new(),
+        }
+    }
+
+    /// One report per workload of `inventory` (whose cgroups were attached already).
+    /// `paths` names cgroup ids; `traffic` holds this interval's delta per cgroup id.
+    pub fn join(
+        &mut self,
+        inventory: &Inventory,
+        paths: &dyn Fn(u64) -> Option<String>,
+        traffic: &HashMap<u64, TrafficValue>,
+        now: Instant,
+    ) -> Vec<WorkloadReport> {
+        let mut seen = Vec::new();
+        let mut reports = Vec::with_capacity(inventory.tasks.len() + inventory.standalone.len());
+        for workload in &inventory.tasks {
+            let usages: Vec<Usage> = workload
+                .containers
+                .iter()
+                .map(|c| {
+                    seen.push(c.id.clone());
+                    self.usage(c, workload, paths, now)
+                })
+                .collect();
+            reports.push(report(workload, &usages, traffic));
+        }
+        for container in &inventory.standalone {
+            seen.push(container.id.clone());
+            let alone = Workload::alone(container);
+            let usage = self.usage(container, &alone, paths, now);
+            let mut r = report(&alone, &[usage], traffic);
+            r.kind = ReportKind::Container;
+            reports.push(r);
+        }
+        // Containers that are gone take their CPU sample with them.
+        let seen: BTreeSet<&String> = seen.iter().collect();
+        self.cpu_before.retain(|id, _| seen.contains(id));
+        reports
+    }
+
+    fn usage(
+        &mut self,
+        container: &Container,
+        workload: &Workload,
+        paths: &dyn Fn(u64) -> Option<String>,
+        now: Instant,
+    ) -> Usage {
+        // The container's own cgroup is the shortest of its paths (deeper ones are children).
+        let Some(path) = container
+            .cgroup_ids
+            .iter()
+            .filter_map(|id| paths(*id))
+            .min_by_key(String::len)
+        else {
+            return Usage::default();
+        };
+        let read = self.fs.read(&path);
+        let cpu_percent = read.cpu_usage.and_then(|usage| {
+            let before = self.cpu_before.insert(container.id.clone(), (usage, now));
+            before.and_then(|(prev, at)| cpu_percent(prev, usage, now.saturating_duration_since(at)))
+        });
+        Usage {
+            cpu_percent,
+            cpu_limit_cores: container
+                .limits
+                .cpu_cores
+                .or(read.cpu_limit_cores)
+                .or(workload.limits.cpu_cores)
+                .or(self.host.cpus.map(|n| n as f64)),
+            memory_working_set: read.memory_working_set,
+            memory_limit: container
+                .limits
+                .memory_bytes
+                .or(read.memory_limit)
+                .or(workload.limits.memory_bytes)
+                .or(self.host.memory),
+        }
+    }
+}
+
+impl Workload {
+    /// A container that belongs to no workload, as a workload of one.
+    fn alone(container: &Container) -> Self {
+        Self {
+            kind: WorkloadKind::ComposeProject,
+            id: container.id.clone(),
+            name: container.name.clone(),
+            namespace: None,
+            labels: container.labels.clone(),
+            owner: None,
+            controller: None,
+            status: None,
+            network_mode: container.network_mode.clone(),
+            limits: container.limits,
+            containers: vec![container.clone()],
+            cgroup_ids: Vec::new(),
+        }
+    }
+}
+
+fn sum_traffic<'a>(ids: impl Iterator<Item = &'a u64>, traffic: &HashMap<u64, TrafficValue>) -> TrafficValue {
+    let mut total = TrafficValue::default();
+    for id in ids {
+        if let Some(t) = traffic.get(id) {
+            accumulate(&mut total, t);
+        }
+    }
+    total
+}
+
+fn add_opt<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// A workload's report from its containers' usage (in container order).
+pub fn report(workload: &Workload, usages: &[Usage], traffic: &HashMap<u64, TrafficValue>) -> WorkloadReport {
+    let mut all: BTreeSet<u64> = workload.cgroup_ids.iter().copied().collect();
+    let containers: Vec<ContainerReport> = workload
+        .containers
+        .iter()
+        .zip(usages.iter().copied().chain(std::iter::repeat(Usage::default())))
+        .map(|(c, usage)| {
+            all.extend(c.cgroup_ids.iter().copied());
+            ContainerReport {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                image: c.image.clone(),
+                network_mode: c.network_mode.clone(),
+                cgroup_ids: c.cgroup_ids.clone(),
+                traffic: sum_traffic(c.cgroup_ids.iter(), traffic),
+                usage,
+            }
+        })
+        .collect();
+    let usage = Usage {
+        cpu_percent: containers.iter().fold(None, |a, c| add_opt(a, c.usage.cpu_percent)),
+        cpu_limit_cores: workload.limits.cpu_cores,
+        memory_working_set: containers.iter().fold(None, |a, c| add_opt(a, c.usage.memory_working_set)),
+        memory_limit: workload.limits.memory_bytes,
+    };
+    WorkloadReport {
+        kind: workload.kind.into(),
+        id: workload.id.clone(),
+        name: workload.name.clone(),
+        namespace: workload.namespace.clone(),
+        labels: workload.labels.clone(),
+        controller: workload.controller.clone().or_else(|| workload.owner.clone()),
+        network_mode: workload.network_mode.clone(),
+        traffic: sum_traffic(all.iter(), traffic),
+        cgroup_ids: all.into_iter().collect(),
+        usage,
+        containers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use observer_common::Counter;
+
+    use super::*;
+    use crate::inventory::{Limits, Runtime};
+
+    fn container(id: &str, cgroups: &[u64]) -> Container {
+        Container {
+            id: id.into(),
+            name: format!("name-{id}"),
+            runtime: Runtime::Docker,
+            image: None,
+            network_mode: NetworkMode::Container("pause".into()),
+            limits: Limits::default(),
+            labels: BTreeMap::new(),
+            cgroup_ids: cgroups.to_vec(),
+        }
+    }
+
+    fn tx(bytes: u64) -> TrafficValue {
+        TrafficValue {
+            tx: Counter { bytes, packets: 1 },
+            ..Default::default()
+        }
+    }
+
+    fn task(containers: Vec<Container>, own: &[u64]) -> Workload {
+        Workload {
+            kind: WorkloadKind::EcsTask,
+            id: "8f03e41243824aea923aca126495f665".into(),
+            name: "web:12".into(),
+            namespace: None,
+            labels: BTreeMap::new(),
+            owner: None,
+            controller: None,
+            status: Some("RUNNING".into()),
+            network_mode: NetworkMode::Awsvpc,
+            limits: Limits {
+                cpu_cores: Some(0.5),
+                memory_bytes: Some(512 << 20),
+            },
+            containers,
+            cgroup_ids: own.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_task_sums_its_containers_and_its_own_cgroups_once() {
+        // Pause container cgroup 10 belongs to the task; app containers 11 and 12; 13 is
+        // a child cgroup of container 12.
+        let w = task(vec![container("a", &[11]), container("b", &[12, 13])], &[10]);
+        let traffic: HashMap<u64, TrafficValue> =
+            [(10, tx(100)), (11, tx(1000)), (12, tx(20)), (13, tx(3)), (99, tx(7777))].into();
+        let r = report(&w, &[], &traffic);
+        assert_eq!(r.traffic.tx.bytes, 1123, "each cgroup once, nothing of other workloads");
+        assert_eq!(r.traffic.tx.packets, 4);
+        assert_eq!(r.cgroup_ids, vec![10, 11, 12, 13]);
+        assert_eq!(r.containers[0].traffic.tx.bytes, 1000);
+        assert_eq!(r.containers[1].traffic.tx.bytes, 23);
+        assert_eq!(r.kind, ReportKind::EcsTask);
+    }
+
+    #[test]
+    fn a_cgroup_listed_twice_is_still_counted_once() {
+        let w = task(vec![container("a", &[11]), container("b", &[11])], &[11]);
+        let traffic: HashMap<u64, TrafficValue> = [(11, tx(500))].into();
+        assert_eq!(report(&w, &[], &traffic).traffic.tx.bytes, 500);
+    }
+
+    #[test]
+    fn usage_sums_what_is_known_and_limits_come_from_the_workload() {
+        let w = task(vec![container("a", &[11]), container("b", &[12])], &[]);
+        let usages = [
+            Usage {
+                cpu_percent: Some(12.5),
+                memory_working_set: Some(100),
+                ..Default::default()
+            },
+            Usage {
+                cpu_percent: None,
+                memory_working_set: Some(50),
+                ..Default::default()
+            },
+        ];
+        let r = report(&w, &usages, &HashMap::new());
+        assert_eq!(r.usage.cpu_percent, Some(12.5));
+        assert_eq!(r.usage.memory_working_set, Some(150));
+        assert_eq!(r.usage.cpu_limit_cores, Some(0.5));
+        assert_eq!(r.usage.memory_limit, Some(512 << 20));
+        assert_eq!(r.traffic, TrafficValue::default());
+    }
+
+    #[test]
+    fn limits_fall_back_from_container_to_cgroup_to_task_to_host() {
+        let dir = std::env::temp_dir().join(format!("observer-join-{}", std::process::id()));
+        // A v1-style memory hierarchy with a limit on /c2 only.
+        std::fs::create_dir_all(dir.join("memory/c1")).unwrap();
+        std::fs::create_dir_all(dir.join("memory/c2")).unwrap();
+        std::fs::write(dir.join("memory/c2/memory.limit_in_bytes"), "268435456\n").unwrap();
+        let fs = CgroupFs {
+            memory: Some(crate::resources::Hierarchy::at(dir.join("memory"))),
+            ..Default::default()
+        };
+        let host = Host {
+            cpus: Some(2),
+            memory: Some(8 << 30),
+        };
+        let mut joiner = Joiner::new(fs, host);
+        let mut c0 = container("c0", &[1]);
+        c0.limits.memory_bytes = Some(64 << 20);
+        let (c1, c2) = (container("c1", &[1]), container("c2", &[2]));
+        let paths = |id: u64| Some(if id == 1 { "/c1".to_owned() } else { "/c2".to_owned() });
+        let now = Instant::now();
+        let mut w = task(vec![], &[]);
+        assert_eq!(joiner.usage(&c0, &w, &paths, now).memory_limit, Some(64 << 20), "container");
+        assert_eq!(joiner.usage(&c2, &w, &paths, now).memory_limit, Some(256 << 20), "cgroup");
+        assert_eq!(joiner.usage(&c1, &w, &paths, now).memory_limit, Some(512 << 20), "task");
+        assert_eq!(joiner.usage(&c1, &w, &paths, now).cpu_limit_cores, Some(0.5));
+        w.limits = Limits::default();
+        let u = joiner.usage(&c1, &w, &paths, now);
+        assert_eq!((u.memory_limit, u.cpu_limit_cores), (Some(8 << 30), Some(2.0)), "host");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
