@@ -35,10 +35,14 @@ impl Counting {
 
     /// Everything counted for `cgroup` so far.
     fn of(&mut self, cgroup: &TestCgroup) -> TrafficValue {
+        self.of_id(cgroup.id())
+    }
+
+    fn of_id(&mut self, cgroup_id: u64) -> TrafficValue {
         let reading = self.reader.read().expect("read");
         let mut total = TrafficValue::default();
         for (key, value) in reading.entries {
-            if key.cgroup_id == cgroup.id() {
+            if key.cgroup_id == cgroup_id {
                 observer::delta::accumulate(&mut total, &value);
             }
         }
@@ -245,5 +249,44 @@ fn a_full_map_counts_what_it_drops() {
     assert!(
         reading.map_full > 0,
         "packets that found no room are counted as dropped"
+    );
+}
+
+#[test]
+fn a_process_outside_any_container_is_counted_under_its_own_cgroup() {
+    if skip_unless_root("a_process_outside_any_container_is_counted_under_its_own_cgroup") {
+        return;
+    }
+    // This test process, wherever the runner put it (often the root cgroup), is the sender.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line")
+        .to_owned();
+    let own_id = observer::cgroupfs::cgroup_id(&testbed::v2_root().join(rel.trim_start_matches('/')))
+        .unwrap();
+    let mut counting = Counting::attach();
+    let receiver = TestCgroup::new("host-rx").unwrap();
+    let mut rx = Spawned::start(&trafficgen(), &["udp-recv", "127.0.0.1:0", "250"], at(&receiver)).unwrap();
+    let addr = rx.expect("ready ").unwrap();
+    let before = counting.of_id(own_id);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..250 {
+        socket.send_to(&[7u8; 300], &addr).unwrap();
+    }
+    assert_eq!(rx.expect("received ").unwrap(), format!("250 {}", 250 * 300));
+    rx.wait(Duration::from_secs(10)).unwrap();
+    let after = counting.of_id(own_id);
+
+    let expected = udp(250, 300);
+    assert_eq!(counting.of(&receiver).lo_rx, expected, "receiver: exact");
+    // Other threads of this test binary may send too, never less than ours.
+    assert!(
+        after.lo_tx.bytes - before.lo_tx.bytes >= expected.bytes
+            && after.lo_tx.packets - before.lo_tx.packets >= expected.packets,
+        "sender cgroup {rel} ({own_id}) counted {:?} -> {:?}",
+        before.lo_tx,
+        after.lo_tx
     );
 }
