@@ -8,6 +8,7 @@ pub mod collect;
 pub mod config;
 pub mod delta;
 pub mod inventory;
+pub mod mackerel;
 pub mod preflight;
 pub mod programs;
 pub mod resources;

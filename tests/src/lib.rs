@@ -3,6 +3,7 @@
 //! made when dropped, so a failing test leaves nothing behind.
 
 pub mod cgroup;
+pub mod fake_mackerel;
 pub mod netns;
 pub mod observer_cmd;
 pub mod process;

@@ -1,0 +1,243 @@
+//! Mackerel output: one Mackerel host per ECS task or Kubernetes pod, with the container
+//! agent's metric names, so its dashboards and monitors keep working.
+//!
+//! Each interval the caller hands a [`model::IntervalReport`] (every live task with its
+//! containers' values) to [`sink::MackerelReporter::report`], which never blocks. A tokio task
+//! owns the rest: [`hosts`] decides which host to find, create, update or retire, [`names`]
+//! turns values into metric names, [`buffer`] keeps them until the API has taken them, and
+//! [`client`] makes the calls.
+//!
+//! The inventory (tasks and pods with their containers) feeds it; `run.rs` is to build the
+//! reports from the inventory and the interval's snapshot, since [`crate::snapshot::Snapshot`]
+//! alone knows cgroups, not tasks.
+
+pub mod buffer;
+pub mod client;
+pub mod hosts;
+pub mod model;
+pub mod names;
+pub mod sink;
+
+use std::{path::PathBuf, time::Duration};
+
+pub use client::{ApiError, ApiKey, DEFAULT_API_BASE};
+pub use model::{
+    CloudMeta, ContainerMetrics, HostIdentity, HostMeta, HostReport, IntervalReport, Roles,
+};
+pub use sink::{MackerelReporter, ShutdownSummary};
+
+/// Everything the reporter needs. [`MackerelConfig::new`] has the defaults; the fields can be
+/// changed before [`MackerelReporter::start`].
+#[derive(Debug, Clone)]
+pub struct MackerelConfig {
+    pub api_key: ApiKey,
+    /// e.g. `https://api.mackerelio.com`.
+    pub api_base: String,
+    /// `MACKEREL_ROLES`: given to every host, with the roles of the task's own label.
+    pub roles: Roles,
+    /// A task missing from the reports for this long has its host retired.
+    pub retire_after: Duration,
+    /// Per request, connection included.
+    pub request_timeout: Duration,
+    /// Span of data kept while the API cannot take it; older values are dropped.
+    pub max_age: Duration,
+    /// Values per POST /api/v0/tsdb.
+    pub batch_size: usize,
+    /// First pause after the API was unavailable; it doubles up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Pause before asking again about a host whose request the API refused (4xx).
+    pub refused_retry: Duration,
+    /// Also post the `custom.observer.*` series (loopback bytes, packets) and their graphs.
+    /// Each container adds 4 of them to the 6 the container agent's names take.
+    pub custom_series: bool,
+}
+
+/// Where the settings come from: flags or environment, as the caller read them.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// `MACKEREL_APIKEY`.
+    pub api_key: Option<String>,
+    /// `--mackerel-api-key-file`.
+    pub api_key_file: Option<PathBuf>,
+    /// `--mackerel-api-base` / `MACKEREL_APIBASE`.
+    pub api_base: Option<String>,
+    /// `MACKEREL_ROLES`.
+    pub roles: Option<String>,
+    /// `--retire-after`; default [`hosts::DEFAULT_RETIRE_AFTER_INTERVALS`] intervals.
+    pub retire_after: Option<Duration>,
+}
+
+/// Settings that cannot work. None of the messages quotes the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "give the Mackerel API key once: MACKEREL_APIKEY or --mackerel-api-key-file, not both"
+    )]
+    TwoKeys,
+    #[error("reading the Mackerel API key file {path}: {source}")]
+    KeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Key(#[from] client::KeyError),
+    #[error("MACKEREL_ROLES: {0}")]
+    Roles(#[from] model::RolesError),
+}
+
+impl MackerelConfig {
+    /// Defaults for reporting every `interval`.
+    pub fn new(api_key: ApiKey, interval: Duration) -> Self {
+        Self {
+            api_key,
+            api_base: DEFAULT_API_BASE.to_string(),
+            roles: Roles::default(),
+            retire_after: interval * hosts::DEFAULT_RETIRE_AFTER_INTERVALS,
+            request_timeout: Duration::from_secs(30),
+            max_age: buffer::DEFAULT_MAX_AGE,
+            batch_size: buffer::DEFAULT_BATCH_SIZE,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            refused_retry: hosts::DEFAULT_REFUSED_RETRY,
+            custom_series: true,
+        }
+    }
+
+    /// The configuration, or None (said once, at info level) when no key is given: the
+    /// Mackerel output is then off.
+    pub fn from_sources(sources: Sources, interval: Duration) -> Result<Option<Self>, ConfigError> {
+        let key = match (
+            sources.api_key.filter(|k| !k.trim().is_empty()),
+            sources.api_key_file,
+        ) {
+            (Some(_), Some(_)) => return Err(ConfigError::TwoKeys),
+            (Some(key), None) => ApiKey::new(&key)?,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::KeyFile { path, source })?;
+                ApiKey::new(&text)?
+            }
+            (None, None) => {
+                log::info!("Mackerel output off: no MACKEREL_APIKEY or --mackerel-api-key-file");
+                return Ok(None);
+            }
+        };
+        let mut config = Self::new(key, interval);
+        if let Some(base) = sources.api_base.filter(|b| !b.trim().is_empty()) {
+            config.api_base = base.trim().to_string();
+        }
+        if let Some(roles) = sources.roles {
+            config.roles = Roles::parse(&roles)?;
+        }
+        if let Some(after) = sources.retire_after {
+            config.retire_after = after;
+        }
+        Ok(Some(config))
+    }
+
+    /// [`Self::from_sources`] with `MACKEREL_APIKEY`, `MACKEREL_APIBASE` and `MACKEREL_ROLES`
+    /// from the environment.
+    pub fn from_env(interval: Duration) -> Result<Option<Self>, ConfigError> {
+        let var = |name| std::env::var(name).ok();
+        Self::from_sources(
+            Sources {
+                api_key: var("MACKEREL_APIKEY"),
+                api_base: var("MACKEREL_APIBASE"),
+                roles: var("MACKEREL_ROLES"),
+                ..Sources::default()
+            },
+            interval,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const I: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn no_key_means_off() {
+        assert!(MackerelConfig::from_sources(Sources::default(), I)
+            .unwrap()
+            .is_none());
+        let blank = Sources {
+            api_key: Some("  ".into()),
+            ..Sources::default()
+        };
+        assert!(MackerelConfig::from_sources(blank, I).unwrap().is_none());
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let sources = Sources {
+            api_key: Some("k3y".into()),
+            roles: Some("svc:app".into()),
+            ..Sources::default()
+        };
+        let c = MackerelConfig::from_sources(sources, I).unwrap().unwrap();
+        assert_eq!(c.api_base, DEFAULT_API_BASE);
+        assert_eq!(c.retire_after, 2 * I);
+        assert_eq!(c.roles.as_slice(), ["svc:app"]);
+        assert_eq!(c.max_age, Duration::from_secs(6 * 3600));
+        assert!(!format!("{c:?}").contains("k3y"));
+
+        let sources = Sources {
+            api_key: Some("k3y".into()),
+            api_base: Some("http://127.0.0.1:9".into()),
+            retire_after: Some(Duration::from_secs(5)),
+            ..Sources::default()
+        };
+        let c = MackerelConfig::from_sources(sources, I).unwrap().unwrap();
+        assert_eq!(c.api_base, "http://127.0.0.1:9");
+        assert_eq!(c.retire_after, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn key_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("observer-mackerel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let sources = Sources {
+            api_key_file: Some(path.clone()),
+            ..Sources::default()
+        };
+        let c = MackerelConfig::from_sources(sources, I).unwrap().unwrap();
+        assert_eq!(c.api_key, ApiKey::new("s3cret").unwrap());
+        let both = Sources {
+            api_key: Some("x".into()),
+            api_key_file: Some(path),
+            ..Sources::default()
+        };
+        assert!(matches!(
+            MackerelConfig::from_sources(both, I),
+            Err(ConfigError::TwoKeys)
+        ));
+        let missing = Sources {
+            api_key_file: Some(dir.join("missing")),
+            ..Sources::default()
+        };
+        let err = MackerelConfig::from_sources(missing, I)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_roles_are_an_error_naming_them() {
+        let sources = Sources {
+            api_key: Some("k".into()),
+            roles: Some("svc:app,oops".into()),
+            ..Sources::default()
+        };
+        let err = MackerelConfig::from_sources(sources, I)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("MACKEREL_ROLES: "), "{err}");
+        assert!(err.contains("\"oops\""), "{err}");
+    }
+}

@@ -1,0 +1,337 @@
+//! What the Mackerel reporter is given each interval: one [`HostReport`] per live ECS task or
+//! Kubernetes pod, as plain data. The inventory fills these in; nothing here talks to the API.
+
+use std::{fmt, time::SystemTime};
+
+use serde::Serialize;
+
+/// All live tasks/pods of one interval. A task missing from it counts as gone (see
+/// [`super::hosts`]), so every report must list every live task, not only the changed ones,
+/// and an interval whose inventory could not be read should not be reported at all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntervalReport {
+    /// When the interval ended: every value of the interval is posted with this time, as the
+    /// container agent does.
+    pub time: SystemTime,
+    pub hosts: Vec<HostReport>,
+}
+
+/// One task or pod: which Mackerel host it is, what to register, and its containers' values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostReport {
+    pub identity: HostIdentity,
+    pub meta: HostMeta,
+    /// Raw value of the task's `mackerel.io/roles` Docker label or pod annotation, if any;
+    /// merged with the configured `MACKEREL_ROLES` by the reporter.
+    pub roles_label: Option<String>,
+    pub containers: Vec<ContainerMetrics>,
+}
+
+/// A host's name and its customIdentifier, the key observer finds it by after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostIdentity {
+    pub name: String,
+    pub custom_identifier: String,
+}
+
+/// Why a host identity could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0:?} is not an ECS task ARN (arn:aws:ecs:<region>:<account>:task/...)")]
+    NotATaskArn(String),
+    #[error("a Kubernetes pod needs a name and a uid (got name {name:?}, uid {uid:?})")]
+    IncompletePod { name: String, uid: String },
+}
+
+impl HostIdentity {
+    /// ECS: name = task id (last part of the ARN), customIdentifier = the task ARN.
+    pub fn ecs(task_arn: &str) -> Result<Self, IdentityError> {
+        let bad = || IdentityError::NotATaskArn(task_arn.to_string());
+        let (prefix, resource) = task_arn.split_once(":task/").ok_or_else(bad)?;
+        // Both ARN forms end in the id: task/<id> (old) and task/<cluster>/<id>.
+        let id = resource.rsplit('/').next().unwrap_or_default();
+        if !prefix.starts_with("arn:") || id.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self {
+            name: id.to_string(),
+            custom_identifier: task_arn.to_string(),
+        })
+    }
+
+    /// Kubernetes: name = pod name, customIdentifier = `<pod uid>.kubernetes`, as the container
+    /// agent registers pods, so hosts and dashboards made by it keep working.
+    pub fn kubernetes(pod_name: &str, pod_uid: &str) -> Result<Self, IdentityError> {
+        if pod_name.is_empty() || pod_uid.is_empty() {
+            return Err(IdentityError::IncompletePod {
+                name: pod_name.to_string(),
+                uid: pod_uid.to_string(),
+            });
+        }
+        Ok(Self {
+            name: pod_name.to_string(),
+            custom_identifier: format!("{pod_uid}.kubernetes"),
+        })
+    }
+}
+
+/// The host's `meta` object as registered (create and update).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostMeta {
+    #[serde(rename = "agent-name")]
+    pub agent_name: String,
+    #[serde(rename = "agent-version")]
+    pub agent_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<CloudMeta>,
+}
+
+impl HostMeta {
+    /// observer's own agent name and version, with the task's or pod's cloud metadata.
+    pub fn observer(cloud: Option<CloudMeta>) -> Self {
+        let version = env!("CARGO_PKG_VERSION");
+        Self {
+            agent_name: format!("observer/{version}"),
+            agent_version: version.to_string(),
+            cloud,
+        }
+    }
+}
+
+/// `meta.cloud`: the provider and the task or pod as the platform describes it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CloudMeta {
+    pub provider: String,
+    pub metadata: serde_json::Value,
+}
+
+impl CloudMeta {
+    pub fn ecs(metadata: serde_json::Value) -> Self {
+        Self {
+            provider: "ecs".to_string(),
+            metadata,
+        }
+    }
+
+    pub fn kubernetes(metadata: serde_json::Value) -> Self {
+        Self {
+            provider: "kubernetes".to_string(),
+            metadata,
+        }
+    }
+}
+
+/// One container's values over the interval. None = not known this interval (the value is
+/// then not posted, rather than posted as 0).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ContainerMetrics {
+    /// The container's name as the platform shows it (sanitised for metric names later).
+    pub name: String,
+    /// CPU used, in % of one core (100 = one core busy).
+    pub cpu_percent: Option<f64>,
+    /// CPU limit in % of one core.
+    pub cpu_limit_percent: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    /// Bytes per second received and sent, loopback excluded.
+    pub rx_bytes_per_sec: f64,
+    pub tx_bytes_per_sec: f64,
+    /// Loopback bytes per second.
+    pub lo_rx_bytes_per_sec: f64,
+    pub lo_tx_bytes_per_sec: f64,
+    /// Packets per second received and sent, loopback excluded.
+    pub rx_packets_per_sec: f64,
+    pub tx_packets_per_sec: f64,
+}
+
+/// Role full names (`service:role`), validated, without duplicates, in the order given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Roles(Vec<String>);
+
+/// A `service:role` entry that Mackerel would refuse, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRole {
+    pub entry: String,
+    pub reason: &'static str,
+}
+
+/// Entries of a roles list that are not `service:role` with Mackerel's characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad role entries (expected service:role,service2:role2 with names of 2 or more of A-Z a-z 0-9 _ -, starting with a letter or digit): {}", list(.0))]
+pub struct RolesError(pub Vec<BadRole>);
+
+fn list(bad: &[BadRole]) -> String {
+    bad.iter()
+        .map(|b| format!("{:?} ({})", b.entry, b.reason))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Roles {
+    /// Parses `service:role,service2:role2` strictly: any bad entry is an error naming each
+    /// of them. Blank entries (a trailing comma) are ignored.
+    pub fn parse(s: &str) -> Result<Self, RolesError> {
+        let (roles, bad) = Self::parse_lenient(s);
+        if bad.is_empty() {
+            Ok(roles)
+        } else {
+            Err(RolesError(bad))
+        }
+    }
+
+    /// Parses what it can: the good entries, and the bad ones for the caller to report.
+    pub fn parse_lenient(s: &str) -> (Self, Vec<BadRole>) {
+        let mut roles = Self::default();
+        let mut bad = Vec::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            match check_role(entry) {
+                Ok(()) => roles.push(entry),
+                Err(reason) => bad.push(BadRole {
+                    entry: entry.to_string(),
+                    reason,
+                }),
+            }
+        }
+        (roles, bad)
+    }
+
+    /// These roles followed by those of `other` that are not already here.
+    pub fn merged(&self, other: &Roles) -> Roles {
+        let mut out = self.clone();
+        for r in &other.0 {
+            out.push(r);
+        }
+        out
+    }
+
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn push(&mut self, role: &str) {
+        if !self.0.iter().any(|r| r == role) {
+            self.0.push(role.to_string());
+        }
+    }
+}
+
+impl fmt::Display for Roles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+/// Mackerel's rule for service and role names: `^[A-Za-z0-9][A-Za-z0-9_-]+$`.
+fn check_role(entry: &str) -> Result<(), &'static str> {
+    let Some((service, role)) = entry.split_once(':') else {
+        return Err("no ':' between service and role");
+    };
+    if !valid_name(service) {
+        return Err("bad service name");
+    }
+    if !valid_name(role) {
+        return Err("bad role name");
+    }
+    Ok(())
+}
+
+fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    first_ok && s.len() >= 2 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ecs_identity_is_task_id_and_arn() {
+        let arn =
+            "arn:aws:ecs:ap-northeast-1:999999999999:task/prod/0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d";
+        let id = HostIdentity::ecs(arn).unwrap();
+        assert_eq!(id.name, "0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d");
+        assert_eq!(id.custom_identifier, arn);
+        // The old ARN format has no cluster part.
+        let old = "arn:aws:ecs:us-east-1:012345678910:task/c5cba4eb-5dad-405e-96db-71ef8eefe6a8";
+        assert_eq!(
+            HostIdentity::ecs(old).unwrap().name,
+            "c5cba4eb-5dad-405e-96db-71ef8eefe6a8"
+        );
+    }
+
+    #[test]
+    fn not_a_task_arn() {
+        for bad in [
+            "",
+            "0a1b2c3d",
+            "arn:aws:ecs:us-east-1:1:cluster/prod",
+            "arn:aws:ecs:us-east-1:1:task/prod/",
+            "task/prod/abc",
+        ] {
+            assert!(HostIdentity::ecs(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_identity_matches_the_container_agent() {
+        let id = HostIdentity::kubernetes("web-7d9c6b5f4-abcde", "8f1c-42").unwrap();
+        assert_eq!(id.name, "web-7d9c6b5f4-abcde");
+        assert_eq!(id.custom_identifier, "8f1c-42.kubernetes");
+        assert!(HostIdentity::kubernetes("", "uid").is_err());
+        assert!(HostIdentity::kubernetes("pod", "").is_err());
+    }
+
+    #[test]
+    fn meta_serialises_with_mackerel_keys() {
+        let meta = HostMeta::observer(Some(CloudMeta::ecs(serde_json::json!({"task": "t"}))));
+        let v = serde_json::to_value(&meta).unwrap();
+        assert_eq!(
+            v["agent-name"],
+            format!("observer/{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(v["agent-version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(v["cloud"]["provider"], "ecs");
+        assert_eq!(v["cloud"]["metadata"]["task"], "t");
+        let bare = serde_json::to_value(HostMeta::observer(None)).unwrap();
+        assert!(bare.get("cloud").is_none());
+    }
+
+    #[test]
+    fn roles_parse() {
+        let roles = Roles::parse(" My-Service:app , svc_2:db-1,My-Service:app,").unwrap();
+        assert_eq!(roles.as_slice(), ["My-Service:app", "svc_2:db-1"]);
+        assert!(Roles::parse("").unwrap().is_empty());
+        assert_eq!(roles.to_string(), "My-Service:app,svc_2:db-1");
+    }
+
+    #[test]
+    fn bad_roles_are_all_named() {
+        let err = Roles::parse("ok:fine,noseparator,-svc:role,svc:r,svc:ro le").unwrap_err();
+        let entries: Vec<_> = err.0.iter().map(|b| b.entry.as_str()).collect();
+        assert_eq!(entries, ["noseparator", "-svc:role", "svc:r", "svc:ro le"]);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("\"noseparator\" (no ':' between service and role)"),
+            "{msg}"
+        );
+        assert!(msg.contains("\"-svc:role\" (bad service name)"), "{msg}");
+        assert!(msg.contains("\"svc:r\" (bad role name)"), "{msg}");
+    }
+
+    #[test]
+    fn lenient_keeps_the_good_ones_and_merge_dedups() {
+        let (label, bad) = Roles::parse_lenient("web:app,bad,base:common");
+        assert_eq!(label.as_slice(), ["web:app", "base:common"]);
+        assert_eq!(bad.len(), 1);
+        let global = Roles::parse("base:common,base:node").unwrap();
+        assert_eq!(
+            global.merged(&label).as_slice(),
+            ["base:common", "base:node", "web:app"]
+        );
+    }
+}

@@ -1,0 +1,676 @@
+//! [`MackerelReporter`]: the interval loop's handle on a tokio task that owns the API client,
+//! the host table and the delivery buffer.
+//!
+//! It is not a [`crate::sink::Sink`]: a snapshot knows cgroups, not tasks, so `run.rs` builds
+//! an [`IntervalReport`] from the inventory and the snapshot and calls
+//! [`MackerelReporter::report`]; on SIGTERM it calls [`MackerelReporter::shutdown`].
+//!
+//! Each round the task posts buffered values (oldest first), then registers or updates hosts,
+//! posts again (the values of hosts just registered), posts the graph definitions once, and
+//! retires hosts of tasks gone for the grace period. A retryable failure (unreachable, 5xx,
+//! 429) pauses every call (exponential backoff, or the server's Retry-After); a refusal (other
+//! 4xx) is logged with the response body and costs only that host or that batch.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    ops::ControlFlow,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{
+    buffer::{Backoff, Batch, Buffer},
+    client::{ApiError, Client, ClientError, HostParam},
+    hosts::{Action, HostTable},
+    model::{HostReport, IntervalReport, Roles, RolesError},
+    names, MackerelConfig,
+};
+
+/// Handle on the Mackerel task. Dropping it stops the task without flushing; call
+/// [`Self::shutdown`] to flush first.
+#[derive(Debug)]
+pub struct MackerelReporter {
+    tx: mpsc::UnboundedSender<Command>,
+    /// The shutdown deadline, seen by a call under way too, so it cannot outlast the bound.
+    deadline: watch::Sender<Option<Instant>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What was left undone when the reporter stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownSummary {
+    /// Values not delivered.
+    pub unsent: usize,
+    /// Live tasks whose host was never registered.
+    pub unregistered: usize,
+}
+
+#[derive(Debug)]
+enum Command {
+    Report(IntervalReport),
+    Shutdown {
+        deadline: Instant,
+        done: oneshot::Sender<ShutdownSummary>,
+    },
+}
+
+impl MackerelReporter {
+    /// Starts the task on the current tokio runtime.
+    pub fn start(config: MackerelConfig) -> Result<Self, ClientError> {
+        let client = Client::new(
+            config.api_key.clone(),
+            &config.api_base,
+            config.request_timeout,
+        )?;
+        log::info!(
+            "Mackerel output to {}: one host per task or pod{}, retired {} after its task is gone",
+            client.base(),
+            if config.roles.is_empty() {
+                String::new()
+            } else {
+                format!(" in roles {}", config.roles)
+            },
+            humantime::format_duration(config.retire_after)
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (deadline, deadline_rx) = watch::channel(None);
+        let worker = Worker::new(client, config, rx, deadline_rx);
+        let task = tokio::spawn(worker.run());
+        Ok(Self { tx, deadline, task })
+    }
+
+    /// Hands over one interval: every live task or pod. Returns at once.
+    pub fn report(&self, report: IntervalReport) {
+        if self.tx.send(Command::Report(report)).is_err() {
+            log::error!("Mackerel: the reporting task has stopped; this interval is not sent");
+        }
+    }
+
+    /// Flushes what is buffered for at most `timeout`, then stops. Retires nothing: the tasks
+    /// are still running, only observer is stopping.
+    /// Returns None if the task had stopped already or did not answer in time.
+    pub async fn shutdown(self, timeout: Duration) -> Option<ShutdownSummary> {
+        let deadline = Instant::now() + timeout;
+        let (done, summary) = oneshot::channel();
+        self.deadline.send_replace(Some(deadline));
+        if self.tx.send(Command::Shutdown { deadline, done }).is_err() {
+            return None;
+        }
+        // The task keeps to the deadline itself; the margin is for a task that is stuck.
+        let margin = Duration::from_millis(500);
+        match tokio::time::timeout_at((deadline + margin).into(), summary).await {
+            Ok(Ok(summary)) => Some(summary),
+            _ => {
+                self.task.abort();
+                log::warn!("Mackerel: the reporting task did not stop in time");
+                None
+            }
+        }
+    }
+}
+
+struct Worker {
+    client: Client,
+    hosts: HostTable,
+    buffer: Buffer,
+    /// Pause of every call after the API was unavailable.
+    gate: Backoff,
+    /// Retryable failures in a row, to log the first and the recovery only.
+    failures: u32,
+    graph_defs_due: bool,
+    config: MackerelConfig,
+    /// roles label values already warned about.
+    warned_labels: HashSet<String>,
+    rx: mpsc::UnboundedReceiver<Command>,
+    /// Set by [`MackerelReporter::shutdown`]; every call gives up when it passes.
+    deadline: watch::Receiver<Option<Instant>>,
+    stop: Option<(Instant, oneshot::Sender<ShutdownSummary>)>,
+}
+
+impl Worker {
+    fn new(
+        client: Client,
+        config: MackerelConfig,
+        rx: mpsc::UnboundedReceiver<Command>,
+        deadline: watch::Receiver<Option<Instant>>,
+    ) -> Self {
+        Self {
+            client,
+            hosts: HostTable::new(config.retire_after, config.refused_retry),
+            buffer: Buffer::new(config.max_age),
+            gate: Backoff::new(config.backoff_initial, config.backoff_max),
+            failures: 0,
+            graph_defs_due: config.custom_series,
+            config,
+            warned_labels: HashSet::new(),
+            rx,
+            deadline,
+            stop: None,
+        }
+    }
+
+    async fn run(mut self) {
+        while self.stop.is_none() {
+            let wake = self.wake_at(Instant::now());
+            tokio::select! {
+                command = self.rx.recv() => match command {
+                    Some(command) => self.handle(command),
+                    // The reporter was dropped without shutdown.
+                    None => return,
+                },
+                _ = sleep_until(wake) => {}
+            }
+            self.drain();
+            if self.stop.is_none() {
+                let _ = self.round(true).await;
+            }
+        }
+        if let Some((deadline, done)) = self.stop.take() {
+            let summary = self.flush(deadline).await;
+            let _ = done.send(summary);
+        }
+    }
+
+    /// When to start the next round without a new report: now if there is work the API may
+    /// take, else when a pause ends.
+    fn wake_at(&self, now: Instant) -> Option<Instant> {
+        if !self.gate.ready(now) {
+            return self.gate.until();
+        }
+        if self.has_work(now) {
+            return Some(now);
+        }
+        self.hosts.next_retry(now)
+    }
+
+    fn has_work(&self, now: Instant) -> bool {
+        self.sendable()
+            || self.graph_defs_due
+            || !self
+                .hosts
+                .actions(now, true, |k| self.buffer.has_values_for(k))
+                .is_empty()
+    }
+
+    fn sendable(&self) -> bool {
+        self.buffer
+            .next_batch(1, |k| self.hosts.host_id(k).map(str::to_owned))
+            .is_some()
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Report(report) => self.ingest(report),
+            Command::Shutdown { deadline, done } => self.stop = Some((deadline, done)),
+        }
+    }
+
+    /// Takes the reports that arrived during a call, so a long catch-up does not delay them.
+    fn drain(&mut self) {
+        while let Ok(command) = self.rx.try_recv() {
+            self.handle(command);
+        }
+    }
+
+    fn ingest(&mut self, report: IntervalReport) {
+        let time = unix_seconds(report.time);
+        let mut live = Vec::with_capacity(report.hosts.len());
+        for host in report.hosts {
+            let roles = self.roles_of(&host);
+            let values = host
+                .containers
+                .iter()
+                .flat_map(|c| names::container_values(c, self.config.custom_series));
+            self.buffer
+                .push(&host.identity.custom_identifier, time, values);
+            live.push(HostParam {
+                name: host.identity.name,
+                custom_identifier: host.identity.custom_identifier,
+                meta: host.meta,
+                role_fullnames: roles,
+            });
+        }
+        for key in self.hosts.observe(Instant::now(), live) {
+            let n = self.buffer.forget_host(&key);
+            if n > 0 {
+                log::warn!("Mackerel: {key} ended before it had a host; dropped its {n} values");
+            }
+        }
+    }
+
+    /// `MACKEREL_ROLES` plus the good entries of the task's own label.
+    fn roles_of(&mut self, host: &HostReport) -> Vec<String> {
+        let Some(label) = &host.roles_label else {
+            return self.config.roles.as_slice().to_vec();
+        };
+        let (own, bad) = Roles::parse_lenient(label);
+        if !bad.is_empty() && self.warned_labels.insert(label.clone()) {
+            log::warn!(
+                "Mackerel: mackerel.io/roles of {}: ignoring {}",
+                host.identity.name,
+                RolesError(bad)
+            );
+        }
+        self.config.roles.merged(&own).as_slice().to_vec()
+    }
+
+    /// One pass over everything due. Breaks off when the API is unavailable or a shutdown
+    /// arrives.
+    async fn round(&mut self, retire: bool) -> ControlFlow<()> {
+        if !self.gate.ready(Instant::now()) {
+            return ControlFlow::Break(());
+        }
+        self.send_values().await?;
+        let actions = self
+            .hosts
+            .actions(Instant::now(), false, |k| self.buffer.has_values_for(k));
+        for action in actions {
+            self.execute(action).await?;
+        }
+        self.send_values().await?;
+        if self.graph_defs_due {
+            self.post_graph_defs().await?;
+        }
+        if retire {
+            let actions = self
+                .hosts
+                .actions(Instant::now(), true, |k| self.buffer.has_values_for(k));
+            for action in actions {
+                if matches!(action, Action::Retire { .. }) {
+                    self.execute(action).await?;
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// After a call: take new reports; stop the round if asked to shut down.
+    fn between_calls(&mut self) -> ControlFlow<()> {
+        self.drain();
+        if self.stop.is_some() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    async fn send_values(&mut self) -> ControlFlow<()> {
+        loop {
+            let hosts = &self.hosts;
+            let batch = self.buffer.next_batch(self.config.batch_size, |k| {
+                hosts.host_id(k).map(str::to_owned)
+            });
+            let Some(batch) = batch else {
+                return ControlFlow::Continue(());
+            };
+            self.post(batch).await?;
+            self.between_calls()?;
+        }
+    }
+
+    async fn post(&mut self, batch: Batch) -> ControlFlow<()> {
+        match self.bounded(self.client.post_metrics(&batch.values)).await {
+            Err(e) if e.is_retryable() => self.unavailable(&e),
+            // A bad key or missing permission (401/403) refuses every host alike: no split.
+            Err(ApiError::Rejected { status, .. })
+                if batch.hosts() > 1 && status != 401 && status != 403 =>
+            {
+                // Post each host's values alone, so one host's refusal costs only its values.
+                for part in batch.split_by_host() {
+                    match self.bounded(self.client.post_metrics(&part.values)).await {
+                        Err(e) if e.is_retryable() => return self.unavailable(&e),
+                        result => self.posted(&part, result),
+                    }
+                }
+                ControlFlow::Continue(())
+            }
+            result => {
+                self.posted(&batch, result);
+                ControlFlow::Continue(())
+            }
+        }
+    }
+
+    /// Forgets a batch the API took, or refused for good (logged with the body).
+    fn posted(&mut self, batch: &Batch, result: Result<(), ApiError>) {
+        match result {
+            Ok(()) => {
+                self.available();
+                self.buffer.delivered();
+            }
+            // An answer we cannot read: sending again could store the values twice.
+            Err(e @ ApiError::Decode { .. }) => {
+                self.available();
+                log::warn!(
+                    "Mackerel: {e} -- {} values may not have arrived",
+                    batch.len()
+                );
+            }
+            Err(e) => {
+                let whose = match batch.hosts() {
+                    1 => {
+                        let key = &batch.keys[0];
+                        let name = self.hosts.name(key).unwrap_or(key);
+                        format!("host {name} ({})", batch.values[0].host_id)
+                    }
+                    n => format!("{n} hosts"),
+                };
+                let (first, last) = (batch.values[0].time, batch.values[batch.len() - 1].time);
+                log::error!(
+                    "Mackerel: {e} -- dropped {} values of {whose} from {} to {}; not retried",
+                    batch.len(),
+                    rfc3339(first),
+                    rfc3339(last)
+                );
+            }
+        }
+        self.buffer.remove(batch);
+    }
+
+    async fn execute(&mut self, action: Action) -> ControlFlow<()> {
+        match action {
+            Action::Register { key, param } => {
+                let found = match self.bounded(self.client.find_hosts(&key)).await {
+                    Ok(found) => found.into_iter().next(),
+                    Err(e) => return self.host_failed(&key, &param.name, e),
+                };
+                self.available();
+                if let Some(host) = found {
+                    log::info!(
+                        "Mackerel: re-using host {} ({}) for {key}",
+                        host.id,
+                        param.name
+                    );
+                    self.hosts.registered(&key, host.id, None);
+                } else {
+                    match self.bounded(self.client.create_host(&param)).await {
+                        Ok(id) => {
+                            self.available();
+                            log::info!("Mackerel: created host {id} ({}) for {key}", param.name);
+                            self.hosts.registered(&key, id, Some(param));
+                        }
+                        Err(e) => return self.host_failed(&key, &param.name, e),
+                    }
+                }
+            }
+            Action::Update {
+                key,
+                host_id,
+                param,
+            } => match self
+                .bounded(self.client.update_host(&host_id, &param))
+                .await
+            {
+                Ok(()) => {
+                    self.available();
+                    log::debug!("Mackerel: updated host {host_id} ({})", param.name);
+                    self.hosts.updated(&key, param);
+                }
+                Err(e) => return self.host_failed(&key, &param.name, e),
+            },
+            Action::Retire { key, host_id, name } => {
+                match self.bounded(self.client.retire_host(&host_id)).await {
+                    Ok(()) => {
+                        self.available();
+                        log::info!(
+                            "Mackerel: retired host {host_id} ({name}): its task has been gone for {}",
+                            humantime::format_duration(self.config.retire_after)
+                        );
+                        self.hosts.retired(&key);
+                    }
+                    Err(ApiError::Rejected { status: 404, .. }) => {
+                        log::info!("Mackerel: host {host_id} ({name}) was already gone");
+                        self.hosts.retired(&key);
+                    }
+                    Err(e) => return self.host_failed(&key, &name, e),
+                }
+                self.buffer.forget_host(&key);
+            }
+        }
+        self.between_calls()
+    }
+
+    /// Runs one call, cut short when the shutdown deadline passes.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let mut deadline = self.deadline.clone();
+        let passed = async move {
+            loop {
+                let at = *deadline.borrow_and_update();
+                match at {
+                    Some(at) => return tokio::time::sleep_until(at.into()).await,
+                    // The reporter is gone: nothing will set a deadline.
+                    None if deadline.changed().await.is_err() => std::future::pending().await,
+                    None => {}
+                }
+            }
+        };
+        tokio::select! {
+            result = call => result,
+            () = passed => Err(ApiError::Retryable {
+                call: "stopping",
+                reason: "the shutdown time limit was reached".to_string(),
+                retry_after: None,
+            }),
+        }
+    }
+
+    /// A call about one host failed: pause everything if the API is unavailable, else wait
+    /// before asking about this host again and go on with the others.
+    fn host_failed(&mut self, key: &str, name: &str, e: ApiError) -> ControlFlow<()> {
+        if e.is_retryable() {
+            return self.unavailable(&e);
+        }
+        log::error!(
+            "Mackerel: {e} -- for host {name} ({key}); asking again in {}",
+            humantime::format_duration(self.config.refused_retry)
+        );
+        self.hosts.refused(key, Instant::now());
+        self.between_calls()
+    }
+
+    async fn post_graph_defs(&mut self) -> ControlFlow<()> {
+        match self
+            .bounded(self.client.create_graph_defs(&names::graph_defs()))
+            .await
+        {
+            Err(e) if e.is_retryable() => return self.unavailable(&e),
+            Err(e) => log::error!("Mackerel: {e} -- custom.observer.* graphs will use defaults"),
+            Ok(()) => self.available(),
+        }
+        self.graph_defs_due = false;
+        self.between_calls()
+    }
+
+    fn unavailable(&mut self, e: &ApiError) -> ControlFlow<()> {
+        let retry_after = match e {
+            ApiError::Retryable { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        let wait = self.gate.failed(Instant::now(), retry_after);
+        self.failures += 1;
+        let how = format!(
+            "{e}; next try in {}; {} values buffered",
+            humantime::format_duration(wait),
+            self.buffer.len()
+        );
+        if self.failures == 1 {
+            log::warn!("Mackerel: {how}");
+        } else {
+            log::debug!("Mackerel: {how}");
+        }
+        ControlFlow::Break(())
+    }
+
+    fn available(&mut self) {
+        if self.failures > 0 {
+            log::info!(
+                "Mackerel: API available again after {} failed tries; {} values to send",
+                self.failures,
+                self.buffer.len()
+            );
+            self.failures = 0;
+        }
+        self.gate.succeeded();
+    }
+
+    /// Sends what it can within `timeout`; registers hosts (their values need an id) but
+    /// retires none.
+    async fn flush(&mut self, deadline: Instant) -> ShutdownSummary {
+        let flushing = async {
+            loop {
+                let _ = self.round(false).await;
+                if self.buffer.is_empty() {
+                    return;
+                }
+                // Values are left: wait for what holds them up if it ends in time.
+                let now = Instant::now();
+                let wake = if !self.gate.ready(now) {
+                    self.gate.until()
+                } else if self.sendable() {
+                    Some(now)
+                } else {
+                    // Values of hosts waiting after a refusal.
+                    self.hosts.next_retry(now)
+                };
+                match wake {
+                    Some(t) if t <= deadline => tokio::time::sleep_until(t.into()).await,
+                    _ => return,
+                }
+            }
+        };
+        // Calls end at the deadline by themselves; this ends the waits between them.
+        let _ = tokio::time::timeout_at(deadline.into(), flushing).await;
+        let summary = ShutdownSummary {
+            unsent: self.buffer.len(),
+            unregistered: self.hosts.unregistered(),
+        };
+        if summary.unsent > 0 {
+            log::warn!(
+                "Mackerel: stopping with {} values not delivered",
+                summary.unsent
+            );
+        } else {
+            log::info!("Mackerel: all values delivered; hosts left in place for their tasks");
+        }
+        summary
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mackerel::{
+        model::{ContainerMetrics, HostIdentity, HostMeta},
+        ApiKey,
+    };
+
+    fn worker(custom_series: bool) -> Worker {
+        let key = ApiKey::new("k").unwrap();
+        let mut config = MackerelConfig::new(key.clone(), Duration::from_secs(60));
+        config.roles = Roles::parse("base:node").unwrap();
+        config.custom_series = custom_series;
+        // Never called: these tests stop before any request.
+        let client = Client::new(key, "http://127.0.0.1:9", Duration::from_secs(1)).unwrap();
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let (_deadline, deadline_rx) = watch::channel(None);
+        Worker::new(client, config, rx, deadline_rx)
+    }
+
+    fn host(pod: &str, label: Option<&str>) -> HostReport {
+        HostReport {
+            identity: HostIdentity::kubernetes(pod, &format!("uid-{pod}")).unwrap(),
+            meta: HostMeta::observer(None),
+            roles_label: label.map(str::to_string),
+            containers: vec![ContainerMetrics {
+                name: "app".into(),
+                cpu_percent: Some(1.0),
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn interval(secs: u64, hosts: Vec<HostReport>) -> IntervalReport {
+        IntervalReport {
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            hosts,
+        }
+    }
+
+    #[test]
+    fn a_report_queues_values_and_hosts_with_merged_roles() {
+        let mut w = worker(true);
+        w.ingest(interval(
+            1_767_225_600,
+            vec![host("a", Some("web:app,bad")), host("b", None)],
+        ));
+        // cpu usage, 2 interfaces, 4 custom: the unknown values are left out.
+        assert_eq!(w.buffer.len(), 2 * 7);
+        assert_eq!(w.buffer.oldest(), Some(1_767_225_600));
+        let actions = w.hosts.actions(Instant::now(), true, |_| false);
+        let roles: Vec<_> = actions
+            .iter()
+            .map(|a| match a {
+                Action::Register { param, .. } => param.role_fullnames.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(roles, [vec!["base:node", "web:app"], vec!["base:node"]]);
+        assert!(w.warned_labels.contains("web:app,bad"));
+        assert!(w.has_work(Instant::now()));
+    }
+
+    #[test]
+    fn without_custom_series_no_graph_defs() {
+        let mut w = worker(false);
+        assert!(!w.graph_defs_due);
+        w.ingest(interval(60, vec![host("a", None)]));
+        assert_eq!(w.buffer.len(), 3);
+    }
+
+    #[test]
+    fn a_pause_holds_off_the_next_round() {
+        let mut w = worker(false);
+        let now = Instant::now();
+        assert_eq!(
+            w.wake_at(now),
+            None,
+            "nothing to do, no pause: wait for a report"
+        );
+        w.ingest(interval(60, vec![host("a", None)]));
+        assert_eq!(w.wake_at(now), Some(now), "a host to register: at once");
+        let wait = w.gate.failed(now, Some(Duration::from_secs(7)));
+        assert_eq!(w.wake_at(now), Some(now + wait));
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(
+            unix_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(90)),
+            90
+        );
+        assert_eq!(rfc3339(1_767_225_600), "2026-01-01T00:00:00Z");
+    }
+}
