@@ -49,6 +49,11 @@ impl Collector {
         }
     }
 
+    /// Walks the cgroup v2 hierarchy again (new containers that have not sent anything yet).
+    pub fn rescan(&mut self) -> Result<(), CgroupError> {
+        self.index.rescan()
+    }
+
     /// The cgroup v2 hierarchy as last walked.
     pub fn index(&self) -> &CgroupIndex {
         &self.index

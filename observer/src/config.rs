@@ -1,6 +1,6 @@
 //! Command line and environment.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use observer_common::DEFAULT_MAX_ENTRIES;
@@ -24,9 +24,9 @@ pub struct Args {
     #[arg(long)]
     pub once: bool,
 
-    /// Output format on stdout.
-    #[arg(long, env = "OBSERVER_OUTPUT", value_enum, default_value_t = Output::Json)]
-    pub output: Output,
+    /// Output on stdout [default: table on a terminal, json otherwise].
+    #[arg(long, env = "OBSERVER_OUTPUT", value_enum)]
+    pub output: Option<Output>,
 
     /// cgroup v2 mount to attach at [default: found in /proc/self/mountinfo:
     /// /sys/fs/cgroup on pure v2 hosts, /sys/fs/cgroup/unified on hybrid ones].
@@ -38,12 +38,113 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_MAP_ENTRIES", default_value_t = DEFAULT_MAX_ENTRIES,
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub map_entries: u32,
+
+    /// Where tasks and pods come from. auto tries, in order: the ECS agent, the kubelet
+    /// (KUBERNETES_SERVICE_HOST or NODE_NAME set), the Docker socket; else none (cgroups only).
+    #[arg(long, env = "OBSERVER_PLATFORM", value_enum, default_value_t = PlatformArg::Auto)]
+    pub platform: PlatformArg,
+
+    /// ECS agent introspection API (the agent runs in the host network namespace).
+    #[arg(
+        long,
+        env = "OBSERVER_ECS_AGENT_URL",
+        default_value = "http://127.0.0.1:51678"
+    )]
+    pub ecs_agent_url: String,
+
+    /// kubelet API [default: https://$NODE_NAME:10250]. The read-only port also works:
+    /// http://$NODE_NAME:10255.
+    #[arg(long, env = "OBSERVER_KUBELET_URL")]
+    pub kubelet_url: Option<String>,
+
+    /// Bearer token for the kubelet, read again on every request (tokens rotate).
+    #[arg(
+        long,
+        env = "OBSERVER_KUBELET_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub kubelet_token_file: PathBuf,
+
+    /// CA that signed the kubelet's serving certificate.
+    #[arg(
+        long,
+        env = "OBSERVER_KUBELET_CA_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub kubelet_ca_file: PathBuf,
+
+    /// Do not verify the kubelet's certificate (self-signed serving certificates).
+    #[arg(long, env = "OBSERVER_KUBELET_INSECURE_TLS")]
+    pub kubelet_insecure_tls: bool,
+
+    /// Docker Engine API socket: containers and labels on Docker hosts, and the ECS fallback
+    /// when the agent does not answer.
+    #[arg(
+        long,
+        env = "OBSERVER_DOCKER_SOCKET",
+        default_value = "/var/run/docker.sock"
+    )]
+    pub docker_socket: PathBuf,
+
+    /// cgroupfs to read CPU and memory from ("/host/sys/fs/cgroup" in a container that mounts
+    /// the host's there).
+    #[arg(long, env = "OBSERVER_CGROUPFS", default_value = "/sys/fs/cgroup")]
+    pub cgroupfs: PathBuf,
+
+    /// procfs of the host, for its CPU count and memory.
+    #[arg(long, env = "OBSERVER_PROC", default_value = "/proc")]
+    pub proc: PathBuf,
+
+    /// Serve Prometheus metrics, /healthz and /readyz at this address (e.g. 0.0.0.0:9435).
+    /// Off unless set.
+    #[arg(long, env = "OBSERVER_PROMETHEUS_LISTEN")]
+    pub prometheus_listen: Option<SocketAddr>,
+
+    /// Mackerel API. The API key comes from the MACKEREL_APIKEY environment variable or
+    /// --mackerel-api-key-file; without one, nothing is sent to Mackerel.
+    #[arg(
+        long,
+        env = "MACKEREL_APIBASE",
+        default_value = "https://api.mackerelio.com"
+    )]
+    pub mackerel_api_base: String,
+
+    /// File holding the Mackerel API key (a mounted secret).
+    #[arg(long, env = "OBSERVER_MACKEREL_API_KEY_FILE")]
+    pub mackerel_api_key_file: Option<PathBuf>,
+
+    /// Retire a task's Mackerel host once the task has been gone this many intervals.
+    #[arg(long, env = "OBSERVER_RETIRE_AFTER", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub retire_after: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlatformArg {
+    Auto,
+    Ecs,
+    Kubernetes,
+    Docker,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     /// One JSON object per line (docs/output.md).
     Json,
+    /// A table per interval, top talkers first.
+    Table,
+}
+
+impl Output {
+    /// The table on a terminal, JSON lines into pipes and files, unless one was asked for.
+    pub fn choose(explicit: Option<Output>, stdout_is_terminal: bool) -> Output {
+        explicit.unwrap_or(if stdout_is_terminal {
+            Output::Table
+        } else {
+            Output::Json
+        })
+    }
 }
 
 /// Shortest interval accepted: below it the reading itself becomes the load.
@@ -77,7 +178,10 @@ mod tests {
         let args = Args::try_parse_from(["observer"]).unwrap();
         assert_eq!(args.interval, Duration::from_secs(60));
         assert!(!args.once);
-        assert_eq!(args.output, Output::Json);
+        assert_eq!(args.output, None);
+        assert_eq!(args.platform, PlatformArg::Auto);
+        assert_eq!(args.prometheus_listen, None);
+        assert_eq!(args.retire_after, 2);
         assert_eq!(args.map_entries, DEFAULT_MAX_ENTRIES);
         assert_eq!(args.cgroup_root, None);
     }
@@ -87,6 +191,14 @@ mod tests {
         assert!(Args::try_parse_from(["observer", "--interval", "0s"]).is_err());
         assert!(Args::try_parse_from(["observer", "--map-entries", "0"]).is_err());
         assert!(Args::try_parse_from(["observer", "--output", "xml"]).is_err());
+    }
+
+    #[test]
+    fn output_follows_the_terminal_unless_asked() {
+        assert_eq!(Output::choose(None, true), Output::Table);
+        assert_eq!(Output::choose(None, false), Output::Json);
+        assert_eq!(Output::choose(Some(Output::Json), true), Output::Json);
+        assert_eq!(Output::choose(Some(Output::Table), false), Output::Table);
     }
 
     #[test]

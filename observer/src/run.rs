@@ -1,9 +1,15 @@
-//! The interval loop: programs attached, then maps -> collector -> snapshot -> sinks until
-//! --once is done or a signal arrives; programs detached on the way out.
+//! The interval loop: programs attached, then per interval maps -> collector -> inventory join
+//! -> snapshot -> sinks, until --once is done or a signal arrives; programs detached and the
+//! Mackerel queue flushed on the way out.
 
-use std::{io, time::Duration};
+use std::{
+    collections::HashMap,
+    io::{self, IsTerminal as _},
+    time::Duration,
+};
 
 use anyhow::Context as _;
+use observer_common::TrafficValue;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -13,17 +19,57 @@ use tokio::{
 use crate::{
     cgroupfs::{self, CgroupIndex},
     collect::Collector,
-    config::{Args, Output},
+    config::{Args, Output, PlatformArg},
+    inventory::{
+        refresh::{RefreshConfig, Refresher},
+        sources::{self, Platform, PlatformEnv, SourceConfig},
+    },
+    mackerel::{self, MackerelReporter},
     preflight,
     programs::Programs,
-    sink::{json::JsonSink, Sink},
+    resources::{self, CgroupFs},
+    sink::{
+        json::JsonSink,
+        prometheus::{Handle as PrometheusHandle, PrometheusSink},
+        table::{Rows, TableSink},
+        Sink,
+    },
+    snapshot::{PlatformStatus, Snapshot},
     traffic::TrafficReader,
+    workloads::{Host, Joiner},
 };
+
+/// How long SIGTERM may wait for the Mackerel queue to drain.
+const MACKEREL_FLUSH: Duration = Duration::from_secs(10);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     preflight::check()?;
     let root = cgroupfs::detect_root(args.cgroup_root.as_deref())?;
     let index = CgroupIndex::scan(&root)?;
+
+    // Outputs that can fail on configuration go first: nothing is loaded if they cannot work.
+    let prometheus = args
+        .prometheus_listen
+        .map(|listen| PrometheusSink::start(listen, args.interval))
+        .transpose()?;
+    let mackerel = mackerel::MackerelConfig::from_sources(
+        mackerel::Sources {
+            api_key: std::env::var("MACKEREL_APIKEY").ok(),
+            api_key_file: args.mackerel_api_key_file.clone(),
+            api_base: Some(args.mackerel_api_base.clone()),
+            roles: std::env::var("MACKEREL_ROLES").ok(),
+            retire_after: Some(args.interval * args.retire_after),
+        },
+        args.interval,
+    )?
+    .map(MackerelReporter::start)
+    .transpose()?;
+
+    let selected = sources::select(&source_config(&args)).await?;
+    log::info!("platform: {} ({})", selected.platform, selected.reason);
+    let mut refresher = (selected.platform != Platform::None)
+        .then(|| Refresher::new(selected.source, RefreshConfig::for_interval(args.interval)));
+    let mut joiner = Joiner::new(cgroupfs_for_resources(&args), host_facts(&args));
 
     let mut programs = Programs::load_observer(args.map_entries)?;
     spawn_kernel_logger(&mut programs);
@@ -45,32 +91,56 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         humantime::format_duration(args.interval)
     );
 
-    let mut collector = Collector::new(reader, index);
-    let mut sinks: Vec<Box<dyn Sink>> = match args.output {
-        Output::Json => vec![Box::new(JsonSink::new(io::stdout()))],
-    };
+    let (prometheus_sink, prometheus): (Option<PrometheusSink>, Option<PrometheusHandle>) =
+        prometheus.unzip();
+    if let Some(h) = &prometheus {
+        h.set_programs_attached(ids.len());
+        log::info!("Prometheus metrics at http://{}/metrics", h.local_addr());
+    }
+    let mut sinks: Vec<Box<dyn Sink>> =
+        match Output::choose(args.output, io::stdout().is_terminal()) {
+            Output::Json => vec![Box::new(JsonSink::new(io::stdout()))],
+            Output::Table => vec![Box::new(TableSink::new(io::stdout(), Rows::Terminal))],
+        };
+    sinks.extend(prometheus_sink.map(|s| Box::new(s) as Box<dyn Sink>));
 
+    let mut collector = Collector::new(reader, index);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut ticker =
         tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failures_seen = 0;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = sigint.recv() => { log::info!("SIGINT: detaching"); break }
             _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); break }
         }
-        match collector.collect() {
-            Ok(snapshot) => {
-                for sink in &mut sinks {
-                    if let Err(e) = sink.emit(&snapshot) {
-                        log::error!("{} output: {e}", sink.name());
-                    }
-                }
-            }
+        let mut snapshot = match collector.collect() {
+            Ok(snapshot) => snapshot,
             // One bad interval is logged and the next one tried: measurement goes on.
-            Err(e) => log::error!("collecting this interval: {e}"),
+            Err(e) => {
+                log::error!("collecting this interval: {e}");
+                continue;
+            }
+        };
+        if let Some(refresher) = &mut refresher {
+            join_workloads(&mut snapshot, &mut collector, refresher, &mut joiner).await;
+            let failures = refresher.stale().map_or(0, |s| s.failures);
+            if let Some(h) = &prometheus {
+                h.add_metadata_api_errors(u64::from(failures.saturating_sub(failures_seen)));
+            }
+            failures_seen = failures;
+            // A stale inventory would make running tasks look gone: Mackerel waits for a good one.
+            if let (Some(m), None) = (&mackerel, refresher.stale()) {
+                m.report(mackerel::report::interval_report(&snapshot));
+            }
+        }
+        for sink in &mut sinks {
+            if let Err(e) = sink.emit(&snapshot) {
+                log::error!("{} output: {e}", sink.name());
+            }
         }
         if args.once {
             break;
@@ -78,8 +148,86 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(collector);
     drop(programs);
+    if let Some(h) = &prometheus {
+        h.set_programs_attached(0);
+    }
     log::info!("programs detached");
+    if let Some(m) = mackerel {
+        // Hosts stay: the node is stopping, not its tasks.
+        if let Some(left) = m.shutdown(MACKEREL_FLUSH).await {
+            log::warn!("Mackerel: stopped with data not yet sent: {left:?}");
+        }
+    }
     Ok(())
+}
+
+/// Refreshes the inventory (at most once per interval, at once for unknown containers), hangs
+/// this interval's cgroups on it and adds the task/pod view to the snapshot.
+async fn join_workloads(
+    snapshot: &mut Snapshot,
+    collector: &mut Collector,
+    refresher: &mut Refresher,
+    joiner: &mut Joiner,
+) {
+    // Containers that have not sent anything still need their cgroups found.
+    if let Err(e) = collector.rescan() {
+        log::warn!("walking the cgroup hierarchy: {e}");
+    }
+    let index = collector.index();
+    let paths: Vec<(u64, &str)> = index.iter().collect();
+    let (inventory, _unknown) = refresher.tick(tokio::time::Instant::now(), &paths).await;
+    let traffic: HashMap<u64, TrafficValue> = snapshot
+        .cgroups
+        .iter()
+        .map(|c| (c.cgroup_id, c.delta))
+        .collect();
+    snapshot.workloads = joiner.join(
+        inventory,
+        &|id| index.path(id).map(str::to_owned),
+        &traffic,
+        std::time::Instant::now(),
+    );
+    snapshot.platform = Some(PlatformStatus {
+        source: refresher.source_name(),
+        stale_since: refresher.stale().map(|s| s.since),
+    });
+}
+
+fn source_config(args: &Args) -> SourceConfig {
+    let mut config = SourceConfig::new(PlatformEnv::from_process());
+    config.platform = match args.platform {
+        PlatformArg::Auto => Platform::Auto,
+        PlatformArg::Ecs => Platform::Ecs,
+        PlatformArg::Kubernetes => Platform::Kubernetes,
+        PlatformArg::Docker => Platform::Docker,
+        PlatformArg::None => Platform::None,
+    };
+    config.ecs_agent_url = args.ecs_agent_url.clone();
+    if args.kubelet_url.is_some() {
+        config.kubelet_url = args.kubelet_url.clone();
+    }
+    config.kubelet_token_file = args.kubelet_token_file.clone();
+    config.kubelet_ca_file = args.kubelet_ca_file.clone();
+    config.kubelet_insecure_tls = args.kubelet_insecure_tls;
+    config.docker_socket = args.docker_socket.clone();
+    config
+}
+
+fn cgroupfs_for_resources(args: &Args) -> CgroupFs {
+    CgroupFs::detect(&args.cgroupfs).unwrap_or_else(|e| {
+        log::warn!(
+            "finding cgroupfs under {}: {e}; CPU and memory will be missing where it cannot be read",
+            args.cgroupfs.display()
+        );
+        CgroupFs::probe(&args.cgroupfs)
+    })
+}
+
+fn host_facts(args: &Args) -> Host {
+    Host {
+        cpus: resources::host_cpu_count(&args.proc).ok(),
+        memory: resources::host_memory_total(&args.proc).ok(),
+    }
 }
 
 /// Forwards the kernel programs' rare aya-log records to our logger. A failure here costs only

@@ -158,7 +158,8 @@ impl Joiner {
         let read = self.fs.read(&path);
         let cpu_percent = read.cpu_usage.and_then(|usage| {
             let before = self.cpu_before.insert(container.id.clone(), (usage, now));
-            before.and_then(|(prev, at)| cpu_percent(prev, usage, now.saturating_duration_since(at)))
+            before
+                .and_then(|(prev, at)| cpu_percent(prev, usage, now.saturating_duration_since(at)))
         });
         Usage {
             cpu_percent,
@@ -199,7 +200,10 @@ impl Workload {
     }
 }
 
-fn sum_traffic<'a>(ids: impl Iterator<Item = &'a u64>, traffic: &HashMap<u64, TrafficValue>) -> TrafficValue {
+fn sum_traffic<'a>(
+    ids: impl Iterator<Item = &'a u64>,
+    traffic: &HashMap<u64, TrafficValue>,
+) -> TrafficValue {
     let mut total = TrafficValue::default();
     for id in ids {
         if let Some(t) = traffic.get(id) {
@@ -218,12 +222,21 @@ fn add_opt<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T
 }
 
 /// A workload's report from its containers' usage (in container order).
-pub fn report(workload: &Workload, usages: &[Usage], traffic: &HashMap<u64, TrafficValue>) -> WorkloadReport {
+pub fn report(
+    workload: &Workload,
+    usages: &[Usage],
+    traffic: &HashMap<u64, TrafficValue>,
+) -> WorkloadReport {
     let mut all: BTreeSet<u64> = workload.cgroup_ids.iter().copied().collect();
     let containers: Vec<ContainerReport> = workload
         .containers
         .iter()
-        .zip(usages.iter().copied().chain(std::iter::repeat(Usage::default())))
+        .zip(
+            usages
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(Usage::default())),
+        )
         .map(|(c, usage)| {
             all.extend(c.cgroup_ids.iter().copied());
             ContainerReport {
@@ -238,9 +251,13 @@ pub fn report(workload: &Workload, usages: &[Usage], traffic: &HashMap<u64, Traf
         })
         .collect();
     let usage = Usage {
-        cpu_percent: containers.iter().fold(None, |a, c| add_opt(a, c.usage.cpu_percent)),
+        cpu_percent: containers
+            .iter()
+            .fold(None, |a, c| add_opt(a, c.usage.cpu_percent)),
         cpu_limit_cores: workload.limits.cpu_cores,
-        memory_working_set: containers.iter().fold(None, |a, c| add_opt(a, c.usage.memory_working_set)),
+        memory_working_set: containers
+            .iter()
+            .fold(None, |a, c| add_opt(a, c.usage.memory_working_set)),
         memory_limit: workload.limits.memory_bytes,
     };
     WorkloadReport {
@@ -249,7 +266,10 @@ pub fn report(workload: &Workload, usages: &[Usage], traffic: &HashMap<u64, Traf
         name: workload.name.clone(),
         namespace: workload.namespace.clone(),
         labels: workload.labels.clone(),
-        controller: workload.controller.clone().or_else(|| workload.owner.clone()),
+        controller: workload
+            .controller
+            .clone()
+            .or_else(|| workload.owner.clone()),
         network_mode: workload.network_mode.clone(),
         traffic: sum_traffic(all.iter(), traffic),
         cgroup_ids: all.into_iter().collect(),
@@ -309,11 +329,23 @@ mod tests {
     fn a_task_sums_its_containers_and_its_own_cgroups_once() {
         // Pause container cgroup 10 belongs to the task; app containers 11 and 12; 13 is
         // a child cgroup of container 12.
-        let w = task(vec![container("a", &[11]), container("b", &[12, 13])], &[10]);
-        let traffic: HashMap<u64, TrafficValue> =
-            [(10, tx(100)), (11, tx(1000)), (12, tx(20)), (13, tx(3)), (99, tx(7777))].into();
+        let w = task(
+            vec![container("a", &[11]), container("b", &[12, 13])],
+            &[10],
+        );
+        let traffic: HashMap<u64, TrafficValue> = [
+            (10, tx(100)),
+            (11, tx(1000)),
+            (12, tx(20)),
+            (13, tx(3)),
+            (99, tx(7777)),
+        ]
+        .into();
         let r = report(&w, &[], &traffic);
-        assert_eq!(r.traffic.tx.bytes, 1123, "each cgroup once, nothing of other workloads");
+        assert_eq!(
+            r.traffic.tx.bytes, 1123,
+            "each cgroup once, nothing of other workloads"
+        );
         assert_eq!(r.traffic.tx.packets, 4);
         assert_eq!(r.cgroup_ids, vec![10, 11, 12, 13]);
         assert_eq!(r.containers[0].traffic.tx.bytes, 1000);
@@ -370,16 +402,41 @@ mod tests {
         let mut c0 = container("c0", &[1]);
         c0.limits.memory_bytes = Some(64 << 20);
         let (c1, c2) = (container("c1", &[1]), container("c2", &[2]));
-        let paths = |id: u64| Some(if id == 1 { "/c1".to_owned() } else { "/c2".to_owned() });
+        let paths = |id: u64| {
+            Some(if id == 1 {
+                "/c1".to_owned()
+            } else {
+                "/c2".to_owned()
+            })
+        };
         let now = Instant::now();
         let mut w = task(vec![], &[]);
-        assert_eq!(joiner.usage(&c0, &w, &paths, now).memory_limit, Some(64 << 20), "container");
-        assert_eq!(joiner.usage(&c2, &w, &paths, now).memory_limit, Some(256 << 20), "cgroup");
-        assert_eq!(joiner.usage(&c1, &w, &paths, now).memory_limit, Some(512 << 20), "task");
-        assert_eq!(joiner.usage(&c1, &w, &paths, now).cpu_limit_cores, Some(0.5));
+        assert_eq!(
+            joiner.usage(&c0, &w, &paths, now).memory_limit,
+            Some(64 << 20),
+            "container"
+        );
+        assert_eq!(
+            joiner.usage(&c2, &w, &paths, now).memory_limit,
+            Some(256 << 20),
+            "cgroup"
+        );
+        assert_eq!(
+            joiner.usage(&c1, &w, &paths, now).memory_limit,
+            Some(512 << 20),
+            "task"
+        );
+        assert_eq!(
+            joiner.usage(&c1, &w, &paths, now).cpu_limit_cores,
+            Some(0.5)
+        );
         w.limits = Limits::default();
         let u = joiner.usage(&c1, &w, &paths, now);
-        assert_eq!((u.memory_limit, u.cpu_limit_cores), (Some(8 << 30), Some(2.0)), "host");
+        assert_eq!(
+            (u.memory_limit, u.cpu_limit_cores),
+            (Some(8 << 30), Some(2.0)),
+            "host"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

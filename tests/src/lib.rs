@@ -3,7 +3,9 @@
 //! made when dropped, so a failing test leaves nothing behind.
 
 pub mod cgroup;
+pub mod docker;
 pub mod fake_mackerel;
+pub mod fake_platform;
 pub mod netns;
 pub mod observer_cmd;
 pub mod process;

@@ -264,18 +264,27 @@ fn a_process_outside_any_container_is_counted_under_its_own_cgroup() {
         .find_map(|l| l.strip_prefix("0::"))
         .expect("a cgroup v2 line")
         .to_owned();
-    let own_id = observer::cgroupfs::cgroup_id(&testbed::v2_root().join(rel.trim_start_matches('/')))
-        .unwrap();
+    let own_id =
+        observer::cgroupfs::cgroup_id(&testbed::v2_root().join(rel.trim_start_matches('/')))
+            .unwrap();
     let mut counting = Counting::attach();
     let receiver = TestCgroup::new("host-rx").unwrap();
-    let mut rx = Spawned::start(&trafficgen(), &["udp-recv", "127.0.0.1:0", "250"], at(&receiver)).unwrap();
+    let mut rx = Spawned::start(
+        &trafficgen(),
+        &["udp-recv", "127.0.0.1:0", "250"],
+        at(&receiver),
+    )
+    .unwrap();
     let addr = rx.expect("ready ").unwrap();
     let before = counting.of_id(own_id);
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     for _ in 0..250 {
         socket.send_to(&[7u8; 300], &addr).unwrap();
     }
-    assert_eq!(rx.expect("received ").unwrap(), format!("250 {}", 250 * 300));
+    assert_eq!(
+        rx.expect("received ").unwrap(),
+        format!("250 {}", 250 * 300)
+    );
     rx.wait(Duration::from_secs(10)).unwrap();
     let after = counting.of_id(own_id);
 

@@ -171,7 +171,9 @@ impl TaskResponse {
             id: id.to_owned(),
             name: format!("{}:{}", self.family, self.version),
             namespace: cluster.map(str::to_owned),
-            labels: BTreeMap::new(),
+            // The ARN, under the label the agent puts on every task container: the Mackerel
+            // host's customIdentifier.
+            labels: BTreeMap::from([(LABEL_TASK_ARN.to_owned(), self.arn.clone())]),
             owner: None,
             controller: None,
             status: (!self.known_status.is_empty()).then(|| self.known_status.clone()),
@@ -270,7 +272,7 @@ pub fn workloads_from_labels(containers: Vec<Container>) -> (Vec<Workload>, Vec<
                     id: task_id.to_owned(),
                     name,
                     namespace: labels.cluster.clone(),
-                    labels: BTreeMap::new(),
+                    labels: BTreeMap::from([(LABEL_TASK_ARN.to_owned(), labels.task_arn.clone())]),
                     owner: None,
                     controller: None,
                     status: None,

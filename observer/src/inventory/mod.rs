@@ -10,6 +10,8 @@ pub mod cgroup_path;
 pub mod docker;
 pub mod ecs;
 pub mod kubelet;
+pub mod refresh;
+pub mod sources;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -35,6 +37,25 @@ pub struct Inventory {
     pub tasks: Vec<Workload>,
     /// Containers that belong to no task, pod or project (plain `docker run`).
     pub standalone: Vec<Container>,
+    /// Set when the source answered from a fallback (the ECS agent was down, tasks come from
+    /// Docker labels): why, for the output and the log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
+    /// Set by [`refresh::Refresher`] while the source fails: this is the last good inventory,
+    /// kept since then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale: Option<Stale>,
+}
+
+/// Why an inventory is old: its source has been failing since `since`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stale {
+    /// The first failure of this outage.
+    pub since: SystemTime,
+    /// The latest failure's reason.
+    pub reason: String,
+    /// Failed attempts in this outage.
+    pub failures: u32,
 }
 
 /// Facts about the node as the platform sees it.
@@ -162,6 +183,8 @@ impl Inventory {
             node: NodeInfo::default(),
             tasks: Vec::new(),
             standalone: Vec::new(),
+            degraded: None,
+            stale: None,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod client;
 pub mod hosts;
 pub mod model;
 pub mod names;
+pub mod report;
 pub mod sink;
 
 use std::{path::PathBuf, time::Duration};

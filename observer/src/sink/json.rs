@@ -189,7 +189,11 @@ fn container_line<'a>(c: &'a ContainerReport, snapshot: &Snapshot) -> ContainerL
     }
 }
 
-fn workload_line<'a>(w: &'a WorkloadReport, time: &'a str, snapshot: &'a Snapshot) -> WorkloadLine<'a> {
+fn workload_line<'a>(
+    w: &'a WorkloadReport,
+    time: &'a str,
+    snapshot: &'a Snapshot,
+) -> WorkloadLine<'a> {
     WorkloadLine {
         head: Head {
             r#type: "task",
@@ -197,7 +201,10 @@ fn workload_line<'a>(w: &'a WorkloadReport, time: &'a str, snapshot: &'a Snapsho
             interval_seconds: snapshot.interval.as_secs_f64(),
         },
         platform: snapshot.platform.as_ref().map(|p| p.source),
-        stale: snapshot.platform.as_ref().is_some_and(|p| p.stale_since.is_some()),
+        stale: snapshot
+            .platform
+            .as_ref()
+            .is_some_and(|p| p.stale_since.is_some()),
         kind: w.kind,
         id: &w.id,
         name: &w.name,
@@ -208,7 +215,11 @@ fn workload_line<'a>(w: &'a WorkloadReport, time: &'a str, snapshot: &'a Snapsho
         cgroup_ids: &w.cgroup_ids,
         traffic: TrafficFields::new(&w.traffic, snapshot),
         usage: (&w.usage).into(),
-        containers: w.containers.iter().map(|c| container_line(c, snapshot)).collect(),
+        containers: w
+            .containers
+            .iter()
+            .map(|c| container_line(c, snapshot))
+            .collect(),
     }
 }
 

@@ -4,6 +4,8 @@
 //! own and hands the snapshot to it.
 
 pub mod json;
+pub mod prometheus;
+pub mod table;
 
 use crate::snapshot::Snapshot;
 

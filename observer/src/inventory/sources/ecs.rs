@@ -1,0 +1,467 @@
+//! `--platform ecs`: the ECS agent's introspection API (`/v1/metadata`, `/v1/tasks`), with
+//! the Docker socket filling in what the API leaves out and standing in when it is down.
+//!
+//! With the socket, each container gets Docker's network mode, limits and labels, and the
+//! task's internal containers (the awsvpc pause container, which `/v1/tasks` never lists) are
+//! added from their `com.amazonaws.ecs.*` labels. When the API fails, the tasks come from those
+//! labels alone and the inventory says so in [`Inventory::degraded`]; the API is retried with
+//! backoff meanwhile, so a down agent does not cost a timeout every interval.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use tokio::time::Instant;
+
+use super::{base_url, http_get, BuildError, DockerClient, SourceConfig};
+use crate::inventory::{
+    ecs::{workloads_from_labels, AgentMetadata, EcsLabels, TasksResponse},
+    refresh::Backoff,
+    sources::docker::InspectCache,
+    Container, Inventory, InventoryFuture, InventorySource, NetworkMode, SourceError, Workload,
+};
+
+/// The agent's status for a task that has stopped; the agent keeps listing such tasks for
+/// hours (`ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION`), but they have no cgroups left.
+const STOPPED: &str = "STOPPED";
+
+/// The ECS agent introspection API, with the Docker socket as helper and fallback.
+#[derive(Debug)]
+pub struct EcsSource {
+    agent_url: String,
+    http: reqwest::Client,
+    timeout: Duration,
+    docker: Option<DockerClient>,
+    cache: InspectCache,
+    agent: Mutex<AgentHealth>,
+}
+
+/// When to ask the agent again after it failed, while Docker labels stand in.
+#[derive(Debug)]
+struct AgentHealth {
+    backoff: Backoff,
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl EcsSource {
+    /// A source for `config.ecs_agent_url`; the Docker socket is used when it exists.
+    pub fn new(config: &SourceConfig) -> Result<Self, BuildError> {
+        let docker = config
+            .docker_socket
+            .exists()
+            .then(|| config.docker_client());
+        Self::with_docker(config, docker)
+    }
+
+    /// A source with an explicit Docker client (or none: no fallback, no enrichment).
+    pub fn with_docker(
+        config: &SourceConfig,
+        docker: Option<DockerClient>,
+    ) -> Result<Self, BuildError> {
+        let url = base_url(&config.ecs_agent_url);
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(BuildError::EcsScheme {
+                url: config.ecs_agent_url.clone(),
+            });
+        }
+        let http = reqwest::Client::builder()
+            // Node-local APIs: never through an HTTP(S)_PROXY from the environment.
+            .no_proxy()
+            .connect_timeout(config.timeout)
+            .build()
+            .map_err(|e| BuildError::Http(e.to_string()))?;
+        Ok(Self {
+            agent_url: url.to_owned(),
+            http,
+            timeout: config.timeout,
+            docker,
+            cache: InspectCache::default(),
+            agent: Mutex::new(AgentHealth {
+                backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+                retry_at: None,
+                last_error: None,
+            }),
+        })
+    }
+
+    /// How long to leave the agent alone after a failure while Docker labels stand in
+    /// (default 1 s doubling to 60 s).
+    pub fn with_agent_backoff(self, min: Duration, max: Duration) -> Self {
+        self.health().backoff = Backoff::new(min, max);
+        self
+    }
+
+    pub fn agent_url(&self) -> &str {
+        &self.agent_url
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, AgentHealth> {
+        self.agent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn fetch_inner(&self) -> Result<Inventory, SourceError> {
+        let ask_agent = {
+            let health = self.health();
+            // Without a fallback there is nothing to do but ask; the Refresher backs off.
+            self.docker.is_none() || health.retry_at.is_none_or(|at| Instant::now() >= at)
+        };
+        if ask_agent {
+            match self.ask_agent().await {
+                Ok(mut inventory) => {
+                    self.agent_recovered();
+                    if let Some(docker) = &self.docker {
+                        match docker.containers(&self.cache).await {
+                            Ok(containers) => enrich(&mut inventory, containers),
+                            Err(e) => log::debug!("ECS inventory without Docker details: {e}"),
+                        }
+                    }
+                    return Ok(inventory);
+                }
+                Err(e) if self.docker.is_some() => self.agent_failed(&e),
+                Err(e) => return Err(e),
+            }
+        }
+        let docker = self.docker.as_ref().expect("only reached with a fallback");
+        let agent_error = self.health().last_error.clone().unwrap_or_default();
+        let containers = docker.containers(&self.cache).await.map_err(|e| {
+            SourceError::Other(format!(
+                "{agent_error}; the Docker-label fallback failed too: {e}"
+            ))
+        })?;
+        let mut inventory = from_labels(containers);
+        inventory.degraded = Some(format!(
+            "ECS agent introspection API failed ({agent_error}); tasks from Docker labels"
+        ));
+        Ok(inventory)
+    }
+
+    /// `/v1/metadata` and `/v1/tasks`, asked together.
+    async fn ask_agent(&self) -> Result<Inventory, SourceError> {
+        let metadata_url = format!("{}/v1/metadata", self.agent_url);
+        let tasks_url = format!("{}/v1/tasks", self.agent_url);
+        let (metadata, tasks) = tokio::join!(
+            http_get(&self.http, &metadata_url, self.timeout, None),
+            http_get(&self.http, &tasks_url, self.timeout, None),
+        );
+        let metadata: AgentMetadata =
+            serde_json::from_slice(&metadata?).map_err(|source| SourceError::Decode {
+                url: metadata_url,
+                source,
+            })?;
+        let tasks: TasksResponse =
+            serde_json::from_slice(&tasks?).map_err(|source| SourceError::Decode {
+                url: tasks_url,
+                source,
+            })?;
+        Ok(from_agent_answers(&metadata, &tasks))
+    }
+
+    fn agent_recovered(&self) {
+        let mut health = self.health();
+        health.backoff.reset();
+        health.retry_at = None;
+        health.last_error = None;
+    }
+
+    fn agent_failed(&self, e: &SourceError) {
+        let mut health = self.health();
+        let wait = health.backoff.next_delay();
+        health.retry_at = Some(Instant::now() + wait);
+        health.last_error = Some(e.to_string());
+        log::debug!("ECS agent: {e}; Docker labels stand in, next try in {wait:?}");
+    }
+}
+
+impl InventorySource for EcsSource {
+    fn name(&self) -> &'static str {
+        "ecs"
+    }
+
+    fn fetch(&self) -> InventoryFuture<'_> {
+        Box::pin(self.fetch_inner())
+    }
+}
+
+/// The inventory the agent's two answers describe: its running (not STOPPED) tasks.
+pub fn from_agent_answers(metadata: &AgentMetadata, tasks: &TasksResponse) -> Inventory {
+    let node = metadata.node_info();
+    let mut inventory = Inventory::empty("ecs");
+    inventory.fetched_at = SystemTime::now();
+    inventory.tasks = tasks
+        .tasks
+        .iter()
+        .filter(|t| t.known_status != STOPPED)
+        .filter_map(|t| t.to_workload(node.cluster.as_deref()))
+        .collect();
+    inventory.node = node;
+    inventory
+}
+
+/// The inventory from Docker labels alone (the agent is down).
+pub fn from_labels(containers: Vec<Container>) -> Inventory {
+    let (tasks, standalone) = workloads_from_labels(containers);
+    let mut inventory = Inventory::empty("ecs");
+    inventory.fetched_at = SystemTime::now();
+    // Every task container carries the cluster label; take the first.
+    inventory.node.cluster = tasks.iter().find_map(|t| t.namespace.clone());
+    inventory.tasks = tasks;
+    inventory.standalone = standalone;
+    inventory
+}
+
+/// Adds what Docker knows to the agent's inventory: per-container network mode (the v1 API
+/// gives it only for awsvpc), limits and labels, and the task containers the API hides.
+pub fn enrich(inventory: &mut Inventory, docker: Vec<Container>) {
+    let by_id: HashMap<&str, &Container> = docker.iter().map(|c| (c.id.as_str(), c)).collect();
+    let listed: HashSet<&str> = inventory
+        .tasks
+        .iter()
+        .flat_map(|t| t.containers.iter().map(|c| c.id.as_str()))
+        .collect();
+    // Internal containers of listed tasks, by task id.
+    let mut hidden: HashMap<String, Vec<Container>> = HashMap::new();
+    for container in docker.iter().filter(|c| !listed.contains(c.id.as_str())) {
+        if let Some(labels) = EcsLabels::from_labels(&container.labels) {
+            let mut container = container.clone();
+            if let Some(name) = &labels.container_name {
+                container.name = name.clone();
+            }
+            hidden
+                .entry(labels.task_id().to_owned())
+                .or_default()
+                .push(container);
+        }
+    }
+    for task in &mut inventory.tasks {
+        for container in &mut task.containers {
+            let Some(known) = by_id.get(container.id.as_str()) else {
+                continue;
+            };
+            if container.network_mode == NetworkMode::Unknown {
+                container.network_mode = known.network_mode.clone();
+            }
+            container.limits = known.limits;
+            container.labels = known.labels.clone();
+            if container.image.is_none() {
+                container.image = known.image.clone();
+            }
+        }
+        if let Some(extra) = hidden.remove(&task.id) {
+            task.containers.extend(extra);
+        }
+        if task.network_mode == NetworkMode::Unknown {
+            task.network_mode = task_network_mode(task);
+        }
+    }
+}
+
+/// ECS network modes are per task; a container in another's namespace (`container:<pause>`)
+/// only happens in awsvpc tasks.
+fn task_network_mode(task: &Workload) -> NetworkMode {
+    let mut modes = task.containers.iter().map(|c| &c.network_mode);
+    if modes
+        .clone()
+        .any(|m| matches!(m, NetworkMode::Container(_)))
+    {
+        return NetworkMode::Awsvpc;
+    }
+    modes
+        .find(|m| !matches!(m, NetworkMode::Unknown | NetworkMode::None))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::inventory::{
+        ecs::{LABEL_CLUSTER, LABEL_CONTAINER_NAME, LABEL_TASK_ARN},
+        Limits, Runtime,
+    };
+
+    const METADATA: &str = include_str!("../fixtures/ecs_metadata.json");
+    const AWSVPC: &str = include_str!("../fixtures/ecs_tasks_awsvpc.json");
+
+    const TASK: &str = "8f03e41243824aea923aca126495f665";
+    const OLD_TASK: &str = "090eff9b-1ce3-4db6-848a-a8d14064fd24";
+
+    fn cid(c: char) -> String {
+        c.to_string().repeat(64)
+    }
+
+    fn task_json(task: &str, status: &str, containers: &[&str]) -> String {
+        let containers: Vec<String> = containers
+            .iter()
+            .map(|id| format!(r#"{{"DockerId":"{id}","Name":"app-{}"}}"#, &id[..1]))
+            .collect();
+        format!(
+            r#"{{"Arn":"arn:aws:ecs:us-east-1:1:task/prod/{task}","KnownStatus":"{status}","Family":"web","Version":"3","Containers":[{}]}}"#,
+            containers.join(",")
+        )
+    }
+
+    fn answers(tasks: &[String]) -> Inventory {
+        let metadata: AgentMetadata = serde_json::from_str(METADATA).unwrap();
+        let tasks: TasksResponse =
+            serde_json::from_str(&format!(r#"{{"Tasks":[{}]}}"#, tasks.join(","))).unwrap();
+        from_agent_answers(&metadata, &tasks)
+    }
+
+    #[test]
+    fn agent_answers_give_running_tasks_with_the_cluster() {
+        let metadata: AgentMetadata = serde_json::from_str(METADATA).unwrap();
+        let tasks: TasksResponse = serde_json::from_str(AWSVPC).unwrap();
+        let inv = from_agent_answers(&metadata, &tasks);
+        assert_eq!(inv.source, "ecs");
+        assert_eq!(inv.node.cluster.as_deref(), Some("cluster_name"));
+        assert!(inv
+            .node
+            .instance
+            .as_deref()
+            .unwrap()
+            .contains("container-instance"));
+        // The fixture's second task is STOPPED: it has no cgroups, so it is not listed.
+        assert_eq!(inv.tasks.len(), 1);
+        assert_eq!(inv.tasks[0].namespace.as_deref(), Some("cluster_name"));
+        assert_eq!(inv.tasks[0].network_mode, NetworkMode::Awsvpc);
+        assert!(inv.degraded.is_none() && inv.stale.is_none());
+    }
+
+    /// Every ECS cgroup layout attributes containers to themselves and the hidden pause
+    /// container and the task cgroup to the task.
+    #[test]
+    fn ecs_cgroup_layouts_attach() {
+        let (a, pause) = (cid('a'), cid('f'));
+        let b = cid('b');
+        for (task, task_path) in [
+            (TASK, format!("/ecs/{TASK}")),
+            (OLD_TASK, format!("/ecs/{OLD_TASK}")),
+            (TASK, format!("/ecstasks.slice/ecstasks-{TASK}.slice")),
+            // Seen from inside a cgroup namespace.
+            (TASK, format!("/../../ecs/{TASK}")),
+        ] {
+            let v2 = task_path.contains("slice");
+            let leaf = |id: &str| {
+                if v2 {
+                    format!("{task_path}/docker-{id}.scope")
+                } else {
+                    format!("{task_path}/{id}")
+                }
+            };
+            let mut inv = answers(&[task_json(task, "RUNNING", &[&a, &b])]);
+            let (pa, pb, pp) = (leaf(&a), leaf(&b), leaf(&pause));
+            let unmatched = inv.attach_cgroups([
+                (1, pa.as_str()),
+                (2, pb.as_str()),
+                (3, pp.as_str()),
+                (4, task_path.as_str()),
+            ]);
+            assert!(unmatched.is_empty(), "{task_path}: {unmatched:?}");
+            let t = &inv.tasks[0];
+            assert_eq!(t.id, task);
+            assert_eq!(t.containers[0].cgroup_ids, [1], "{task_path}");
+            assert_eq!(t.containers[1].cgroup_ids, [2], "{task_path}");
+            assert_eq!(t.cgroup_ids, [3, 4], "{task_path}: pause and task cgroup");
+        }
+    }
+
+    #[test]
+    fn stopped_tasks_leave() {
+        let (a, b) = (cid('a'), cid('b'));
+        let other = "1".repeat(32);
+        let inv = answers(&[
+            task_json(TASK, "RUNNING", &[&a]),
+            task_json(&other, STOPPED, &[&b]),
+        ]);
+        let ids: Vec<&str> = inv.tasks.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, [TASK]);
+    }
+
+    fn docker_container(id: &str, task: Option<&str>, name: &str, mode: NetworkMode) -> Container {
+        let mut labels = BTreeMap::new();
+        if let Some(task) = task {
+            labels.insert(
+                LABEL_TASK_ARN.to_owned(),
+                format!("arn:aws:ecs:us-east-1:1:task/prod/{task}"),
+            );
+            labels.insert(LABEL_CONTAINER_NAME.to_owned(), name.to_owned());
+            labels.insert(LABEL_CLUSTER.to_owned(), "prod".to_owned());
+        }
+        Container {
+            id: id.to_owned(),
+            name: format!("ecs-web-3-{name}-0123"),
+            runtime: Runtime::Docker,
+            image: Some("local/busybox".into()),
+            network_mode: mode,
+            limits: Limits {
+                cpu_cores: Some(0.5),
+                memory_bytes: Some(256 << 20),
+            },
+            labels,
+            cgroup_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn docker_fills_in_modes_limits_and_the_pause_container() {
+        let (a, pause, host_app, lone) = (cid('a'), cid('f'), cid('c'), cid('d'));
+        let host_task = "2".repeat(32);
+        let mut inv = answers(&[
+            task_json(TASK, "RUNNING", &[&a]),
+            task_json(&host_task, "RUNNING", &[&host_app]),
+        ]);
+        enrich(
+            &mut inv,
+            vec![
+                docker_container(&a, Some(TASK), "app", NetworkMode::Container(pause.clone())),
+                docker_container(&pause, Some(TASK), "~internal~ecs~pause", NetworkMode::None),
+                docker_container(&host_app, Some(&host_task), "web", NetworkMode::Host),
+                docker_container(&lone, None, "lone", NetworkMode::Bridge),
+            ],
+        );
+        let awsvpc = &inv.tasks[0];
+        assert_eq!(awsvpc.network_mode, NetworkMode::Awsvpc);
+        let names: Vec<&str> = awsvpc.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["app-a", "~internal~ecs~pause"]);
+        assert_eq!(awsvpc.containers[0].limits.cpu_cores, Some(0.5));
+        assert!(awsvpc.containers[0].labels.contains_key(LABEL_TASK_ARN));
+        assert_eq!(inv.tasks[1].network_mode, NetworkMode::Host);
+        assert_eq!(inv.tasks[1].containers[0].network_mode, NetworkMode::Host);
+        assert!(
+            inv.standalone.is_empty(),
+            "non-ECS containers are not the agent's"
+        );
+    }
+
+    #[test]
+    fn labels_alone_make_tasks() {
+        let (a, pause) = (cid('a'), cid('f'));
+        let inv = from_labels(vec![
+            docker_container(&pause, Some(TASK), "~internal~ecs~pause", NetworkMode::None),
+            docker_container(&a, Some(TASK), "app", NetworkMode::Container(pause.clone())),
+            docker_container(&cid('d'), None, "lone", NetworkMode::Bridge),
+        ]);
+        assert_eq!(inv.node.cluster.as_deref(), Some("prod"));
+        assert_eq!(inv.tasks.len(), 1);
+        assert_eq!(inv.tasks[0].network_mode, NetworkMode::Awsvpc);
+        assert_eq!(inv.standalone.len(), 1);
+    }
+
+    #[test]
+    fn urls_must_be_http() {
+        let mut config = SourceConfig::new(Default::default());
+        config.ecs_agent_url = "127.0.0.1:51678".into();
+        assert!(matches!(
+            EcsSource::with_docker(&config, None),
+            Err(BuildError::EcsScheme { .. })
+        ));
+        config.ecs_agent_url = "http://127.0.0.1:51678/".into();
+        let source = EcsSource::with_docker(&config, None).unwrap();
+        assert_eq!(source.agent_url(), "http://127.0.0.1:51678");
+    }
+}

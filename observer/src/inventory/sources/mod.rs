@@ -1,0 +1,409 @@
+//! The platform sources: ECS agent, kubelet, Docker socket, or none, chosen by `--platform`
+//! or detected ([`select`]). Each is an [`InventorySource`]; [`super::refresh::Refresher`] adds
+//! the timeout, the backoff and the last good inventory on top.
+
+pub mod detect;
+pub mod docker;
+pub mod ecs;
+pub mod kubernetes;
+
+use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
+
+use super::{InventorySource, NoSource, SourceError};
+
+pub use detect::{detect, Detection};
+pub use docker::{DockerClient, DockerError, DockerSource};
+pub use ecs::EcsSource;
+pub use kubernetes::KubeletSource;
+
+/// Which platform to ask (`--platform`, env `OBSERVER_PLATFORM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum Platform {
+    /// Detect at start: ECS, then Kubernetes, then Docker, else none ([`detect`]).
+    #[default]
+    Auto,
+    /// The ECS agent's introspection API, with Docker labels as the fallback.
+    Ecs,
+    /// The kubelet's `/pods`.
+    Kubernetes,
+    /// The Docker socket; Compose projects as the groups.
+    Docker,
+    /// cgroups only.
+    None,
+}
+
+impl Platform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Ecs => "ecs",
+            Self::Kubernetes => "kubernetes",
+            Self::Docker => "docker",
+            Self::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Platform {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "ecs" => Ok(Self::Ecs),
+            "kubernetes" | "k8s" => Ok(Self::Kubernetes),
+            "docker" => Ok(Self::Docker),
+            "none" => Ok(Self::None),
+            _ => Err(format!(
+                "unknown platform {s:?} (expected auto, ecs, kubernetes, docker or none)"
+            )),
+        }
+    }
+}
+
+/// What the process environment says about the platform; read once, passed in so tests can
+/// set it without touching the real environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlatformEnv {
+    /// `NODE_NAME`: the Kubernetes node (from the downward API, `spec.nodeName`).
+    pub node_name: Option<String>,
+    /// `ECS_CONTAINER_METADATA_URI_V4`, else `ECS_CONTAINER_METADATA_URI`: set by the ECS agent
+    /// in every task container.
+    pub ecs_metadata_uri: Option<String>,
+    /// `KUBERNETES_SERVICE_HOST`: set by the kubelet in every pod.
+    pub kubernetes_service_host: Option<String>,
+}
+
+impl PlatformEnv {
+    /// Reads the variables from this process's environment; empty values count as unset.
+    pub fn from_process() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self {
+            node_name: var("NODE_NAME"),
+            ecs_metadata_uri: var("ECS_CONTAINER_METADATA_URI_V4")
+                .or_else(|| var("ECS_CONTAINER_METADATA_URI")),
+            kubernetes_service_host: var("KUBERNETES_SERVICE_HOST"),
+        }
+    }
+}
+
+/// Default `--ecs-agent-url`: the agent runs in the host network namespace.
+pub const DEFAULT_ECS_AGENT_URL: &str = "http://127.0.0.1:51678";
+/// Default `--kubelet-token-file`: the pod's service-account token.
+pub const DEFAULT_KUBELET_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// Default `--kubelet-ca-file`: the cluster CA of the pod's service account.
+pub const DEFAULT_KUBELET_CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+/// Default `--docker-socket`.
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// Default per-request timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The default kubelet URL for a node: its authenticated HTTPS port.
+pub fn default_kubelet_url(node_name: &str) -> String {
+    format!("https://{node_name}:10250")
+}
+
+/// How to reach the platform. Plain data; the CLI fills it from flags and environment:
+///
+/// | field | flag | env | default |
+/// |---|---|---|---|
+/// | `platform` | `--platform` | `OBSERVER_PLATFORM` | `auto` |
+/// | `ecs_agent_url` | `--ecs-agent-url` | `OBSERVER_ECS_AGENT_URL` | `http://127.0.0.1:51678` |
+/// | `kubelet_url` | `--kubelet-url` | `OBSERVER_KUBELET_URL` | `https://$NODE_NAME:10250` |
+/// | `kubelet_token_file` | `--kubelet-token-file` | | the service-account token |
+/// | `kubelet_ca_file` | `--kubelet-ca-file` | | the service-account `ca.crt` |
+/// | `kubelet_insecure_tls` | `--kubelet-insecure-tls` | | false |
+/// | `docker_socket` | `--docker-socket` | | `/var/run/docker.sock` |
+/// | `timeout` | | | 3 s |
+///
+/// The kubelet's read-only port is used by giving a plain HTTP URL
+/// (`--kubelet-url http://$NODE_NAME:10255`): no TLS, and no token is sent over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub platform: Platform,
+    /// Base URL of the ECS agent's introspection API.
+    pub ecs_agent_url: String,
+    /// Base URL of the kubelet (`/pods` is appended). None when neither given nor derivable
+    /// (`NODE_NAME` unset): choosing kubernetes then fails with a message that says so.
+    pub kubelet_url: Option<String>,
+    /// Bearer token for the kubelet, re-read on every request because projected tokens rotate.
+    /// An empty file means no token.
+    pub kubelet_token_file: PathBuf,
+    /// PEM CA bundle that signed the kubelet's serving certificate.
+    pub kubelet_ca_file: PathBuf,
+    /// Do not verify the kubelet's certificate (self-signed serving certificates).
+    pub kubelet_insecure_tls: bool,
+    pub docker_socket: PathBuf,
+    /// Per HTTP request.
+    pub timeout: Duration,
+    /// The environment facts detection and the kubelet default use.
+    pub env: PlatformEnv,
+}
+
+impl SourceConfig {
+    /// Defaults, with the kubelet URL derived from `env.node_name`.
+    pub fn new(env: PlatformEnv) -> Self {
+        Self {
+            platform: Platform::Auto,
+            ecs_agent_url: DEFAULT_ECS_AGENT_URL.to_owned(),
+            kubelet_url: env.node_name.as_deref().map(default_kubelet_url),
+            kubelet_token_file: DEFAULT_KUBELET_TOKEN_FILE.into(),
+            kubelet_ca_file: DEFAULT_KUBELET_CA_FILE.into(),
+            kubelet_insecure_tls: false,
+            docker_socket: DEFAULT_DOCKER_SOCKET.into(),
+            timeout: DEFAULT_TIMEOUT,
+            env,
+        }
+    }
+
+    /// The Docker client for this configuration.
+    pub fn docker_client(&self) -> DockerClient {
+        DockerClient::new(&self.docker_socket, self.timeout)
+    }
+}
+
+impl Default for SourceConfig {
+    /// Defaults from this process's environment.
+    fn default() -> Self {
+        Self::new(PlatformEnv::from_process())
+    }
+}
+
+/// Why a source could not be set up. These end the program at start-up, so each says what to
+/// change.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(
+        "--platform kubernetes needs the kubelet URL: set NODE_NAME (downward API spec.nodeName) \
+         or --kubelet-url / OBSERVER_KUBELET_URL"
+    )]
+    NoKubeletUrl,
+    #[error("kubelet URL {url:?} must start with https:// or http:// (read-only port)")]
+    KubeletScheme { url: String },
+    #[error(
+        "cannot read the kubelet CA file {path}: {source} (set --kubelet-ca-file, or \
+         --kubelet-insecure-tls to skip verification)"
+    )]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the kubelet CA file {path} holds no usable PEM certificate: {reason}")]
+    CaPem { path: PathBuf, reason: String },
+    #[error("ECS agent URL {url:?} must start with http:// or https://")]
+    EcsScheme { url: String },
+    #[error("cannot set up the HTTP client: {0}")]
+    Http(String),
+    #[error("platform auto must be detected first (sources::select does)")]
+    Undetected,
+}
+
+/// Builds the source for `config.platform`, which must not be `Auto` (see [`select`]).
+///
+/// ECS gets the Docker socket for its label fallback when the socket exists.
+pub fn build(config: &SourceConfig) -> Result<Box<dyn InventorySource>, BuildError> {
+    Ok(match config.platform {
+        Platform::Auto => return Err(BuildError::Undetected),
+        Platform::Ecs => Box::new(EcsSource::new(config)?),
+        Platform::Kubernetes => Box::new(KubeletSource::new(config)?),
+        Platform::Docker => Box::new(DockerSource::new(config.docker_client())),
+        Platform::None => Box::new(NoSource),
+    })
+}
+
+/// The chosen source and why, for the start-up log line.
+pub struct Selected {
+    pub source: Box<dyn InventorySource>,
+    /// Never `Auto`.
+    pub platform: Platform,
+    /// "ECS agent answered at http://127.0.0.1:51678", "--platform docker", ...
+    pub reason: String,
+}
+
+impl fmt::Debug for Selected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Selected")
+            .field("platform", &self.platform)
+            .field("reason", &self.reason)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Detects the platform when `config.platform` is `Auto`, then builds its source.
+pub async fn select(config: &SourceConfig) -> Result<Selected, BuildError> {
+    let (platform, reason) = match config.platform {
+        Platform::Auto => {
+            let found = detect(config).await;
+            (found.platform, found.reason)
+        }
+        chosen => (chosen, format!("--platform {chosen}")),
+    };
+    let config = SourceConfig {
+        platform,
+        ..config.clone()
+    };
+    Ok(Selected {
+        source: build(&config)?,
+        platform,
+        reason,
+    })
+}
+
+/// `url` without trailing slashes, so paths can be appended.
+pub(crate) fn base_url(url: &str) -> &str {
+    url.trim_end_matches('/')
+}
+
+/// `GET url` with an optional bearer token; the body of a 2xx answer.
+///
+/// Errors name the URL, never the token (reqwest marks a bearer header sensitive and does not
+/// put headers in its errors).
+pub(crate) async fn http_get(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+    bearer: Option<&str>,
+) -> Result<hyper::body::Bytes, SourceError> {
+    let mut request = client.get(url).timeout(timeout);
+    if let Some(token) = bearer {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| request_error(url, timeout, &e))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(SourceError::Status {
+            url: url.to_owned(),
+            status: status.as_u16(),
+        });
+    }
+    response
+        .bytes()
+        .await
+        .map_err(|e| request_error(url, timeout, &e))
+}
+
+/// A reqwest error as a [`SourceError`], with the underlying cause (connection refused, TLS
+/// verification) spelled out.
+pub(crate) fn request_error(url: &str, timeout: Duration, e: &reqwest::Error) -> SourceError {
+    if e.is_timeout() {
+        return SourceError::Timeout {
+            url: url.to_owned(),
+            after: timeout,
+        };
+    }
+    SourceError::Unreachable {
+        url: url.to_owned(),
+        reason: error_chain(e),
+    }
+}
+
+/// An error and its sources, each once: "client error (Connect): tcp connect error: ...".
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        // reqwest's top level repeats the URL the caller already names.
+        let text = match text.strip_prefix("error sending request for url (") {
+            Some(_) => String::new(),
+            None => text,
+        };
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platforms_parse_and_print() {
+        for p in [
+            Platform::Auto,
+            Platform::Ecs,
+            Platform::Kubernetes,
+            Platform::Docker,
+            Platform::None,
+        ] {
+            assert_eq!(p.as_str().parse::<Platform>(), Ok(p));
+        }
+        assert_eq!("K8S".parse::<Platform>(), Ok(Platform::Kubernetes));
+        assert!("swarm".parse::<Platform>().unwrap_err().contains("swarm"));
+    }
+
+    #[test]
+    fn defaults_follow_the_environment() {
+        let config = SourceConfig::new(PlatformEnv {
+            node_name: Some("ip-10-0-1-5.ec2.internal".into()),
+            ..PlatformEnv::default()
+        });
+        assert_eq!(config.platform, Platform::Auto);
+        assert_eq!(config.ecs_agent_url, "http://127.0.0.1:51678");
+        assert_eq!(
+            config.kubelet_url.as_deref(),
+            Some("https://ip-10-0-1-5.ec2.internal:10250")
+        );
+        assert_eq!(config.timeout, Duration::from_secs(3));
+        assert_eq!(config.docker_socket, PathBuf::from("/var/run/docker.sock"));
+        assert!(!config.kubelet_insecure_tls);
+        assert_eq!(SourceConfig::new(PlatformEnv::default()).kubelet_url, None);
+    }
+
+    #[test]
+    fn kubernetes_without_a_node_name_says_what_to_set() {
+        let config = SourceConfig {
+            platform: Platform::Kubernetes,
+            ..SourceConfig::new(PlatformEnv::default())
+        };
+        let Err(err) = build(&config) else {
+            panic!("built without a kubelet URL")
+        };
+        assert!(matches!(err, BuildError::NoKubeletUrl));
+        assert!(err.to_string().contains("NODE_NAME"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn explicit_platforms_build_without_probing() {
+        let mut config = SourceConfig::new(PlatformEnv::default());
+        for (platform, name) in [
+            (Platform::Ecs, "ecs"),
+            (Platform::Docker, "docker"),
+            (Platform::None, "none"),
+        ] {
+            config.platform = platform;
+            let selected = select(&config).await.unwrap();
+            assert_eq!(selected.source.name(), name);
+            assert_eq!(selected.platform, platform);
+            assert_eq!(selected.reason, format!("--platform {name}"));
+        }
+        config.platform = Platform::Auto;
+        assert!(matches!(build(&config), Err(BuildError::Undetected)));
+    }
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            base_url("http://127.0.0.1:51678/"),
+            "http://127.0.0.1:51678"
+        );
+        assert_eq!(base_url("http://h:1"), "http://h:1");
+    }
+}

@@ -1,0 +1,224 @@
+//! One interval's snapshot as Mackerel host reports: one host per ECS task or Kubernetes pod,
+//! with each container's CPU, memory and network (every network mode, loopback apart).
+
+use serde_json::json;
+
+use super::model::{
+    CloudMeta, ContainerMetrics, HostIdentity, HostMeta, HostReport, IntervalReport,
+};
+use crate::{
+    inventory::ecs::LABEL_TASK_ARN,
+    snapshot::{per_second, Snapshot},
+    workloads::{ContainerReport, ReportKind, WorkloadReport},
+};
+
+/// Label or annotation whose value ("service:role,...") adds roles to a task's host.
+pub const ROLES_LABEL: &str = "mackerel.io/roles";
+
+/// Hosts for the tasks and pods of `snapshot`; Compose projects and lone containers have none.
+/// Workloads that cannot be named (an ECS task without its ARN) are left out with a debug line.
+pub fn interval_report(snapshot: &Snapshot) -> IntervalReport {
+    let hosts = snapshot
+        .workloads
+        .iter()
+        .filter_map(|w| match host_report(w, snapshot) {
+            Ok(host) => host,
+            Err(e) => {
+                log::debug!("Mackerel: no host for {}: {e}", w.name);
+                None
+            }
+        })
+        .collect();
+    IntervalReport {
+        time: snapshot.time,
+        hosts,
+    }
+}
+
+fn host_report(
+    w: &WorkloadReport,
+    snapshot: &Snapshot,
+) -> Result<Option<HostReport>, super::model::IdentityError> {
+    let (identity, cloud) = match w.kind {
+        ReportKind::EcsTask => {
+            let Some(arn) = w.labels.get(LABEL_TASK_ARN) else {
+                return Ok(None);
+            };
+            let cloud = CloudMeta::ecs(json!({
+                "task_arn": arn,
+                "task_id": w.id,
+                "task_definition": w.name,
+                "cluster": w.namespace,
+                "network_mode": crate::sink::json::network_mode_name(&w.network_mode),
+                "containers": w.containers.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            }));
+            (HostIdentity::ecs(arn)?, cloud)
+        }
+        ReportKind::KubernetesPod => {
+            // Workload names of pods are "<namespace>/<name>"; the host is named by the pod.
+            let pod = w.name.rsplit('/').next().unwrap_or(&w.name);
+            let cloud = CloudMeta::kubernetes(json!({
+                "namespace": w.namespace,
+                "name": pod,
+                "uid": w.id,
+                "labels": w.labels,
+                "controller": w.controller.as_ref().map(|o| json!({"kind": o.kind, "name": o.name})),
+                "containers": w.containers.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            }));
+            (HostIdentity::kubernetes(pod, &w.id)?, cloud)
+        }
+        ReportKind::ComposeProject | ReportKind::Container => return Ok(None),
+    };
+    Ok(Some(HostReport {
+        identity,
+        meta: HostMeta::observer(Some(cloud)),
+        roles_label: w.labels.get(ROLES_LABEL).cloned(),
+        containers: w
+            .containers
+            .iter()
+            .map(|c| container_metrics(c, snapshot))
+            .collect(),
+    }))
+}
+
+fn container_metrics(c: &ContainerReport, snapshot: &Snapshot) -> ContainerMetrics {
+    let rate = |n| per_second(n, snapshot.interval);
+    let t = &c.traffic;
+    ContainerMetrics {
+        name: c.name.clone(),
+        cpu_percent: c.usage.cpu_percent,
+        cpu_limit_percent: c.usage.cpu_limit_cores.map(|cores| cores * 100.0),
+        memory_bytes: c.usage.memory_working_set,
+        memory_limit_bytes: c.usage.memory_limit,
+        rx_bytes_per_sec: rate(t.rx.bytes),
+        tx_bytes_per_sec: rate(t.tx.bytes),
+        lo_rx_bytes_per_sec: rate(t.lo_rx.bytes),
+        lo_tx_bytes_per_sec: rate(t.lo_tx.bytes),
+        rx_packets_per_sec: rate(t.rx.packets + t.lo_rx.packets),
+        tx_packets_per_sec: rate(t.tx.packets + t.lo_tx.packets),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeMap,
+        time::{Duration, UNIX_EPOCH},
+    };
+
+    use observer_common::{Counter, TrafficValue};
+
+    use super::*;
+    use crate::{inventory::NetworkMode, snapshot::Health, workloads::Usage};
+
+    fn workload(kind: ReportKind, id: &str, name: &str, labels: &[(&str, &str)]) -> WorkloadReport {
+        let traffic = TrafficValue {
+            rx: Counter {
+                bytes: 6000,
+                packets: 6,
+            },
+            lo_tx: Counter {
+                bytes: 900,
+                packets: 3,
+            },
+            ..Default::default()
+        };
+        WorkloadReport {
+            kind,
+            id: id.into(),
+            name: name.into(),
+            namespace: Some("shop".into()),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            controller: None,
+            network_mode: NetworkMode::Host,
+            cgroup_ids: vec![1],
+            traffic,
+            usage: Usage::default(),
+            containers: vec![ContainerReport {
+                id: "c".repeat(64),
+                name: "app".into(),
+                image: None,
+                network_mode: NetworkMode::Host,
+                cgroup_ids: vec![1],
+                traffic,
+                usage: Usage {
+                    cpu_percent: Some(12.0),
+                    cpu_limit_cores: Some(0.25),
+                    memory_working_set: Some(1 << 20),
+                    memory_limit: Some(1 << 30),
+                },
+            }],
+        }
+    }
+
+    fn snapshot(workloads: Vec<WorkloadReport>) -> Snapshot {
+        Snapshot {
+            time: UNIX_EPOCH + Duration::from_secs(1_795_000_000),
+            interval: Duration::from_secs(3),
+            cgroups: Vec::new(),
+            workloads,
+            platform: None,
+            health: Health::default(),
+        }
+    }
+
+    #[test]
+    fn one_host_per_task_and_pod_named_like_the_container_agent() {
+        let arn = "arn:aws:ecs:us-east-1:111122223333:task/prod/8f03e41243824aea923aca126495f665";
+        let s = snapshot(vec![
+            workload(
+                ReportKind::EcsTask,
+                "8f03e41243824aea923aca126495f665",
+                "web:12",
+                &[(LABEL_TASK_ARN, arn), (ROLES_LABEL, "shop:web")],
+            ),
+            workload(
+                ReportKind::KubernetesPod,
+                "8712f785-1a3e-41ec-a00b-e2dcc77431cb",
+                "shop/web-7d9c5b8f4-abcde",
+                &[],
+            ),
+            workload(ReportKind::ComposeProject, "proj", "proj", &[]),
+            workload(ReportKind::EcsTask, "no-arn", "x:1", &[]),
+        ]);
+        let r = interval_report(&s);
+        assert_eq!(r.time, s.time);
+        assert_eq!(
+            r.hosts.len(),
+            2,
+            "compose projects and unnamed tasks get no host"
+        );
+        let ecs = &r.hosts[0];
+        assert_eq!(ecs.identity.name, "8f03e41243824aea923aca126495f665");
+        assert_eq!(ecs.identity.custom_identifier, arn);
+        assert_eq!(ecs.roles_label.as_deref(), Some("shop:web"));
+        let pod = &r.hosts[1];
+        assert_eq!(pod.identity.name, "web-7d9c5b8f4-abcde");
+        assert_eq!(
+            pod.identity.custom_identifier,
+            "8712f785-1a3e-41ec-a00b-e2dcc77431cb.kubernetes"
+        );
+    }
+
+    #[test]
+    fn container_metrics_are_rates_with_loopback_apart() {
+        let arn = "arn:aws:ecs:us-east-1:111122223333:task/prod/8f03e41243824aea923aca126495f665";
+        let s = snapshot(vec![workload(
+            ReportKind::EcsTask,
+            "t",
+            "web:12",
+            &[(LABEL_TASK_ARN, arn)],
+        )]);
+        let c = &interval_report(&s).hosts[0].containers[0];
+        assert_eq!(c.name, "app");
+        assert_eq!(c.rx_bytes_per_sec, 2000.0);
+        assert_eq!(c.tx_bytes_per_sec, 0.0);
+        assert_eq!(c.lo_tx_bytes_per_sec, 300.0);
+        assert_eq!(c.cpu_percent, Some(12.0));
+        assert_eq!(c.cpu_limit_percent, Some(25.0));
+        assert_eq!(c.memory_limit_bytes, Some(1 << 30));
+    }
+}
