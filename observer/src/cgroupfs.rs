@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     fs, io,
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{DirEntryExt as _, MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -135,15 +135,16 @@ impl CgroupIndex {
                 continue;
             };
             for entry in entries.flatten() {
+                // d_type and d_ino come with getdents: no stat per entry. kernfs reports the
+                // same inode number there as stat does: the cgroup id.
                 let Ok(file_type) = entry.file_type() else {
                     continue;
                 };
                 if !file_type.is_dir() {
                     continue;
                 }
-                let Ok(meta) = entry.metadata() else { continue };
                 let child_rel = format!("{rel}/{}", entry.file_name().to_string_lossy());
-                paths.insert(meta.ino(), child_rel.clone());
+                paths.insert(entry.ino(), child_rel.clone());
                 stack.push((entry.path(), child_rel));
             }
         }

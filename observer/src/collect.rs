@@ -11,6 +11,7 @@ use observer_common::{TrafficKey, TrafficValue};
 use crate::{
     cgroupfs::{CgroupError, CgroupIndex},
     delta::{accumulate, is_zero, DeltaTracker},
+    inventory::Inventory,
     snapshot::{CgroupTraffic, Health, Snapshot},
     traffic::{Reading, TrafficError, TrafficReader},
 };
@@ -34,7 +35,12 @@ pub struct Collector {
     unresolved: HashSet<u64>,
     last: Instant,
     last_map_full: u64,
+    walks_skipped: u32,
 }
+
+/// The hierarchy is walked at least this often (in calls of [`Collector::should_walk`]), to
+/// pick up cgroups no inventory asks about (a runtime's child cgroups).
+pub const WALK_AT_LEAST_EVERY: u32 = 10;
 
 impl Collector {
     pub fn new(reader: TrafficReader, index: CgroupIndex) -> Self {
@@ -46,12 +52,29 @@ impl Collector {
             unresolved: HashSet::new(),
             last: Instant::now(),
             last_map_full: 0,
+            walks_skipped: 0,
         }
     }
 
     /// Walks the cgroup v2 hierarchy again (new containers that have not sent anything yet).
     pub fn rescan(&mut self) -> Result<(), CgroupError> {
+        self.walks_skipped = 0;
         self.index.rescan()
+    }
+
+    /// Whether the hierarchy should be walked again before joining `inventory`: one of its
+    /// containers has no cgroup (it is newer than the last walk), or the last walk is
+    /// [`WALK_AT_LEAST_EVERY`] calls old. Walking every interval would cost a few syscalls
+    /// per cgroup for nothing on a node whose containers do not change.
+    pub fn should_walk(&mut self, inventory: &Inventory) -> bool {
+        self.walks_skipped += 1;
+        self.walks_skipped >= WALK_AT_LEAST_EVERY
+            || inventory
+                .tasks
+                .iter()
+                .flat_map(|t| t.containers.iter())
+                .chain(inventory.standalone.iter())
+                .any(|c| c.cgroup_ids.is_empty())
     }
 
     /// The cgroup v2 hierarchy as last walked.
@@ -146,6 +169,7 @@ impl Collector {
             interval: Default::default(),
             cgroups,
             workloads: Vec::new(),
+            held: Vec::new(),
             platform: None,
             health: Health {
                 map_entries: entries_left,

@@ -154,8 +154,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     log::info!("programs detached");
     if let Some(m) = mackerel {
         // Hosts stay: the node is stopping, not its tasks.
+        // No answer in time is warned about inside shutdown.
         if let Some(left) = m.shutdown(MACKEREL_FLUSH).await {
-            log::warn!("Mackerel: stopped with data not yet sent: {left:?}");
+            if left.unsent > 0 || left.unregistered > 0 {
+                log::warn!("Mackerel: stopped with data not yet sent: {left:?}");
+            }
         }
     }
     Ok(())
@@ -169,13 +172,19 @@ async fn join_workloads(
     refresher: &mut Refresher,
     joiner: &mut Joiner,
 ) {
-    // Containers that have not sent anything still need their cgroups found.
-    if let Err(e) = collector.rescan() {
-        log::warn!("walking the cgroup hierarchy: {e}");
+    let paths: Vec<(u64, &str)> = collector.index().iter().collect();
+    let (inventory, mut unknown) = refresher.tick(tokio::time::Instant::now(), &paths).await;
+    // A container newer than the last walk of the hierarchy has no cgroup yet: walk again.
+    if collector.should_walk(inventory) {
+        if let Err(e) = collector.rescan() {
+            log::warn!("walking the cgroup hierarchy: {e}");
+        }
+        let paths: Vec<(u64, &str)> = collector.index().iter().collect();
+        unknown = refresher.tick(tokio::time::Instant::now(), &paths).await.1;
     }
+    let unknown: Vec<u64> = unknown.iter().map(|u| u.cgroup_id).collect();
     let index = collector.index();
-    let paths: Vec<(u64, &str)> = index.iter().collect();
-    let (inventory, _unknown) = refresher.tick(tokio::time::Instant::now(), &paths).await;
+    let inventory = refresher.inventory();
     let traffic: HashMap<u64, TrafficValue> = snapshot
         .cgroups
         .iter()
@@ -185,8 +194,10 @@ async fn join_workloads(
         inventory,
         &|id| index.path(id).map(str::to_owned),
         &traffic,
+        &unknown,
         std::time::Instant::now(),
     );
+    snapshot.held = joiner.held();
     snapshot.platform = Some(PlatformStatus {
         source: refresher.source_name(),
         stale_since: refresher.stale().map(|s| s.since),

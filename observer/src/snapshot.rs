@@ -16,6 +16,9 @@ pub struct Snapshot {
     pub cgroups: Vec<CgroupTraffic>,
     /// ECS tasks, pods, Compose projects and lone containers, when a platform is known.
     pub workloads: Vec<WorkloadReport>,
+    /// cgroups whose traffic this interval is held for a container the inventory does not
+    /// list yet: neither a workload's nor the host's (it goes to the container next interval).
+    pub held: Vec<u64>,
     pub platform: Option<PlatformStatus>,
     pub health: Health,
 }

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::{
     delta::accumulate,
     inventory::{Container, Inventory, NetworkMode, OwnerRef, Workload, WorkloadKind},
-    resources::{cpu_percent, CgroupFs},
+    resources::{cpu_percent, CgroupFs, ResourceError},
 };
 
 /// What a workload is, for reports. Containers that belong to no task, pod or Compose project
@@ -92,7 +92,27 @@ pub struct Joiner {
     fs: CgroupFs,
     host: Host,
     cpu_before: HashMap<String, (Duration, Instant)>,
+    /// cgroup limits per container id, with the cycle they were read in: limits change rarely
+    /// (docker update), and every file read costs microseconds per container per interval.
+    limits: HashMap<String, (CgroupLimits, u64)>,
+    cycle: u64,
+    /// Traffic of cgroups that look like containers no inventory lists yet, with the number
+    /// of intervals it has waited.
+    held: HashMap<u64, (TrafficValue, u32)>,
 }
+
+/// Held traffic of a cgroup no workload claims is given up after this many intervals (it
+/// stays visible in the per-cgroup output).
+const HOLD_INTERVALS: u32 = 5;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CgroupLimits {
+    cpu_cores: Option<f64>,
+    memory: Option<u64>,
+}
+
+/// cgroup limits are read again after this many cycles.
+const LIMITS_EVERY: u64 = 10;
 
 impl Joiner {
     pub fn new(fs: CgroupFs, host: Host) -> Self {
@@ -100,18 +120,29 @@ impl Joiner {
             fs,
             host,
             cpu_before: HashMap::new(),
+            limits: HashMap::new(),
+            cycle: 0,
+            held: HashMap::new(),
         }
     }
 
     /// One report per workload of `inventory` (whose cgroups were attached already).
     /// `paths` names cgroup ids; `traffic` holds this interval's delta per cgroup id.
+    ///
+    /// `unknown` names cgroups that look like a container or task the inventory does not list
+    /// yet (it lags a container's start by up to an interval). Their traffic is held, and
+    /// credited to the container in the first interval that lists it, so a container's first
+    /// packets are its own; [`Joiner::held`] tells which cgroups are held now.
     pub fn join(
         &mut self,
         inventory: &Inventory,
         paths: &dyn Fn(u64) -> Option<String>,
         traffic: &HashMap<u64, TrafficValue>,
+        unknown: &[u64],
         now: Instant,
     ) -> Vec<WorkloadReport> {
+        let traffic = self.with_held(inventory, traffic, unknown);
+        let traffic = &traffic;
         let mut seen = Vec::new();
         let mut reports = Vec::with_capacity(inventory.tasks.len() + inventory.standalone.len());
         for workload in &inventory.tasks {
@@ -136,7 +167,54 @@ impl Joiner {
         // Containers that are gone take their CPU sample with them.
         let seen: BTreeSet<&String> = seen.iter().collect();
         self.cpu_before.retain(|id, _| seen.contains(id));
+        self.limits.retain(|id, _| seen.contains(id));
+        self.cycle += 1;
         reports
+    }
+
+    /// cgroups whose traffic is held for a container the inventory does not list yet.
+    pub fn held(&self) -> Vec<u64> {
+        self.held.keys().copied().collect()
+    }
+
+    /// This interval's traffic plus what was held for cgroups the inventory now lists; holds
+    /// the traffic of `unknown` cgroups.
+    fn with_held(
+        &mut self,
+        inventory: &Inventory,
+        traffic: &HashMap<u64, TrafficValue>,
+        unknown: &[u64],
+    ) -> HashMap<u64, TrafficValue> {
+        let attached: BTreeSet<u64> = inventory
+            .tasks
+            .iter()
+            .flat_map(|t| {
+                t.cgroup_ids
+                    .iter()
+                    .chain(t.containers.iter().flat_map(|c| &c.cgroup_ids))
+            })
+            .chain(inventory.standalone.iter().flat_map(|c| &c.cgroup_ids))
+            .copied()
+            .collect();
+        let mut traffic = traffic.clone();
+        self.held.retain(|id, (held, age)| {
+            if attached.contains(id) {
+                accumulate(traffic.entry(*id).or_default(), held);
+                return false;
+            }
+            *age += 1;
+            if *age >= HOLD_INTERVALS {
+                log::debug!("cgroup {id}: no workload claimed it in {HOLD_INTERVALS} intervals");
+                return false;
+            }
+            true
+        });
+        for id in unknown.iter().filter(|id| !attached.contains(id)) {
+            if let Some(t) = traffic.remove(id) {
+                accumulate(&mut self.held.entry(*id).or_default().0, &t);
+            }
+        }
+        traffic
     }
 
     fn usage(
@@ -155,29 +233,55 @@ impl Joiner {
         else {
             return Usage::default();
         };
-        let read = self.fs.read(&path);
-        let cpu_percent = read.cpu_usage.and_then(|usage| {
+        let name = container.name.as_str();
+        let cpu_percent = or_debug(name, self.fs.cpu_usage(&path)).and_then(|usage| {
             let before = self.cpu_before.insert(container.id.clone(), (usage, now));
             before
                 .and_then(|(prev, at)| cpu_percent(prev, usage, now.saturating_duration_since(at)))
         });
+        let memory_working_set = or_debug(name, self.fs.memory_working_set(&path));
+        let cycle = self.cycle;
+        let cached = self
+            .limits
+            .get(&container.id)
+            .filter(|(_, read_at)| cycle - read_at < LIMITS_EVERY)
+            .map(|(limits, _)| *limits);
+        let cgroup = match cached {
+            Some(limits) => limits,
+            None => {
+                let limits = CgroupLimits {
+                    cpu_cores: or_debug(name, self.fs.cpu_limit(&path)),
+                    memory: or_debug(name, self.fs.memory_limit(&path)),
+                };
+                self.limits.insert(container.id.clone(), (limits, cycle));
+                limits
+            }
+        };
         Usage {
             cpu_percent,
             cpu_limit_cores: container
                 .limits
                 .cpu_cores
-                .or(read.cpu_limit_cores)
+                .or(cgroup.cpu_cores)
                 .or(workload.limits.cpu_cores)
                 .or(self.host.cpus.map(|n| n as f64)),
-            memory_working_set: read.memory_working_set,
+            memory_working_set,
             memory_limit: container
                 .limits
                 .memory_bytes
-                .or(read.memory_limit)
+                .or(cgroup.memory)
                 .or(workload.limits.memory_bytes)
                 .or(self.host.memory),
         }
     }
+}
+
+/// A metric that cannot be read is left out; why is worth a debug line only.
+fn or_debug<T>(container: &str, read: Result<Option<T>, ResourceError>) -> Option<T> {
+    read.unwrap_or_else(|e| {
+        log::debug!("{container}: {e}");
+        None
+    })
 }
 
 impl Workload {
@@ -381,6 +485,40 @@ mod tests {
         assert_eq!(r.usage.cpu_limit_cores, Some(0.5));
         assert_eq!(r.usage.memory_limit, Some(512 << 20));
         assert_eq!(r.traffic, TrafficValue::default());
+    }
+
+    #[test]
+    fn traffic_before_a_container_is_listed_is_credited_once_it_is() {
+        let mut joiner = Joiner::new(CgroupFs::default(), Host::default());
+        let paths = |_: u64| None;
+        let now = Instant::now();
+        let mut inventory = Inventory::empty("test");
+        // Interval 1: cgroup 11 sends 700 bytes, but no inventory lists its container yet.
+        let r = joiner.join(&inventory, &paths, &[(11, tx(700))].into(), &[11], now);
+        assert!(r.is_empty());
+        assert_eq!(joiner.held(), vec![11]);
+        // Interval 2: listed; its 50 new bytes come with the 700 held ones.
+        inventory.tasks.push(task(vec![container("a", &[11])], &[]));
+        let r = joiner.join(&inventory, &paths, &[(11, tx(50))].into(), &[], now);
+        assert_eq!(r[0].traffic.tx.bytes, 750);
+        assert_eq!(r[0].containers[0].traffic.tx.bytes, 750);
+        assert!(joiner.held().is_empty());
+        // Interval 3: only new traffic.
+        let r = joiner.join(&inventory, &paths, &[(11, tx(5))].into(), &[], now);
+        assert_eq!(r[0].traffic.tx.bytes, 5);
+    }
+
+    #[test]
+    fn held_traffic_nobody_claims_is_given_up() {
+        let mut joiner = Joiner::new(CgroupFs::default(), Host::default());
+        let inventory = Inventory::empty("test");
+        let now = Instant::now();
+        joiner.join(&inventory, &|_| None, &[(9, tx(1))].into(), &[9], now);
+        for _ in 0..HOLD_INTERVALS {
+            assert_eq!(joiner.held(), vec![9]);
+            joiner.join(&inventory, &|_| None, &HashMap::new(), &[], now);
+        }
+        assert!(joiner.held().is_empty());
     }
 
     #[test]

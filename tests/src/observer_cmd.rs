@@ -28,9 +28,28 @@ impl ObserverCmd {
         Self::start_as(binary, args, None)
     }
 
+    /// Starts it with these environment variables added (e.g. `MACKEREL_APIKEY`).
+    pub fn start_with_env(
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(binary, args, None, env)
+    }
+
     /// Starts it as `uid` (for the tests of an unprivileged start).
     pub fn start_as(binary: &str, args: &[&str], uid: Option<u32>) -> anyhow::Result<Self> {
+        Self::spawn(binary, args, uid, &[])
+    }
+
+    fn spawn(
+        binary: &str,
+        args: &[&str],
+        uid: Option<u32>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary);
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

@@ -160,6 +160,7 @@ mod tests {
             interval: Duration::from_secs(3),
             cgroups: Vec::new(),
             workloads,
+            held: Vec::new(),
             platform: None,
             health: Health::default(),
         }

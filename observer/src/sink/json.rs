@@ -303,6 +303,7 @@ mod tests {
                 },
             }],
             workloads: Vec::new(),
+            held: Vec::new(),
             platform: None,
             health: Health {
                 map_entries: 3,

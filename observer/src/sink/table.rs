@@ -328,6 +328,7 @@ mod tests {
             interval: Duration::from_secs(2),
             cgroups: vec![],
             workloads,
+            held: Vec::new(),
             platform: Some(PlatformStatus {
                 source: "ecs",
                 stale_since: None,

@@ -10,6 +10,9 @@
 //!   trafficgen udp-each <dest> <payload>            for each cgroup directory read from stdin:
 //!                                                   join it, send one datagram from a new
 //!                                                   socket; prints "sent <datagrams>"
+//!   trafficgen http-sink <bind>                     HTTP/1.1 server: reads each request's
+//!                                                   body (Content-Length), answers 200 and
+//!                                                   prints "got <body bytes>"
 
 use std::{
     io::{Read, Write},
@@ -35,12 +38,13 @@ fn main() {
         "tcp-send" => tcp_send(addr(1), Limit::Count(num(2))),
         "tcp-flood" => tcp_send(addr(1), Limit::Time(Duration::from_secs(num(2)))),
         "udp-each" => udp_each(addr(1), num(2) as usize),
+        "http-sink" => http_sink(addr(1)),
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
-    eprintln!("usage: trafficgen udp-recv|udp-send|udp-flood|tcp-recv|tcp-send|tcp-flood ...");
+    eprintln!("usage: trafficgen udp-recv|udp-send|udp-flood|tcp-recv|tcp-send|tcp-flood|udp-each|http-sink ...");
     std::process::exit(2)
 }
 
@@ -172,4 +176,74 @@ fn udp_each(dest: SocketAddr, payload: usize) {
         sent += 1;
     }
     println!("sent {sent}");
+}
+
+/// An HTTP sink: for every connection, reads the request head up to the blank line, then
+/// exactly Content-Length body bytes, answers `200 OK` with an empty body and closes; prints
+/// "got <body bytes>" per request. Each connection has a thread of its own.
+fn http_sink(bind: SocketAddr) {
+    let listener = TcpListener::bind(bind).expect("bind");
+    ready(listener.local_addr().unwrap());
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        std::thread::spawn(move || match http_request(stream) {
+            Ok(n) => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "got {n}");
+                let _ = out.flush();
+            }
+            Err(e) => eprintln!("http-sink: {e}"),
+        });
+    }
+}
+
+fn http_request(mut stream: TcpStream) -> std::io::Result<u64> {
+    use std::io::{Error, ErrorKind};
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // Read in chunks; whatever follows the head is the start of the body.
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 1 << 16];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 << 10 {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                "request head over 64 KiB",
+            ));
+        }
+        match stream.read(&mut chunk)? {
+            0 => return Err(Error::new(ErrorKind::UnexpectedEof, "closed in the head")),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length: u64 = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut got = (buf.len() - head_end) as u64;
+    if got > length {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            "more bytes than Content-Length",
+        ));
+    }
+    while got < length {
+        let want = chunk.len().min((length - got) as usize);
+        match stream.read(&mut chunk[..want])? {
+            0 => return Err(Error::new(ErrorKind::UnexpectedEof, "closed in the body")),
+            n => got += n as u64,
+        }
+    }
+    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    stream.flush()?;
+    let _ = stream.shutdown(Shutdown::Write);
+    Ok(got)
 }

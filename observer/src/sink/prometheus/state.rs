@@ -152,7 +152,8 @@ impl State {
         for c in snapshot
             .cgroups
             .iter()
-            .filter(|c| !claimed.contains(&c.cgroup_id))
+            // Held traffic goes to its container next interval, not to the host.
+            .filter(|c| !claimed.contains(&c.cgroup_id) && !snapshot.held.contains(&c.cgroup_id))
         {
             self.host.add(&c.delta);
         }
@@ -273,6 +274,7 @@ pub(crate) mod tests {
                 })
                 .collect(),
             workloads,
+            held: Vec::new(),
             platform: Some(PlatformStatus {
                 source: "kubernetes",
                 stale_since: None,

@@ -9,8 +9,13 @@
 //! 2. Reading the counters: user-space time of one read of the map with 10, 1,000 and 5,000
 //!    active cgroups (batch lookup, key by key, and a whole collection cycle).
 //!
+//! 3. Inventory: one inventory + metrics cycle over 10, 100, 1,000 and 5,000 cgroups (CPU time,
+//!    peak RSS), and beside it Docker's stats API for the same real containers.
+//!
 //! Options: --rounds N (default 10), --seconds S per measurement (default 1),
-//! --cgroups 10,1000,5000, --only dataplane|read.
+//! --cgroups 10,1000,5000, --containers 10,100,1000,5000, --only dataplane|read|inventory.
+
+mod inventory_cost;
 
 use std::{
     io::Write as _,
@@ -40,7 +45,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn check_interrupted() -> anyhow::Result<()> {
+pub(crate) fn check_interrupted() -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted: cleaning up");
     }
@@ -53,6 +58,8 @@ struct Opts {
     cgroups: Vec<usize>,
     dataplane: bool,
     read: bool,
+    inventory: bool,
+    containers: Vec<usize>,
 }
 
 fn parse_opts() -> anyhow::Result<Opts> {
@@ -62,6 +69,8 @@ fn parse_opts() -> anyhow::Result<Opts> {
         cgroups: vec![10, 1000, 5000],
         dataplane: true,
         read: true,
+        inventory: true,
+        containers: vec![10, 100, 1000, 5000],
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -75,13 +84,23 @@ fn parse_opts() -> anyhow::Result<Opts> {
                     .map(str::parse)
                     .collect::<Result<_, _>>()?
             }
-            "--only" => match value()?.as_str() {
-                "dataplane" => opts.read = false,
-                "read" => opts.dataplane = false,
-                other => bail!("--only takes dataplane or read, not {other}"),
-            },
+            "--containers" => {
+                opts.containers = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--only" => {
+                let only = value()?;
+                opts.dataplane = only == "dataplane";
+                opts.read = only == "read";
+                opts.inventory = only == "inventory";
+                if !(opts.dataplane || opts.read || opts.inventory) {
+                    bail!("--only takes dataplane, read or inventory, not {only}");
+                }
+            }
             "-h" | "--help" => {
-                println!("observer-bench [--rounds N] [--seconds S] [--cgroups 10,1000,5000] [--only dataplane|read]");
+                println!("observer-bench [--rounds N] [--seconds S] [--cgroups 10,1000,5000] [--containers 10,100,1000,5000] [--only dataplane|read|inventory]");
                 std::process::exit(0);
             }
             other => bail!("unknown option {other} (see --help)"),
@@ -128,6 +147,9 @@ fn bench(opts: &Opts) -> anyhow::Result<()> {
     }
     if opts.read {
         read_cost(opts)?;
+    }
+    if opts.inventory {
+        inventory_cost::inventory_cost(&opts.containers)?;
     }
     Ok(())
 }

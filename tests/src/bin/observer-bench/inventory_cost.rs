@@ -1,0 +1,347 @@
+//! What one interval of inventory and metrics costs: map read, cgroup walk, attaching cgroups
+//! to containers and tasks, CPU and memory of every container from cgroupfs, and the JSON
+//! output, over 10 to 5,000 real cgroup directories laid out as ECS tasks of ten containers.
+//! Beside it: the same containers' CPU, memory and network through the Docker stats API, for
+//! real containers.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use observer::{
+    cgroupfs::CgroupIndex,
+    collect::Collector,
+    inventory::{
+        sources::docker::{DockerClient, DockerSource},
+        Container, Inventory, InventorySource, Limits, NetworkMode, Runtime, Workload,
+        WorkloadKind,
+    },
+    programs::Programs,
+    resources::{self, CgroupFs},
+    sink::{json::JsonSink, Sink},
+    traffic::TrafficReader,
+    workloads::{Host, Joiner},
+};
+use observer_common::{TrafficValue, DEFAULT_MAX_ENTRIES};
+use testbed::{docker, stats::Summary};
+
+const CYCLES: usize = 10;
+const CONTAINERS_PER_TASK: usize = 10;
+/// Real containers for the side-by-side with Docker's stats API.
+const REAL_CONTAINERS: usize = 10;
+
+/// CPU time of this process (user + system).
+fn process_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Peak resident set since the last reset, KiB.
+fn peak_rss_kib() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn reset_peak_rss() {
+    // "5" resets VmHWM to the current RSS (proc(5), clear_refs).
+    let _ = fs::write("/proc/self/clear_refs", "5");
+}
+
+/// CPU time of the Docker engine's processes (dockerd, containerd and its shims), which serve
+/// both Docker's stats and our container list.
+fn docker_daemons_cpu() -> Duration {
+    // SAFETY: sysconf cannot fail for _SC_CLK_TCK.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let mut total = 0u64;
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(comm) = fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
+        let comm = comm.trim();
+        if !(comm == "dockerd" || comm == "containerd" || comm.starts_with("containerd-shim")) {
+            continue;
+        }
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the ")" of comm: state is field 3; utime and stime are 14 and 15.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (utime, stime) = (f.get(11), f.get(12));
+        if let (Some(u), Some(s)) = (utime, stime) {
+            total += u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0);
+        }
+    }
+    Duration::from_millis(total * 1000 / ticks)
+}
+
+/// ECS-like cgroups (`/ecs/<task>/<container>`) in the v2 hierarchy and in every v1 one that
+/// holds CPU or memory; removed on drop.
+struct SyntheticTasks {
+    dirs: Vec<PathBuf>,
+    inventory: Inventory,
+}
+
+impl SyntheticTasks {
+    fn create(n: usize) -> anyhow::Result<Self> {
+        let hierarchies: Vec<PathBuf> = ["unified", "cpu", "cpuacct", "memory"]
+            .iter()
+            .map(|h| PathBuf::from("/sys/fs/cgroup").join(h))
+            .filter(|p| p.is_dir())
+            .chain(std::iter::once(testbed::v2_root()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut this = Self {
+            dirs: Vec::new(),
+            inventory: Inventory::empty("bench"),
+        };
+        let pid = std::process::id();
+        for t in 0..n.div_ceil(CONTAINERS_PER_TASK) {
+            let task_id = format!("{:08x}{:024x}", pid, t);
+            let mut task = Workload {
+                kind: WorkloadKind::EcsTask,
+                id: task_id.clone(),
+                name: format!("bench:{t}"),
+                namespace: Some("bench".into()),
+                labels: BTreeMap::new(),
+                owner: None,
+                controller: None,
+                status: Some("RUNNING".into()),
+                network_mode: NetworkMode::Bridge,
+                limits: Limits::default(),
+                containers: Vec::new(),
+                cgroup_ids: Vec::new(),
+            };
+            for h in &hierarchies {
+                let dir = h.join("ecs").join(&task_id);
+                fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+                this.dirs.push(dir);
+            }
+            for c in 0..CONTAINERS_PER_TASK.min(n - t * CONTAINERS_PER_TASK) {
+                let id = format!("{:08x}{:056x}", pid, t * CONTAINERS_PER_TASK + c);
+                for h in &hierarchies {
+                    let dir = h.join("ecs").join(&task_id).join(&id);
+                    fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+                    this.dirs.push(dir);
+                }
+                task.containers.push(Container {
+                    id,
+                    name: format!("app{c}"),
+                    runtime: Runtime::Docker,
+                    image: Some("bench".into()),
+                    network_mode: NetworkMode::Bridge,
+                    limits: Limits::default(),
+                    labels: BTreeMap::new(),
+                    cgroup_ids: Vec::new(),
+                });
+            }
+            this.inventory.tasks.push(task);
+        }
+        Ok(this)
+    }
+}
+
+impl Drop for SyntheticTasks {
+    fn drop(&mut self) {
+        // Children before parents.
+        for dir in self.dirs.iter().rev() {
+            if let Err(e) = fs::remove_dir(dir) {
+                eprintln!("could not remove {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// One interval as run.rs does it, minus the wait and the platform API: maps, attach (with a
+/// walk of the hierarchy when the inventory has a container it has not seen, and every tenth
+/// cycle), join, JSON.
+fn cycle(
+    collector: &mut Collector,
+    inventory: &mut Inventory,
+    joiner: &mut Joiner,
+) -> anyhow::Result<usize> {
+    let mut snapshot = collector.collect()?;
+    let mut unknown = inventory.attach_cgroups(collector.index().iter());
+    if collector.should_walk(inventory) {
+        collector.rescan()?;
+        unknown = inventory.attach_cgroups(collector.index().iter());
+    }
+    let unknown: Vec<u64> = unknown.iter().map(|u| u.cgroup_id).collect();
+    let index = collector.index();
+    let traffic: HashMap<u64, TrafficValue> = snapshot
+        .cgroups
+        .iter()
+        .map(|c| (c.cgroup_id, c.delta))
+        .collect();
+    snapshot.workloads = joiner.join(
+        inventory,
+        &|id| index.path(id).map(str::to_owned),
+        &traffic,
+        &unknown,
+        Instant::now(),
+    );
+    JsonSink::new(std::io::sink()).emit(&snapshot)?;
+    Ok(snapshot.workloads.iter().map(|w| w.containers.len()).sum())
+}
+
+fn joiner() -> Joiner {
+    let fs = CgroupFs::detect(std::path::Path::new("/sys/fs/cgroup"))
+        .unwrap_or_else(|_| CgroupFs::probe(std::path::Path::new("/sys/fs/cgroup")));
+    let proc = std::path::Path::new("/proc");
+    Joiner::new(
+        fs,
+        Host {
+            cpus: resources::host_cpu_count(proc).ok(),
+            memory: resources::host_memory_total(proc).ok(),
+        },
+    )
+}
+
+fn ms(d: &[Duration]) -> Option<Summary> {
+    Summary::of(&d.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>())
+}
+
+pub fn inventory_cost(counts: &[usize]) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "Inventory + metrics cycle (map read, cgroup walk, attach, CPU and memory from cgroupfs, JSON): \
+         CPU time per cycle, ms (median [min..max] of {CYCLES}), and peak RSS"
+    );
+    println!(
+        "{:>10} {:>10} {:>28} {:>14}",
+        "cgroups", "containers", "CPU per cycle", "peak RSS"
+    );
+    let root = testbed::v2_root();
+    for &n in counts {
+        crate::check_interrupted()?;
+        let mut tasks = SyntheticTasks::create(n)?;
+        let mut programs = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
+        let reader = TrafficReader::new(programs.ebpf_mut())?;
+        programs.attach(&root)?;
+        let mut collector = Collector::new(reader, CgroupIndex::scan(&root)?);
+        let mut joiner = joiner();
+        let containers = cycle(&mut collector, &mut tasks.inventory, &mut joiner)?;
+        anyhow::ensure!(containers == n, "{containers} containers joined, {n} made");
+        reset_peak_rss();
+        let mut cpu = Vec::with_capacity(CYCLES);
+        for _ in 0..CYCLES {
+            let before = process_cpu();
+            cycle(&mut collector, &mut tasks.inventory, &mut joiner)?;
+            cpu.push(process_cpu() - before);
+        }
+        let fmt = ms(&cpu).map_or("-".into(), |s| {
+            format!("{:.2} [{:.2}..{:.2}]", s.median, s.min, s.max)
+        });
+        println!(
+            "{:>10} {:>10} {:>28} {:>11} MiB",
+            collector.index().len(),
+            n,
+            fmt,
+            peak_rss_kib() / 1024
+        );
+    }
+    docker_side_by_side()
+}
+
+/// The same real containers through observer's cycle (with the Docker platform) and through
+/// one-shot Docker stats calls (CPU, memory and network per container).
+fn docker_side_by_side() -> anyhow::Result<()> {
+    if let Some(why) = docker::unavailable() {
+        println!("(Docker stats comparison skipped: {why})");
+        return Ok(());
+    }
+    let mut containers = docker::Containers::new();
+    for i in 0..REAL_CONTAINERS {
+        containers.start(
+            docker::Run::new()
+                .name(&format!("obs-bench-{}-{i}", std::process::id()))
+                .cmd(&["sleep", "3600"]),
+        )?;
+    }
+    let ids: Vec<String> = containers.ids().to_vec();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = DockerClient::new("/var/run/docker.sock", Duration::from_secs(10));
+    let source = DockerSource::new(client.clone());
+    let root = testbed::v2_root();
+    let mut programs = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
+    let reader = TrafficReader::new(programs.ebpf_mut())?;
+    programs.attach(&root)?;
+    let mut collector = Collector::new(reader, CgroupIndex::scan(&root)?);
+    let mut joiner = joiner();
+
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    // Warm both paths once (inspect cache, Docker's stats collector).
+    let mut inventory = rt.block_on(source.fetch())?;
+    cycle(&mut collector, &mut inventory, &mut joiner)?;
+    for id in &ids {
+        rt.block_on(client.get_json::<serde_json::Value>(&format!(
+            "/containers/{id}/stats?stream=false&one-shot=true"
+        )))?;
+    }
+    for _ in 0..CYCLES {
+        let (own, daemons) = (process_cpu(), docker_daemons_cpu());
+        let mut inventory = rt.block_on(source.fetch())?;
+        let joined = cycle(&mut collector, &mut inventory, &mut joiner)?;
+        anyhow::ensure!(joined >= REAL_CONTAINERS, "only {joined} containers joined");
+        ours.push((process_cpu() - own) + (docker_daemons_cpu() - daemons));
+
+        let (own, daemons) = (process_cpu(), docker_daemons_cpu());
+        for id in &ids {
+            let stats: serde_json::Value = rt.block_on(client.get_json(&format!(
+                "/containers/{id}/stats?stream=false&one-shot=true"
+            )))?;
+            anyhow::ensure!(
+                stats.get("memory_stats").is_some(),
+                "no memory_stats for {id}"
+            );
+        }
+        theirs.push((process_cpu() - own) + (docker_daemons_cpu() - daemons));
+    }
+    let (o, t) = (ms(&ours), ms(&theirs));
+    println!();
+    println!(
+        "{REAL_CONTAINERS} real containers, CPU per collection of all of them incl. the Docker engine's \
+         processes, ms (median [min..max] of {CYCLES}; engine CPU has 10 ms resolution)"
+    );
+    let fmt = |s: Option<Summary>| {
+        s.map_or("-".into(), |s| {
+            format!("{:.2} [{:.2}..{:.2}]", s.median, s.min, s.max)
+        })
+    };
+    println!(
+        "  observer cycle (Docker list + cgroupfs + eBPF map): {}",
+        fmt(o)
+    );
+    println!(
+        "  Docker stats API, one-shot, per container:         {}",
+        fmt(t)
+    );
+    if let (Some(o), Some(t)) = (o, t) {
+        println!(
+            "  Docker stats / observer: {:.1}x",
+            t.median / o.median.max(1e-6)
+        );
+    }
+    Ok(())
+}
