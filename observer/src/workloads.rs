@@ -15,7 +15,9 @@ use serde::Serialize;
 
 use crate::{
     delta::accumulate,
-    inventory::{Container, Inventory, NetworkMode, OwnerRef, Workload, WorkloadKind},
+    inventory::{
+        Container, Inventory, Limits, NetworkMode, OwnerRef, Workload, WorkloadKind, ROLES_LABEL,
+    },
     resources::{cpu_percent, CgroupFs, ResourceError},
 };
 
@@ -146,21 +148,22 @@ impl Joiner {
         let mut seen = Vec::new();
         let mut reports = Vec::with_capacity(inventory.tasks.len() + inventory.standalone.len());
         for workload in &inventory.tasks {
+            let limits = self.workload_limits(workload, paths);
             let usages: Vec<Usage> = workload
                 .containers
                 .iter()
                 .map(|c| {
                     seen.push(c.id.clone());
-                    self.usage(c, workload, paths, now)
+                    self.usage(c, limits, paths, now)
                 })
                 .collect();
-            reports.push(report(workload, &usages, traffic));
+            reports.push(report(workload, limits, &usages, traffic));
         }
         for container in &inventory.standalone {
             seen.push(container.id.clone());
             let alone = Workload::alone(container);
-            let usage = self.usage(container, &alone, paths, now);
-            let mut r = report(&alone, &[usage], traffic);
+            let usage = self.usage(container, alone.limits, paths, now);
+            let mut r = report(&alone, alone.limits, &[usage], traffic);
             r.kind = ReportKind::Container;
             reports.push(r);
         }
@@ -217,10 +220,53 @@ impl Joiner {
         traffic
     }
 
+    /// The limits of the cgroup at `path`, read again every [`LIMITS_EVERY`] cycles.
+    fn cgroup_limits(&mut self, key: &str, path: &str) -> CgroupLimits {
+        let cycle = self.cycle;
+        if let Some((limits, read_at)) = self.limits.get(key) {
+            if cycle - read_at < LIMITS_EVERY {
+                return *limits;
+            }
+        }
+        let limits = CgroupLimits {
+            cpu_cores: or_debug(key, self.fs.cpu_limit(path)),
+            memory: or_debug(key, self.fs.memory_limit(path)),
+        };
+        self.limits.insert(key.to_owned(), (limits, cycle));
+        limits
+    }
+
+    /// A workload's limits: the platform's, else its own cgroup's. An ECS task's
+    /// `/ecs/<task>` cgroup carries the task-level limits that the agent's API leaves out; a
+    /// pod's cgroup carries the pod's.
+    fn workload_limits(
+        &mut self,
+        workload: &Workload,
+        paths: &dyn Fn(u64) -> Option<String>,
+    ) -> Limits {
+        let own = workload.limits;
+        if own.cpu_cores.is_some() && own.memory_bytes.is_some() {
+            return own;
+        }
+        let Some(path) = workload
+            .cgroup_ids
+            .iter()
+            .filter_map(|id| paths(*id))
+            .min_by_key(String::len)
+        else {
+            return own;
+        };
+        let cgroup = self.cgroup_limits(&workload.id, &path);
+        Limits {
+            cpu_cores: own.cpu_cores.or(cgroup.cpu_cores),
+            memory_bytes: own.memory_bytes.or(cgroup.memory),
+        }
+    }
+
     fn usage(
         &mut self,
         container: &Container,
-        workload: &Workload,
+        workload_limits: Limits,
         paths: &dyn Fn(u64) -> Option<String>,
         now: Instant,
     ) -> Usage {
@@ -240,37 +286,21 @@ impl Joiner {
                 .and_then(|(prev, at)| cpu_percent(prev, usage, now.saturating_duration_since(at)))
         });
         let memory_working_set = or_debug(name, self.fs.memory_working_set(&path));
-        let cycle = self.cycle;
-        let cached = self
-            .limits
-            .get(&container.id)
-            .filter(|(_, read_at)| cycle - read_at < LIMITS_EVERY)
-            .map(|(limits, _)| *limits);
-        let cgroup = match cached {
-            Some(limits) => limits,
-            None => {
-                let limits = CgroupLimits {
-                    cpu_cores: or_debug(name, self.fs.cpu_limit(&path)),
-                    memory: or_debug(name, self.fs.memory_limit(&path)),
-                };
-                self.limits.insert(container.id.clone(), (limits, cycle));
-                limits
-            }
-        };
+        let cgroup = self.cgroup_limits(&container.id, &path);
         Usage {
             cpu_percent,
             cpu_limit_cores: container
                 .limits
                 .cpu_cores
                 .or(cgroup.cpu_cores)
-                .or(workload.limits.cpu_cores)
+                .or(workload_limits.cpu_cores)
                 .or(self.host.cpus.map(|n| n as f64)),
             memory_working_set,
             memory_limit: container
                 .limits
                 .memory_bytes
                 .or(cgroup.memory)
-                .or(workload.limits.memory_bytes)
+                .or(workload_limits.memory_bytes)
                 .or(self.host.memory),
         }
     }
@@ -304,6 +334,22 @@ impl Workload {
     }
 }
 
+/// The workload's labels, plus `mackerel.io/roles` from the first container that has it as a
+/// Docker label when the workload itself has none (ECS puts task labels on containers).
+fn labels_with_roles(workload: &Workload) -> BTreeMap<String, String> {
+    let mut labels = workload.labels.clone();
+    if !labels.contains_key(ROLES_LABEL) {
+        if let Some(roles) = workload
+            .containers
+            .iter()
+            .find_map(|c| c.labels.get(ROLES_LABEL))
+        {
+            labels.insert(ROLES_LABEL.to_owned(), roles.clone());
+        }
+    }
+    labels
+}
+
 fn sum_traffic<'a>(
     ids: impl Iterator<Item = &'a u64>,
     traffic: &HashMap<u64, TrafficValue>,
@@ -328,6 +374,7 @@ fn add_opt<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T
 /// A workload's report from its containers' usage (in container order).
 pub fn report(
     workload: &Workload,
+    limits: Limits,
     usages: &[Usage],
     traffic: &HashMap<u64, TrafficValue>,
 ) -> WorkloadReport {
@@ -358,18 +405,18 @@ pub fn report(
         cpu_percent: containers
             .iter()
             .fold(None, |a, c| add_opt(a, c.usage.cpu_percent)),
-        cpu_limit_cores: workload.limits.cpu_cores,
+        cpu_limit_cores: limits.cpu_cores,
         memory_working_set: containers
             .iter()
             .fold(None, |a, c| add_opt(a, c.usage.memory_working_set)),
-        memory_limit: workload.limits.memory_bytes,
+        memory_limit: limits.memory_bytes,
     };
     WorkloadReport {
         kind: workload.kind.into(),
         id: workload.id.clone(),
         name: workload.name.clone(),
         namespace: workload.namespace.clone(),
-        labels: workload.labels.clone(),
+        labels: labels_with_roles(workload),
         controller: workload
             .controller
             .clone()
@@ -445,7 +492,7 @@ mod tests {
             (99, tx(7777)),
         ]
         .into();
-        let r = report(&w, &[], &traffic);
+        let r = report(&w, w.limits, &[], &traffic);
         assert_eq!(
             r.traffic.tx.bytes, 1123,
             "each cgroup once, nothing of other workloads"
@@ -458,10 +505,22 @@ mod tests {
     }
 
     #[test]
+    fn a_containers_roles_label_becomes_the_tasks() {
+        let mut c = container("a", &[11]);
+        c.labels.insert(ROLES_LABEL.into(), "shop:web".into());
+        let w = task(vec![container("b", &[12]), c], &[]);
+        let r = report(&w, w.limits, &[], &HashMap::new());
+        assert_eq!(
+            r.labels.get(ROLES_LABEL).map(String::as_str),
+            Some("shop:web")
+        );
+    }
+
+    #[test]
     fn a_cgroup_listed_twice_is_still_counted_once() {
         let w = task(vec![container("a", &[11]), container("b", &[11])], &[11]);
         let traffic: HashMap<u64, TrafficValue> = [(11, tx(500))].into();
-        assert_eq!(report(&w, &[], &traffic).traffic.tx.bytes, 500);
+        assert_eq!(report(&w, w.limits, &[], &traffic).traffic.tx.bytes, 500);
     }
 
     #[test]
@@ -479,7 +538,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let r = report(&w, &usages, &HashMap::new());
+        let r = report(&w, w.limits, &usages, &HashMap::new());
         assert_eq!(r.usage.cpu_percent, Some(12.5));
         assert_eq!(r.usage.memory_working_set, Some(150));
         assert_eq!(r.usage.cpu_limit_cores, Some(0.5));
@@ -522,6 +581,51 @@ mod tests {
     }
 
     #[test]
+    fn a_task_without_platform_limits_gets_its_own_cgroups() {
+        let dir = std::env::temp_dir().join(format!("observer-task-limits-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("memory/ecs/t/c")).unwrap();
+        std::fs::write(
+            dir.join("memory/ecs/t/memory.limit_in_bytes"),
+            "536870912\n",
+        )
+        .unwrap();
+        let fs = CgroupFs {
+            memory: Some(crate::resources::Hierarchy::at(dir.join("memory"))),
+            ..Default::default()
+        };
+        let mut joiner = Joiner::new(
+            fs,
+            Host {
+                cpus: Some(2),
+                memory: Some(8 << 30),
+            },
+        );
+        let mut t = task(vec![container("c", &[6])], &[5]);
+        t.limits = Limits::default();
+        let mut inventory = Inventory::empty("test");
+        inventory.tasks.push(t);
+        let paths = |id: u64| {
+            Some(if id == 5 {
+                "/ecs/t".to_owned()
+            } else {
+                "/ecs/t/c".to_owned()
+            })
+        };
+        let r = joiner.join(&inventory, &paths, &HashMap::new(), &[], Instant::now());
+        assert_eq!(
+            r[0].usage.memory_limit,
+            Some(512 << 20),
+            "the task cgroup's limit"
+        );
+        assert_eq!(
+            r[0].containers[0].usage.memory_limit,
+            Some(512 << 20),
+            "containers fall back to it"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn limits_fall_back_from_container_to_cgroup_to_task_to_host() {
         let dir = std::env::temp_dir().join(format!("observer-join-{}", std::process::id()));
         // A v1-style memory hierarchy with a limit on /c2 only.
@@ -550,26 +654,26 @@ mod tests {
         let now = Instant::now();
         let mut w = task(vec![], &[]);
         assert_eq!(
-            joiner.usage(&c0, &w, &paths, now).memory_limit,
+            joiner.usage(&c0, w.limits, &paths, now).memory_limit,
             Some(64 << 20),
             "container"
         );
         assert_eq!(
-            joiner.usage(&c2, &w, &paths, now).memory_limit,
+            joiner.usage(&c2, w.limits, &paths, now).memory_limit,
             Some(256 << 20),
             "cgroup"
         );
         assert_eq!(
-            joiner.usage(&c1, &w, &paths, now).memory_limit,
+            joiner.usage(&c1, w.limits, &paths, now).memory_limit,
             Some(512 << 20),
             "task"
         );
         assert_eq!(
-            joiner.usage(&c1, &w, &paths, now).cpu_limit_cores,
+            joiner.usage(&c1, w.limits, &paths, now).cpu_limit_cores,
             Some(0.5)
         );
         w.limits = Limits::default();
-        let u = joiner.usage(&c1, &w, &paths, now);
+        let u = joiner.usage(&c1, w.limits, &paths, now);
         assert_eq!(
             (u.memory_limit, u.cpu_limit_cores),
             (Some(8 << 30), Some(2.0)),

@@ -227,6 +227,19 @@ pub fn parse_container_id(s: &str) -> Option<(Runtime, &str)> {
 /// Label the Deployment controller puts on the pods of each ReplicaSet it makes.
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 
+/// Pod labels, plus the `mackerel.io/roles` annotation when the pod has one: the one
+/// annotation observer reports on (Mackerel roles of the pod's host).
+fn with_roles_annotation(
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut labels = labels.clone();
+    if let Some(roles) = annotations.get(super::ROLES_LABEL) {
+        labels.insert(super::ROLES_LABEL.to_owned(), roles.clone());
+    }
+    labels
+}
+
 impl Pod {
     /// The controlling owner reference, else the first one.
     pub fn owner(&self) -> Option<OwnerRef> {
@@ -309,7 +322,7 @@ impl Pod {
             id: meta.uid.clone(),
             name: format!("{}/{}", meta.namespace, meta.name),
             namespace: Some(meta.namespace.clone()),
-            labels: meta.labels.clone(),
+            labels: with_roles_annotation(&meta.labels, &meta.annotations),
             owner: self.owner(),
             controller: self.controller(),
             status: self.status.phase.clone(),
@@ -441,6 +454,25 @@ mod tests {
 
     const DOCS: &str = include_str!("fixtures/kubelet_pods.json");
     const FULL: &str = include_str!("fixtures/kubelet_pods_full.json");
+
+    #[test]
+    fn the_roles_annotation_is_carried_with_the_labels() {
+        let body = r#"{"kind":"PodList","apiVersion":"v1","metadata":{},"items":[{
+            "metadata":{"name":"web-1","namespace":"shop","uid":"8712f785-1a3e-41ec-a00b-e2dcc77431cb",
+              "labels":{"app":"web"},"annotations":{"mackerel.io/roles":"shop:web","other":"x"}},
+            "spec":{"containers":[{"name":"app"}]},"status":{"phase":"Running"}}]}"#;
+        let list = PodList::decode(body.as_bytes()).unwrap();
+        let w = list.pods[0].to_workload().unwrap();
+        assert_eq!(
+            w.labels.get("mackerel.io/roles").map(String::as_str),
+            Some("shop:web")
+        );
+        assert_eq!(w.labels.get("app").map(String::as_str), Some("web"));
+        assert!(
+            !w.labels.contains_key("other"),
+            "other annotations stay out"
+        );
+    }
 
     #[test]
     fn the_documented_example() {

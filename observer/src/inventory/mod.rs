@@ -24,6 +24,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use cgroup_path::{CgroupIdentity, CgroupKind, Owner};
 
+/// Docker label (ECS task containers) or pod annotation whose value, "service:role,...",
+/// names the Mackerel roles of a task's or pod's host.
+pub const ROLES_LABEL: &str = "mackerel.io/roles";
+
 /// Everything a source knows about the node at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Inventory {

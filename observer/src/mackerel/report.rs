@@ -12,8 +12,7 @@ use crate::{
     workloads::{ContainerReport, ReportKind, WorkloadReport},
 };
 
-/// Label or annotation whose value ("service:role,...") adds roles to a task's host.
-pub const ROLES_LABEL: &str = "mackerel.io/roles";
+pub use crate::inventory::ROLES_LABEL;
 
 /// Hosts for the tasks and pods of `snapshot`; Compose projects and lone containers have none.
 /// Workloads that cannot be named (an ECS task without its ARN) are left out with a debug line.
