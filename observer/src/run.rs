@@ -83,7 +83,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|(name, id)| format!("{name} (id {id})"))
         .collect();
     log::info!(
-        "attached {} at {}; counting traffic of {} cgroups (map of {} entries); reporting every {}",
+        "attached {} at {}; {} cgroups in the hierarchy; traffic map of {} entries; reporting every {}",
         ids.join(", "),
         root.display(),
         index.len(),
