@@ -9,6 +9,7 @@ pub mod fake_platform;
 pub mod netns;
 pub mod observer_cmd;
 pub mod process;
+pub mod prometheus_server;
 pub mod stats;
 pub mod sysctl;
 pub mod traffic;
