@@ -16,6 +16,13 @@ impl Sysctl {
         Ok(Self { path, previous })
     }
 
+    /// Sets it again (to another value) while the guard lives; the drop still restores the
+    /// value from before [`Sysctl::set`].
+    pub fn write(&self, value: &str) -> anyhow::Result<()> {
+        fs::write(&self.path, value)?;
+        Ok(())
+    }
+
     pub fn previous(&self) -> &str {
         &self.previous
     }
