@@ -3,13 +3,11 @@
 //! Mackerel queue flushed on the way out.
 
 use std::{
-    collections::HashMap,
     io::{self, IsTerminal as _},
     time::Duration,
 };
 
 use anyhow::Context as _;
-use observer_common::TrafficValue;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -136,6 +134,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             if let (Some(m), None) = (&mackerel, refresher.stale()) {
                 m.report(mackerel::report::interval_report(&snapshot));
             }
+            if let (Some(m), Some(h)) = (&mackerel, &prometheus) {
+                h.set_mackerel_queue_depth(m.queue_depth());
+            }
         }
         for sink in &mut sinks {
             if let Err(e) = sink.emit(&snapshot) {
@@ -182,22 +183,7 @@ async fn join_workloads(
         let paths: Vec<(u64, &str)> = collector.index().iter().collect();
         unknown = refresher.tick(tokio::time::Instant::now(), &paths).await.1;
     }
-    let unknown: Vec<u64> = unknown.iter().map(|u| u.cgroup_id).collect();
-    let index = collector.index();
-    let inventory = refresher.inventory();
-    let traffic: HashMap<u64, TrafficValue> = snapshot
-        .cgroups
-        .iter()
-        .map(|c| (c.cgroup_id, c.delta))
-        .collect();
-    snapshot.workloads = joiner.join(
-        inventory,
-        &|id| index.path(id).map(str::to_owned),
-        &traffic,
-        &unknown,
-        std::time::Instant::now(),
-    );
-    snapshot.held = joiner.held();
+    joiner.join_into(snapshot, refresher.inventory(), collector.index(), &unknown);
     snapshot.platform = Some(PlatformStatus {
         source: refresher.source_name(),
         stale_since: refresher.stale().map(|s| s.since),

@@ -14,11 +14,14 @@ use observer_common::TrafficValue;
 use serde::Serialize;
 
 use crate::{
+    cgroupfs::CgroupIndex,
     delta::accumulate,
+    inventory::Unmatched,
     inventory::{
         Container, Inventory, Limits, NetworkMode, OwnerRef, Workload, WorkloadKind, ROLES_LABEL,
     },
     resources::{cpu_percent, CgroupFs, ResourceError},
+    snapshot::Snapshot,
 };
 
 /// What a workload is, for reports. Containers that belong to no task, pod or Compose project
@@ -173,6 +176,32 @@ impl Joiner {
         self.limits.retain(|id, _| seen.contains(id));
         self.cycle += 1;
         reports
+    }
+
+    /// Adds the workload view to `snapshot`: [`Joiner::join`] over the snapshot's per-cgroup
+    /// traffic, with `index` naming the cgroups and `unknown` the cgroups that look like
+    /// containers the inventory does not list yet.
+    pub fn join_into(
+        &mut self,
+        snapshot: &mut Snapshot,
+        inventory: &Inventory,
+        index: &CgroupIndex,
+        unknown: &[Unmatched],
+    ) {
+        let traffic: HashMap<u64, TrafficValue> = snapshot
+            .cgroups
+            .iter()
+            .map(|c| (c.cgroup_id, c.delta))
+            .collect();
+        let unknown: Vec<u64> = unknown.iter().map(|u| u.cgroup_id).collect();
+        snapshot.workloads = self.join(
+            inventory,
+            &|id| index.path(id).map(str::to_owned),
+            &traffic,
+            &unknown,
+            Instant::now(),
+        );
+        snapshot.held = self.held();
     }
 
     /// cgroups whose traffic is held for a container the inventory does not list yet.

@@ -514,6 +514,9 @@ async fn a_ten_minute_outage_loses_no_value() {
     server.heal();
     server.fail(Fault::Unavailable, Scope::all());
     drive(&reporter, 8..13, &[1, 2, 3]).await;
+    // What the outage held back is visible as queue depth (observer's own metrics export it).
+    let queued = reporter.queue_depth();
+    assert!(queued > 0, "values are queued during the outage");
     server.heal();
     let outage_end = Instant::now();
     drive(&reporter, 13..16, &[1, 2, 3]).await;
@@ -529,6 +532,10 @@ async fn a_ten_minute_outage_loses_no_value() {
     assert_exactly_once(&server, &want, true);
     assert_oldest_first(&server);
     assert_eq!(server.hosts().len(), 3);
+    wait_for("an empty queue", Duration::from_secs(5), || {
+        reporter.queue_depth() == 0
+    })
+    .await;
     // Backoff, not a request per value or per interval.
     let tries = server
         .requests()

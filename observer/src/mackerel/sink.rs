@@ -15,6 +15,10 @@ use std::{
     collections::HashSet,
     future::Future,
     ops::ControlFlow,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -33,6 +37,8 @@ use super::{
 #[derive(Debug)]
 pub struct MackerelReporter {
     tx: mpsc::UnboundedSender<Command>,
+    /// Values waiting for the API, as of the worker's latest round.
+    queued: Arc<AtomicUsize>,
     /// The shutdown deadline, seen by a call under way too, so it cannot outlast the bound.
     deadline: watch::Sender<Option<Instant>>,
     task: tokio::task::JoinHandle<()>,
@@ -77,8 +83,19 @@ impl MackerelReporter {
         let (tx, rx) = mpsc::unbounded_channel();
         let (deadline, deadline_rx) = watch::channel(None);
         let worker = Worker::new(client, config, rx, deadline_rx);
+        let queued = Arc::clone(&worker.queued);
         let task = tokio::spawn(worker.run());
-        Ok(Self { tx, deadline, task })
+        Ok(Self {
+            tx,
+            queued,
+            deadline,
+            task,
+        })
+    }
+
+    /// Values waiting for the API (for observer's own metrics).
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Hands over one interval: every live task or pod. Returns at once.
@@ -127,6 +144,7 @@ struct Worker {
     /// Set by [`MackerelReporter::shutdown`]; every call gives up when it passes.
     deadline: watch::Receiver<Option<Instant>>,
     stop: Option<(Instant, oneshot::Sender<ShutdownSummary>)>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Worker {
@@ -148,6 +166,7 @@ impl Worker {
             rx,
             deadline,
             stop: None,
+            queued: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -166,6 +185,7 @@ impl Worker {
             if self.stop.is_none() {
                 let _ = self.round(true).await;
             }
+            self.queued.store(self.buffer.len(), Ordering::Relaxed);
         }
         if let Some((deadline, done)) = self.stop.take() {
             let summary = self.flush(deadline).await;

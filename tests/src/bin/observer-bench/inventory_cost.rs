@@ -4,12 +4,7 @@
 //! Beside it: the same containers' CPU, memory and network through the Docker stats API, for
 //! real containers.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fs,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use observer::{
@@ -26,7 +21,7 @@ use observer::{
     traffic::TrafficReader,
     workloads::{Host, Joiner},
 };
-use observer_common::{TrafficValue, DEFAULT_MAX_ENTRIES};
+use observer_common::DEFAULT_MAX_ENTRIES;
 use testbed::{docker, stats::Summary};
 
 const CYCLES: usize = 10;
@@ -184,20 +179,7 @@ fn cycle(
         collector.rescan()?;
         unknown = inventory.attach_cgroups(collector.index().iter());
     }
-    let unknown: Vec<u64> = unknown.iter().map(|u| u.cgroup_id).collect();
-    let index = collector.index();
-    let traffic: HashMap<u64, TrafficValue> = snapshot
-        .cgroups
-        .iter()
-        .map(|c| (c.cgroup_id, c.delta))
-        .collect();
-    snapshot.workloads = joiner.join(
-        inventory,
-        &|id| index.path(id).map(str::to_owned),
-        &traffic,
-        &unknown,
-        Instant::now(),
-    );
+    joiner.join_into(&mut snapshot, inventory, collector.index(), &unknown);
     JsonSink::new(std::io::sink()).emit(&snapshot)?;
     Ok(snapshot.workloads.iter().map(|w| w.containers.len()).sum())
 }
