@@ -31,18 +31,32 @@ pub enum CgroupError {
 /// A pure v2 host mounts it at /sys/fs/cgroup, a hybrid host at /sys/fs/cgroup/unified; when
 /// there are several, /sys/fs/cgroup wins, then the shortest path.
 pub fn find_v2_mount(mountinfo: &str) -> Option<PathBuf> {
-    let mut mounts: Vec<&str> = mountinfo
+    let mut mounts = v2_mount_points(mountinfo);
+    mounts.sort_by_key(|m| (m.as_path() != Path::new("/sys/fs/cgroup"), m.as_os_str().len()));
+    mounts.into_iter().next()
+}
+
+/// The cgroup v2 mount at or below `dir` (the shortest), e.g. the host's hierarchy that a
+/// container mounts at /host/sys/fs/cgroup, or /host/sys/fs/cgroup/unified on a hybrid host.
+pub fn find_v2_mount_under(mountinfo: &str, dir: &Path) -> Option<PathBuf> {
+    v2_mount_points(mountinfo)
+        .into_iter()
+        .filter(|m| m.starts_with(dir))
+        .min_by_key(|m| m.as_os_str().len())
+}
+
+/// Every cgroup2 mount point in the text of a mountinfo file.
+fn v2_mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
         .lines()
         .filter_map(|line| {
             // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ..."
             let (left, right) = line.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
             let mount_point = left.split_whitespace().nth(4)?;
-            (fstype == "cgroup2").then_some(mount_point)
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mount_point)))
         })
-        .collect();
-    mounts.sort_by_key(|m| (*m != "/sys/fs/cgroup", m.len()));
-    mounts.first().map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .collect()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
@@ -82,7 +96,8 @@ pub fn detect_root(explicit: Option<&Path>) -> Result<PathBuf, CgroupError> {
     find_v2_mount(&mountinfo).ok_or(CgroupError::NoV2Mount)
 }
 
-fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
+/// True iff `path` is on a cgroup2 file system.
+pub fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
     let io_err = |source| CgroupError::Io {
         path: path.to_owned(),
         source,
@@ -218,6 +233,32 @@ mod tests {
         assert_eq!(find_v2_mount(&v1_only), None);
         assert_eq!(find_v2_mount(""), None);
         assert_eq!(find_v2_mount("garbage line without separator\n - \n"), None);
+    }
+
+    #[test]
+    fn the_hosts_tree_in_a_container_is_found_under_its_mount() {
+        // A container on a hybrid host with a private cgroup namespace: its own cgroup2 at
+        // /sys/fs/cgroup (root "/"), the host's tree bind-mounted at /host/sys/fs/cgroup, whose
+        // cgroup2 part sits at .../unified and shows as "/.." from inside the namespace.
+        let in_container = "\
+700 690 0:27 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw
+701 690 0:26 / /host/sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+702 701 0:27 /../.. /host/sys/fs/cgroup/unified ro,nosuid - cgroup2 cgroup2 rw,nsdelegate
+703 701 0:30 / /host/sys/fs/cgroup/memory ro,nosuid - cgroup cgroup rw,memory
+";
+        assert_eq!(
+            find_v2_mount_under(in_container, Path::new("/host/sys/fs/cgroup")),
+            Some("/host/sys/fs/cgroup/unified".into())
+        );
+        let pure = "800 790 0:23 / /host/sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            find_v2_mount_under(pure, Path::new("/host/sys/fs/cgroup")),
+            Some("/host/sys/fs/cgroup".into())
+        );
+        // Not "/host/sys/fs/cgroupfoo": a path prefix is a whole component.
+        let beside = "801 790 0:23 / /host/sys/fs/cgroupfoo ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_v2_mount_under(beside, Path::new("/host/sys/fs/cgroup")), None);
+        assert_eq!(find_v2_mount_under(in_container, Path::new("/elsewhere")), None);
     }
 
     #[test]

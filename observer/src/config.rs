@@ -28,8 +28,18 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_OUTPUT", value_enum)]
     pub output: Option<Output>,
 
-    /// cgroup v2 mount to attach at [default: found in /proc/self/mountinfo:
-    /// /sys/fs/cgroup on pure v2 hosts, /sys/fs/cgroup/unified on hybrid ones].
+    /// Where the host's files are mounted when observer runs in a container, e.g. /host with
+    /// the host's /sys/fs/cgroup at /host/sys/fs/cgroup and its /proc at /host/proc (read-only
+    /// mounts are enough). observer then attaches at the host's cgroup v2 root found there
+    /// (/host/sys/fs/cgroup, or /host/sys/fs/cgroup/unified on hybrid hosts) and reads CPU,
+    /// memory and host facts from there; a missing mount is named at start. Not needed on
+    /// the host itself.
+    #[arg(long, env = "OBSERVER_HOST_ROOT")]
+    pub host_root: Option<PathBuf>,
+
+    /// cgroup v2 mount to attach at [default: found in /proc/self/mountinfo (under
+    /// --host-root if set): /sys/fs/cgroup on pure v2 hosts, /sys/fs/cgroup/unified on hybrid
+    /// ones].
     #[arg(long, env = "OBSERVER_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
 
@@ -52,8 +62,9 @@ pub struct Args {
     )]
     pub ecs_agent_url: String,
 
-    /// kubelet API [default: https://$NODE_NAME:10250]. The read-only port also works:
-    /// http://$NODE_NAME:10255.
+    /// kubelet API [default: https://$NODE_IP:10250 if NODE_IP is set (downward API
+    /// status.hostIP: node names often do not resolve from pods), else https://$NODE_NAME:10250].
+    /// The read-only port also works: http://$NODE_IP:10255.
     #[arg(long, env = "OBSERVER_KUBELET_URL")]
     pub kubelet_url: Option<String>,
 
@@ -86,17 +97,17 @@ pub struct Args {
     )]
     pub docker_socket: PathBuf,
 
-    /// cgroupfs to read CPU and memory from ("/host/sys/fs/cgroup" in a container that mounts
-    /// the host's there).
-    #[arg(long, env = "OBSERVER_CGROUPFS", default_value = "/sys/fs/cgroup")]
-    pub cgroupfs: PathBuf,
+    /// cgroupfs to read CPU and memory from [default: /sys/fs/cgroup, or
+    /// <host-root>/sys/fs/cgroup].
+    #[arg(long, env = "OBSERVER_CGROUPFS")]
+    pub cgroupfs: Option<PathBuf>,
 
-    /// procfs of the host, for its CPU count and memory.
-    #[arg(long, env = "OBSERVER_PROC", default_value = "/proc")]
-    pub proc: PathBuf,
+    /// procfs of the host, for its CPU count and memory [default: /proc, or <host-root>/proc].
+    #[arg(long, env = "OBSERVER_PROC")]
+    pub proc: Option<PathBuf>,
 
-    /// Serve Prometheus metrics, /healthz and /readyz at this address (e.g. 0.0.0.0:9435).
-    /// Off unless set.
+    /// Serve Prometheus metrics, /healthz and /readyz at this address (e.g. 0.0.0.0:9435:
+    /// in a pod, probes come to the pod's IP, so not 127.0.0.1). Off unless set.
     #[arg(long, env = "OBSERVER_PROMETHEUS_LISTEN")]
     pub prometheus_listen: Option<SocketAddr>,
 
@@ -117,6 +128,21 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_RETIRE_AFTER", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub retire_after: u32,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Ask a running observer's /healthz (at --prometheus-listen; 0.0.0.0 is asked at
+    /// 127.0.0.1) and exit 0 if it is healthy, 1 if not: a health check for images without a
+    /// shell (ECS healthCheck ["CMD", "/observer", "health"]).
+    Health {
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -184,6 +210,23 @@ mod tests {
         assert_eq!(args.retire_after, 2);
         assert_eq!(args.map_entries, DEFAULT_MAX_ENTRIES);
         assert_eq!(args.cgroup_root, None);
+        assert_eq!(args.host_root, None);
+        assert_eq!(args.command, None);
+    }
+
+    #[test]
+    fn health_is_a_subcommand() {
+        let args = Args::try_parse_from(["observer", "health"]).unwrap();
+        assert_eq!(
+            args.command,
+            Some(Command::Health {
+                timeout: Duration::from_secs(3)
+            })
+        );
+        let args =
+            Args::try_parse_from(["observer", "--prometheus-listen", "0.0.0.0:9435", "health"])
+                .unwrap();
+        assert!(args.prometheus_listen.is_some());
     }
 
     #[test]
@@ -212,6 +255,8 @@ mod tests {
             "--output",
             "--cgroup-root",
             "--map-entries",
+            "--host-root",
+            "health",
         ] {
             assert!(help.contains(flag), "--help lacks {flag}");
         }

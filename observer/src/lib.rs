@@ -7,6 +7,8 @@ pub mod cgroupfs;
 pub mod collect;
 pub mod config;
 pub mod delta;
+pub mod health;
+pub mod host_paths;
 pub mod inventory;
 pub mod mackerel;
 pub mod preflight;
@@ -25,6 +27,16 @@ pub fn main() -> std::process::ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
     let args = config::Args::parse();
+    if let Some(config::Command::Health { timeout }) = args.command {
+        // Quiet on success: health checks run every few seconds.
+        return match health::check(args.prometheus_listen, timeout) {
+            Ok(_) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                log::error!("unhealthy: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

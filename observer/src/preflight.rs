@@ -5,14 +5,19 @@ use std::{fs, path::Path};
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "observer needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) to load and attach its eBPF \
-         programs, and this process lacks {missing}: run it as root, or as a privileged container \
-         (ECS: \"privileged\": true; Kubernetes: securityContext.privileged: true)"
+        "observer needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN for all three) \
+         and this process lacks {missing}: CAP_BPF loads the programs and maps, CAP_NET_ADMIN \
+         attaches them to the cgroup, CAP_PERFMON lets the verifier skip the Spectre masking it \
+         adds to every map access of an unprivileged program. Run it as root; in a container \
+         add those capabilities (Kubernetes: securityContext.capabilities.add [BPF, PERFMON, \
+         NET_ADMIN]; ECS and Docker 20.10, which do not know BPF and PERFMON: \
+         SYS_ADMIN and NET_ADMIN)"
     )]
     MissingCapabilities { missing: String },
     #[error(
@@ -43,6 +48,9 @@ pub fn missing_capabilities(caps: u64) -> Vec<&'static str> {
     let mut missing = Vec::new();
     if !(has(CAP_BPF) || sys_admin) {
         missing.push("CAP_BPF");
+    }
+    if !(has(CAP_PERFMON) || sys_admin) {
+        missing.push("CAP_PERFMON");
     }
     if !(has(CAP_NET_ADMIN) || sys_admin) {
         missing.push("CAP_NET_ADMIN");
@@ -90,7 +98,10 @@ mod tests {
 
     #[test]
     fn unprivileged_lacks_both() {
-        assert_eq!(missing_capabilities(0), vec!["CAP_BPF", "CAP_NET_ADMIN"]);
+        assert_eq!(
+            missing_capabilities(0),
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]
+        );
     }
 
     #[test]
@@ -100,7 +111,15 @@ mod tests {
 
     #[test]
     fn bpf_without_net_admin_is_not_enough() {
-        assert_eq!(missing_capabilities(1 << CAP_BPF), vec!["CAP_NET_ADMIN"]);
-        assert!(missing_capabilities((1 << CAP_BPF) | (1 << CAP_NET_ADMIN)).is_empty());
+        assert_eq!(
+            missing_capabilities(1 << CAP_BPF),
+            vec!["CAP_PERFMON", "CAP_NET_ADMIN"]
+        );
+        assert_eq!(
+            missing_capabilities((1 << CAP_BPF) | (1 << CAP_NET_ADMIN)),
+            vec!["CAP_PERFMON"]
+        );
+        let daemonset = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN);
+        assert!(missing_capabilities(daemonset).is_empty());
     }
 }

@@ -15,9 +15,10 @@ use tokio::{
 };
 
 use crate::{
-    cgroupfs::{self, CgroupIndex},
+    cgroupfs::CgroupIndex,
     collect::Collector,
     config::{Args, Output, PlatformArg},
+    host_paths::{HostPathArgs, HostPaths},
     inventory::{
         refresh::{RefreshConfig, Refresher},
         sources::{self, Platform, PlatformEnv, SourceConfig},
@@ -42,7 +43,13 @@ const MACKEREL_FLUSH: Duration = Duration::from_secs(10);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     preflight::check()?;
-    let root = cgroupfs::detect_root(args.cgroup_root.as_deref())?;
+    let host = HostPaths::resolve(&HostPathArgs {
+        host_root: args.host_root.as_deref(),
+        cgroup_root: args.cgroup_root.as_deref(),
+        cgroupfs: args.cgroupfs.as_deref(),
+        proc: args.proc.as_deref(),
+    })?;
+    let root = host.cgroup_root.clone();
     let index = CgroupIndex::scan(&root)?;
 
     // Outputs that can fail on configuration go first: nothing is loaded if they cannot work.
@@ -67,7 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     log::info!("platform: {} ({})", selected.platform, selected.reason);
     let mut refresher = (selected.platform != Platform::None)
         .then(|| Refresher::new(selected.source, RefreshConfig::for_interval(args.interval)));
-    let mut joiner = Joiner::new(cgroupfs_for_resources(&args), host_facts(&args));
+    let mut joiner = Joiner::new(cgroupfs_for_resources(&host), host_facts(&host));
 
     let mut programs = Programs::load_observer(args.map_entries)?;
     spawn_kernel_logger(&mut programs);
@@ -210,20 +217,20 @@ fn source_config(args: &Args) -> SourceConfig {
     config
 }
 
-fn cgroupfs_for_resources(args: &Args) -> CgroupFs {
-    CgroupFs::detect(&args.cgroupfs).unwrap_or_else(|e| {
+fn cgroupfs_for_resources(host: &HostPaths) -> CgroupFs {
+    CgroupFs::detect(&host.cgroupfs).unwrap_or_else(|e| {
         log::warn!(
             "finding cgroupfs under {}: {e}; CPU and memory will be missing where it cannot be read",
-            args.cgroupfs.display()
+            host.cgroupfs.display()
         );
-        CgroupFs::probe(&args.cgroupfs)
+        CgroupFs::probe(&host.cgroupfs)
     })
 }
 
-fn host_facts(args: &Args) -> Host {
+fn host_facts(host: &HostPaths) -> Host {
     Host {
-        cpus: resources::host_cpu_count(&args.proc).ok(),
-        memory: resources::host_memory_total(&args.proc).ok(),
+        cpus: resources::host_cpu_count(&host.proc).ok(),
+        memory: resources::host_memory_total(&host.proc).ok(),
     }
 }
 

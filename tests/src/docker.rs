@@ -38,15 +38,36 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
-/// Returns true (and says why) when `test` cannot use Docker here.
+/// Returns true (and says why) when `test` cannot use Docker here; under CI a skip fails.
 pub fn skip_unless_docker(test: &str) -> bool {
     match unavailable() {
-        Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
-            true
-        }
+        Some(why) => crate::skip(test, &why),
         None => false,
     }
+}
+
+/// The bridge of Docker's default network: where a bridge-mode container reaches the host.
+pub const DEFAULT_BRIDGE: &str = "docker0";
+
+/// docker0's IPv4 address, read from the kernel (`ip -4 addr`). Docker's own answer is not
+/// used: on a fresh engine `docker network inspect bridge` has no IPAM `Gateway` at all.
+pub fn bridge_address() -> anyhow::Result<std::net::Ipv4Addr> {
+    let out = sh("ip", &["-4", "-o", "addr", "show", "dev", DEFAULT_BRIDGE])?;
+    first_ipv4(&out).with_context(|| {
+        format!("{DEFAULT_BRIDGE} has no IPv4 address (`ip -4 -o addr show dev {DEFAULT_BRIDGE}` printed {out:?}); is dockerd running with its default bridge?")
+    })
+}
+
+/// The first `inet A.B.C.D/N` address in `ip -o addr` output.
+pub fn first_ipv4(ip_output: &str) -> Option<std::net::Ipv4Addr> {
+    let mut words = ip_output.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "inet" {
+            let addr = words.next()?;
+            return addr.split('/').next()?.parse().ok();
+        }
+    }
+    None
 }
 
 /// Makes sure [`BUSYBOX_IMAGE`] exists, importing it from `/bin/busybox` if not.
@@ -269,5 +290,18 @@ fn remove_cgroup_dirs(parent: &str) {
                 _ => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_of_a_bridge_comes_from_ip_addr() {
+        let out = "5: docker0    inet 172.17.0.1/16 brd 172.17.255.255 scope global docker0\\       valid_lft forever preferred_lft forever\n";
+        assert_eq!(first_ipv4(out), Some("172.17.0.1".parse().unwrap()));
+        assert_eq!(first_ipv4(""), None);
+        assert_eq!(first_ipv4("5: docker0 inet garbage"), None);
     }
 }

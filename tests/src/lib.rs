@@ -32,7 +32,42 @@ pub fn skip_unless_root(test: &str) -> bool {
     if is_root() {
         return false;
     }
-    eprintln!("SKIPPED {test}: needs root (load eBPF programs, make cgroups and namespaces)");
+    skip(
+        test,
+        "needs root (load eBPF programs, make cgroups and namespaces)",
+    )
+}
+
+/// Set (to any value but `false`/`0`/empty) where every integration test must run: CI runs as
+/// root with Docker and the test tools installed, so a skip there hides a broken set-up.
+pub const CI_ENV: &str = "CI";
+/// A file `cargo xtask test` names, to which each skip appends `test\treason`, so that its
+/// tally shows skips apart from passes.
+pub const SKIP_LOG_ENV: &str = "OBSERVER_TEST_SKIP_LOG";
+
+/// True when the environment says this is CI.
+pub fn in_ci() -> bool {
+    std::env::var(CI_ENV).is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// Records that `test` cannot run here because of `why` and returns true, so the caller
+/// returns early. Under CI a skip is a failure: it panics with the reason.
+pub fn skip(test: &str, why: &str) -> bool {
+    if in_ci() {
+        panic!("{test} would be skipped, and skips fail under {CI_ENV}=true: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
+        use std::io::Write as _;
+        // One short line per write, appended: concurrent tests do not interleave within it.
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{test}\t{}", why.replace(['\n', '\t'], " "));
+        }
+    }
     true
 }
 

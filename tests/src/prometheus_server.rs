@@ -44,9 +44,9 @@ pub fn tools() -> Option<Tools> {
 pub fn skip_unless_prometheus(test: &str) -> Option<Tools> {
     let found = tools();
     if found.is_none() {
-        eprintln!(
-            "SKIPPED {test}: prometheus/promtool not installed \
-             (apt-get install prometheus, or cargo xtask setup --for-tests)"
+        crate::skip(
+            test,
+            "prometheus/promtool not installed (apt-get install prometheus, or cargo xtask setup --for-tests)",
         );
     }
     found

@@ -30,7 +30,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _};
 use serde_json::Value;
 use testbed::{
-    docker::{skip_unless_docker, Containers, Run},
+    docker::{self, skip_unless_docker, Containers, Run},
     observer_cmd::Finished,
     prometheus_server::{
         close, escape_label_value, free_port, get, promtool_check, sample, scrape,
@@ -139,24 +139,6 @@ impl Observer {
         ensure!(!done.log.contains("panicked"), "{}", done.log);
         Ok(done)
     }
-}
-
-/// The gateway of Docker's default bridge network (docker0's address): where a bridge-mode
-/// container reaches the host.
-fn bridge_gateway() -> anyhow::Result<Ipv4Addr> {
-    let out = sh(
-        "docker",
-        &[
-            "network",
-            "inspect",
-            "bridge",
-            "--format",
-            "{{range .IPAM.Config}}{{.Gateway}} {{end}}",
-        ],
-    )?;
-    out.split_whitespace()
-        .find_map(|s| s.parse().ok())
-        .with_context(|| format!("no IPv4 gateway of the bridge network in {out:?}"))
 }
 
 /// `docker exec <container> <cmd>`; fails with its stderr.
@@ -414,7 +396,7 @@ async fn a_containers_known_traffic_reaches_a_real_prometheus() -> anyhow::Resul
         return Ok(());
     };
     let observer = Observer::start()?;
-    let http = HttpServer::start(bridge_gateway()?, DOWNLOAD)?;
+    let http = HttpServer::start(docker::bridge_address()?, DOWNLOAD)?;
     let mut containers = Containers::new();
     let name = unique("obs-prom");
     containers.start(Run::new().name(&name).network("bridge"))?;
@@ -558,7 +540,7 @@ async fn a_removed_containers_series_leave_metrics() -> anyhow::Result<()> {
         return Ok(());
     }
     let observer = Observer::start()?;
-    let http = HttpServer::start(bridge_gateway()?, 100_000)?;
+    let http = HttpServer::start(docker::bridge_address()?, 100_000)?;
     let mut containers = Containers::new();
     let name = unique("obs-prom-gone");
     let id = containers.start(Run::new().name(&name).network("bridge"))?;
@@ -740,7 +722,7 @@ async fn traffic_at_a_containers_start_is_its_own() -> anyhow::Result<()> {
         return Ok(());
     }
     let observer = Observer::start()?;
-    let http = HttpServer::start(bridge_gateway()?, BODY)?;
+    let http = HttpServer::start(docker::bridge_address()?, BODY)?;
     let mut containers = Containers::new();
     let mut names = Vec::new();
     for _ in 0..8 {

@@ -1,6 +1,8 @@
 //! `cargo xtask`: set-up, build, run, test and bench for the observer workspace.
 
 mod cargo;
+mod deploy_check;
+mod image;
 mod setup;
 mod sys;
 mod tally;
@@ -46,11 +48,26 @@ enum Task {
     },
     /// Set up for tests, then run the unit tests and the root-only integration tests.
     Test {
+        /// First reproduce a machine where Docker never ran: stop dockerd, move /var/lib/docker
+        /// aside (the path is printed), delete docker0, then let set-up start a new engine.
+        /// Catches tests that rely on state a warm engine has and a fresh one lacks.
+        #[arg(long)]
+        fresh_docker: bool,
         /// Extra arguments for the integration test binaries, after `--` (a name filter,
         /// --nocapture, ...).
         #[arg(last = true, value_name = "TEST_ARGS")]
         args: Vec<String>,
     },
+    /// Build observer's container image (a static binary on scratch) into the local Docker
+    /// engine, tagged with the reference the manifests in deploy/ use; prints its size.
+    Image {
+        /// Only build the static binary (target/image/observer): the Dockerfile's build stage.
+        #[arg(long)]
+        binary_only: bool,
+    },
+    /// Validate deploy/ offline (ECS task definition, CloudFormation, Kubernetes manifests) with
+    /// pinned validators in a venv under target/; `test` runs this too.
+    CheckDeploy,
     /// Set up for tests, then run the observer-bench binary (release): `cargo xtask bench -- ARGS`.
     Bench {
         /// Arguments for observer-bench, after `--`.
@@ -64,7 +81,14 @@ fn main() -> Result<()> {
         Task::Setup { for_tests } => setup::setup(for_tests),
         Task::Build { release } => build(release),
         Task::Run { debug, args } => run(!debug, &args),
-        Task::Test { args } => test(&args),
+        Task::Test { fresh_docker, args } => {
+            if fresh_docker {
+                setup::fresh_docker()?;
+            }
+            test(&args)
+        }
+        Task::Image { binary_only } => image::image(binary_only),
+        Task::CheckDeploy => deploy_check::check_deploy(),
         Task::Bench { args } => bench(&args),
     }
 }
@@ -89,8 +113,15 @@ fn run(release: bool, args: &[String]) -> Result<()> {
     Err(err).with_context(|| format!("cannot run {}", binary.display()))
 }
 
+/// Where the integration tests append the tests they skipped (tests/src/lib.rs `skip`).
+const SKIP_LOG_ENV: &str = "OBSERVER_TEST_SKIP_LOG";
+
 fn test(args: &[String]) -> Result<()> {
     setup::setup(true)?;
+    let skip_log = cargo::target_dir().join("observer-test-skips.log");
+    std::fs::create_dir_all(cargo::target_dir()).context("creating the target directory")?;
+    // A fresh log per run: only this run's skips count.
+    let _ = std::fs::remove_file(&skip_log);
     let mut total = tally::Tally::default();
     let (unit, counted) = tally::run_counting(&mut cargo::cargo([
         "test",
@@ -106,6 +137,19 @@ fn test(args: &[String]) -> Result<()> {
     if let Err(e) = &unit {
         say!("unit tests failed: {e:#}");
     }
+    // The deploy manifests' checks count as one test of their own.
+    let deploy = deploy_check::check_deploy();
+    if deploy.is_ok() {
+        total.passed += 1;
+    } else {
+        total.failed += 1;
+    }
+    // The deploy tests run the image as the manifests say: build it first, as operators would.
+    let image = image::image(false);
+    if let Err(e) = &image {
+        say!("building the image failed: {e:#}");
+        total.failed += 1;
+    }
     let integration = if cargo::has_tests_package() {
         let mut cmd = cargo::cargo([
             "test",
@@ -115,7 +159,9 @@ fn test(args: &[String]) -> Result<()> {
             "--",
             "--test-threads=2",
         ]);
-        cmd.args(args);
+        cmd.args(args)
+            .env(SKIP_LOG_ENV, &skip_log)
+            .env("OBSERVER_TEST_IMAGE", image::IMAGE);
         let (result, counted) = tally::run_counting(&mut cmd);
         total.add(counted);
         if let Err(e) = &result {
@@ -126,18 +172,32 @@ fn test(args: &[String]) -> Result<()> {
         say!("integration tests: skipped, tests/Cargo.toml (package observer-tests) does not exist yet");
         None
     };
+    let skips = tally::read_skips(&std::fs::read_to_string(&skip_log).unwrap_or_default());
+    // A skipped test returned early, so libtest counted it as passed: move it to skipped.
+    total.passed = total.passed.saturating_sub(skips.len() as u64);
+    for (name, why) in &skips {
+        say!("skipped {name}: {why}");
+    }
     let verdict = |r: &Result<()>| if r.is_ok() { "passed" } else { "FAILED" };
     say!(
-        "test summary: unit tests {}, integration tests {}",
+        "test summary: unit tests {}, deploy check {}, integration tests {}",
         verdict(&unit),
+        verdict(&deploy),
         integration.as_ref().map_or("skipped", verdict)
     );
     // One plain closing line that counts every test run, whatever cargo printed last.
     println!(
-        "tests: {} passed, {} failed, {} skipped",
-        total.passed, total.failed, total.ignored
+        "tests: {} passed, {} failed, {} skipped (not run here), {} ignored",
+        total.passed,
+        total.failed,
+        skips.len(),
+        total.ignored
     );
-    if unit.is_err() || integration.is_some_and(|r| r.is_err()) {
+    if unit.is_err()
+        || deploy.is_err()
+        || image.is_err()
+        || integration.is_some_and(|r| r.is_err())
+    {
         bail!("some tests failed");
     }
     Ok(())
@@ -148,17 +208,22 @@ fn bench(args: &[String]) -> Result<()> {
     if !cargo::has_tests_package() {
         bail!("tests/Cargo.toml (package observer-tests, which holds observer-bench) does not exist yet");
     }
-    let mut cmd = cargo::cargo([
-        "run",
+    // The bench runs release binaries beside itself (trafficgen, the observer): build them
+    // all first, so a clean clone needs nothing else.
+    sys::run(&mut cargo::cargo([
+        "build",
         "--release",
         "--package",
+        "observer",
+        "--package",
         "observer-tests",
-        "--bin",
-        "observer-bench",
-        "--",
-    ]);
-    cmd.args(args);
-    sys::run(&mut cmd).context("running observer-bench")
+        "--bins",
+    ]))
+    .context("building the bench and the binaries it runs")?;
+    let bench = cargo::target_dir().join("release").join("observer-bench");
+    let mut cmd = sys::command(&bench);
+    cmd.current_dir(cargo::workspace_root()).args(args);
+    sys::run(&mut cmd).with_context(|| format!("running {}", bench.display()))
 }
 
 #[cfg(test)]
@@ -187,7 +252,11 @@ mod tests {
     #[test]
     fn test_takes_extra_arguments() {
         let cli = Cli::try_parse_from(["xtask", "test", "--", "cpu", "--nocapture"]).unwrap();
-        assert!(matches!(cli.command, Task::Test { args } if args == ["cpu", "--nocapture"]));
+        assert!(
+            matches!(cli.command, Task::Test { fresh_docker: false, args } if args == ["cpu", "--nocapture"])
+        );
+        let cli = Cli::try_parse_from(["xtask", "test", "--fresh-docker"]).unwrap();
+        assert!(matches!(cli.command, Task::Test { fresh_docker: true, .. }));
         let cli = Cli::try_parse_from(["xtask", "setup", "--for-tests"]).unwrap();
         assert!(matches!(cli.command, Task::Setup { for_tests: true }));
     }

@@ -1,7 +1,7 @@
 //! Installs what building and testing need. Every step checks first, so running it again is cheap.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,51 @@ pub fn setup(for_tests: bool) -> Result<()> {
     if for_tests {
         test_packages(&mut apt).context("setting up the test tools")?;
         docker().context("starting a Docker engine")?;
+    }
+    Ok(())
+}
+
+/// docker.io installed and a Docker engine answering (for `cargo xtask image`).
+pub fn docker_engine() -> Result<()> {
+    let mut apt = Apt::default();
+    let has_dockerd = ["/usr/sbin/dockerd", "/usr/bin/dockerd"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    if !has_dockerd && !dpkg_installed("docker.io") {
+        apt.install(&["docker.io"])?;
+    }
+    docker()
+}
+
+/// Docker's state as on a machine where it never ran: dockerd stopped, /var/lib/docker moved
+/// aside, docker0 gone. The next `docker()` starts a new engine on empty state.
+pub fn fresh_docker() -> Result<()> {
+    if !sys::is_root()? {
+        bail!("--fresh-docker stops dockerd and moves /var/lib/docker: run it as root");
+    }
+    if dockerd_running() {
+        say!("fresh docker: stopping dockerd");
+        sys::run(sys::command("pkill").args(["-TERM", "-x", "dockerd"]))?;
+        let start = Instant::now();
+        while dockerd_running() {
+            if start.elapsed() > DOCKER_WAIT {
+                bail!("dockerd did not stop within {} s", DOCKER_WAIT.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let state = Path::new("/var/lib/docker");
+    if state.exists() {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = PathBuf::from(format!("/var/lib/docker.aside-{secs}"));
+        std::fs::rename(state, &aside)
+            .with_context(|| format!("moving {} to {}", state.display(), aside.display()))?;
+        say!("fresh docker: the old state is at {} (delete it when done)", aside.display());
+    }
+    if Path::new("/sys/class/net/docker0").exists() {
+        sys::run(sys::command("ip").args(["link", "delete", "docker0"]))?;
     }
     Ok(())
 }

@@ -72,9 +72,26 @@ pub fn run_counting(cmd: &mut Command) -> (Result<()>, Tally) {
     (result, tally)
 }
 
+/// The skipped tests in a skip log (`name\treason` lines), one entry per test name.
+pub fn read_skips(log: &str) -> std::collections::BTreeMap<String, String> {
+    log.lines()
+        .filter_map(|line| line.split_once('\t'))
+        .map(|(name, why)| (name.trim().to_string(), why.trim().to_string()))
+        .filter(|(name, _)| !name.is_empty())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_skip_logs() {
+        let skips = read_skips("a\tneeds root\nb\tno docker\na\tneeds root\n\ngarbage\n");
+        assert_eq!(skips.len(), 2);
+        assert_eq!(skips["a"], "needs root");
+        assert_eq!(skips["b"], "no docker");
+    }
 
     #[test]
     fn reads_cargo_result_lines() {

@@ -73,6 +73,9 @@ impl FromStr for Platform {
 pub struct PlatformEnv {
     /// `NODE_NAME`: the Kubernetes node (from the downward API, `spec.nodeName`).
     pub node_name: Option<String>,
+    /// `NODE_IP`: the node's address (downward API `status.hostIP`); preferred over the node
+    /// name for the kubelet, since node names often do not resolve from pods.
+    pub node_ip: Option<String>,
     /// `ECS_CONTAINER_METADATA_URI_V4`, else `ECS_CONTAINER_METADATA_URI`: set by the ECS agent
     /// in every task container.
     pub ecs_metadata_uri: Option<String>,
@@ -86,6 +89,7 @@ impl PlatformEnv {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         Self {
             node_name: var("NODE_NAME"),
+            node_ip: var("NODE_IP"),
             ecs_metadata_uri: var("ECS_CONTAINER_METADATA_URI_V4")
                 .or_else(|| var("ECS_CONTAINER_METADATA_URI")),
             kubernetes_service_host: var("KUBERNETES_SERVICE_HOST"),
@@ -104,9 +108,14 @@ pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// Default per-request timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The default kubelet URL for a node: its authenticated HTTPS port.
-pub fn default_kubelet_url(node_name: &str) -> String {
-    format!("https://{node_name}:10250")
+/// The default kubelet URL for a node (its address or name): its authenticated HTTPS port.
+pub fn default_kubelet_url(node: &str) -> String {
+    if node.contains(':') && !node.starts_with('[') {
+        // An IPv6 address.
+        format!("https://[{node}]:10250")
+    } else {
+        format!("https://{node}:10250")
+    }
 }
 
 /// How to reach the platform. Plain data; the CLI fills it from flags and environment:
@@ -115,7 +124,7 @@ pub fn default_kubelet_url(node_name: &str) -> String {
 /// |---|---|---|---|
 /// | `platform` | `--platform` | `OBSERVER_PLATFORM` | `auto` |
 /// | `ecs_agent_url` | `--ecs-agent-url` | `OBSERVER_ECS_AGENT_URL` | `http://127.0.0.1:51678` |
-/// | `kubelet_url` | `--kubelet-url` | `OBSERVER_KUBELET_URL` | `https://$NODE_NAME:10250` |
+/// | `kubelet_url` | `--kubelet-url` | `OBSERVER_KUBELET_URL` | `https://$NODE_IP:10250`, else `https://$NODE_NAME:10250` |
 /// | `kubelet_token_file` | `--kubelet-token-file` | | the service-account token |
 /// | `kubelet_ca_file` | `--kubelet-ca-file` | | the service-account `ca.crt` |
 /// | `kubelet_insecure_tls` | `--kubelet-insecure-tls` | | false |
@@ -152,7 +161,11 @@ impl SourceConfig {
         Self {
             platform: Platform::Auto,
             ecs_agent_url: DEFAULT_ECS_AGENT_URL.to_owned(),
-            kubelet_url: env.node_name.as_deref().map(default_kubelet_url),
+            kubelet_url: env
+                .node_ip
+                .as_deref()
+                .or(env.node_name.as_deref())
+                .map(default_kubelet_url),
             kubelet_token_file: DEFAULT_KUBELET_TOKEN_FILE.into(),
             kubelet_ca_file: DEFAULT_KUBELET_CA_FILE.into(),
             kubelet_insecure_tls: false,
@@ -180,8 +193,8 @@ impl Default for SourceConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error(
-        "--platform kubernetes needs the kubelet URL: set NODE_NAME (downward API spec.nodeName) \
-         or --kubelet-url / OBSERVER_KUBELET_URL"
+        "--platform kubernetes needs the kubelet URL: set NODE_IP (downward API status.hostIP), \
+         NODE_NAME (spec.nodeName) or --kubelet-url / OBSERVER_KUBELET_URL"
     )]
     NoKubeletUrl,
     #[error("kubelet URL {url:?} must start with https:// or http:// (read-only port)")]
@@ -365,6 +378,23 @@ mod tests {
         assert_eq!(config.docker_socket, PathBuf::from("/var/run/docker.sock"));
         assert!(!config.kubelet_insecure_tls);
         assert_eq!(SourceConfig::new(PlatformEnv::default()).kubelet_url, None);
+    }
+
+    #[test]
+    fn the_node_ip_is_preferred_for_the_kubelet() {
+        let env = |ip: &str| PlatformEnv {
+            node_name: Some("node-1".into()),
+            node_ip: Some(ip.into()),
+            ..PlatformEnv::default()
+        };
+        assert_eq!(
+            SourceConfig::new(env("10.0.1.5")).kubelet_url.as_deref(),
+            Some("https://10.0.1.5:10250")
+        );
+        assert_eq!(
+            SourceConfig::new(env("fd00::5")).kubelet_url.as_deref(),
+            Some("https://[fd00::5]:10250")
+        );
     }
 
     #[test]
