@@ -42,6 +42,11 @@ use crate::{
 const MACKEREL_FLUSH: Duration = Duration::from_secs(10);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // First: in a container observer is PID 1 of its PID namespace, and the kernel drops a
+    // signal PID 1 has no handler for, so a SIGTERM during start-up (a pod deleted as it
+    // starts) would be lost and the kubelet would wait out the grace period.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     preflight::check()?;
     let host = HostPaths::resolve(&HostPathArgs {
         host_root: args.host_root.as_deref(),
@@ -110,8 +115,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     sinks.extend(prometheus_sink.map(|s| Box::new(s) as Box<dyn Sink>));
 
     let mut collector = Collector::new(reader, index);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let mut ticker =
         tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);

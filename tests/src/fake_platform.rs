@@ -78,6 +78,17 @@ struct Server {
 
 impl Server {
     async fn start(router: Router<Arc<Shared>>, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        Self::start_at(router, tls, "127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1")
+    }
+
+    /// Listens on `addr` exactly; fails (with the address) if it is taken.
+    async fn start_at(
+        router: Router<Arc<Shared>>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        addr: &str,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             mode: Mutex::new(Mode::Ok),
             requests: Mutex::new(Vec::new()),
@@ -88,10 +99,10 @@ impl Server {
         let router = router
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found\n") })
             .with_state(shared.clone());
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(addr)
             .await
-            .expect("bind 127.0.0.1");
-        let addr = listener.local_addr().expect("local address");
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let addr = listener.local_addr()?;
         let mut server = Self {
             addr,
             shared,
@@ -100,7 +111,7 @@ impl Server {
             running: None,
         };
         server.serve(listener);
-        server
+        Ok(server)
     }
 
     fn serve(&mut self, listener: TcpListener) {
@@ -310,16 +321,23 @@ pub struct FakeEcsAgent {
 }
 
 impl FakeEcsAgent {
-    /// Cluster `test-cluster`, no tasks.
+    /// Cluster `test-cluster`, no tasks, on a free port of 127.0.0.1.
     pub async fn start() -> Self {
+        Self::start_at("127.0.0.1:0").await.expect("bind 127.0.0.1")
+    }
+
+    /// The same on `addr` exactly, e.g. the real agent's `127.0.0.1:51678` for an observer
+    /// that uses its default agent URL; an error names the address when it is taken (a real
+    /// agent, or another test's fake).
+    pub async fn start_at(addr: &str) -> std::io::Result<Self> {
         let router = Router::new()
             .route("/", get(ecs_root))
             .route("/v1/metadata", get(ecs_metadata))
             .route("/v1/tasks", get(ecs_tasks));
-        let server = Server::start(router, None).await;
+        let server = Server::start_at(router, None, addr).await?;
         let agent = Self { server };
         agent.set_cluster("test-cluster");
-        agent
+        Ok(agent)
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -548,8 +566,9 @@ impl FakeCa {
     }
 }
 
-/// A CA of its own and a server certificate it signed for 127.0.0.1 and localhost.
-fn tls_material() -> (FakeCa, tokio_rustls::TlsAcceptor) {
+/// A CA of its own and a server certificate it signed for 127.0.0.1, localhost and
+/// `extra_sans` (IP addresses or DNS names).
+fn tls_material(extra_sans: &[&str]) -> (FakeCa, tokio_rustls::TlsAcceptor) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
@@ -560,8 +579,10 @@ fn tls_material() -> (FakeCa, tokio_rustls::TlsAcceptor) {
     let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
 
     let key = KeyPair::generate().expect("server key");
-    let mut params = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-        .expect("server params");
+    let mut sans: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
+    sans.extend(extra_sans.iter().map(|s| s.to_string()));
+    // rcgen makes an IP address SAN of each name that parses as one, a DNS SAN otherwise.
+    let mut params = CertificateParams::new(sans).expect("server params");
     params.distinguished_name.push(DnType::CommonName, "node-1");
     let cert = params
         .signed_by(&key, &ca, &ca_key)
@@ -628,14 +649,26 @@ impl FakeKubelet {
 
     /// HTTPS with a certificate for 127.0.0.1 signed by a CA of its own ([`FakeKubelet::ca`]).
     pub async fn start_tls() -> Self {
-        let (ca, acceptor) = tls_material();
+        let (ca, acceptor) = tls_material(&[]);
         Self {
             server: Server::start(kubelet_router(), Some(acceptor)).await,
             ca: Some(ca),
         }
     }
 
-    /// `http://127.0.0.1:<port>` or `https://127.0.0.1:<port>`.
+    /// HTTPS on `addr` exactly (e.g. a node IP and the kubelet's port 10250), with a
+    /// certificate for 127.0.0.1, localhost and `sans` (IP addresses or DNS names, e.g. that
+    /// node IP) signed by a CA of its own; an error names the address when it is taken.
+    pub async fn start_tls_at(addr: &str, sans: &[&str]) -> std::io::Result<Self> {
+        let (ca, acceptor) = tls_material(sans);
+        Ok(Self {
+            server: Server::start_at(kubelet_router(), Some(acceptor), addr).await?,
+            ca: Some(ca),
+        })
+    }
+
+    /// `http://<address>:<port>` or `https://<address>:<port>` (127.0.0.1 unless started at
+    /// another address).
     pub fn url(&self) -> String {
         let scheme = if self.ca.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.server.addr)

@@ -4,8 +4,10 @@
 
 pub mod cgroup;
 pub mod docker;
+pub mod ecs_taskdef;
 pub mod fake_mackerel;
 pub mod fake_platform;
+pub mod k8s_pod;
 pub mod netns;
 pub mod observer_cmd;
 pub mod process;

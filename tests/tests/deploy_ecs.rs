@@ -1,0 +1,1168 @@
+//! The ECS deployment end to end: observer's container image run in the local Docker engine
+//! exactly as deploy/ecs/task-definition.json says (translated to `docker run` by
+//! testbed::ecs_taskdef, which fails on any key it does not know), against a fake ECS agent on
+//! the real agent's address (127.0.0.1:51678: the manifest relies on the default agent URL) and
+//! a fake Mackerel API. Three "ECS tasks" of real containers (host mode, bridge mode, and an
+//! awsvpc-like task of a pause container plus two apps in its network namespace) post known
+//! HTTP bodies to a sink in a network namespace of the test, behind a veth pair.
+//!
+//! Checked: one Mackerel host per task whose `interface.*.txBytes.delta` add up to what it sent
+//! (within 2 %, plus what TCP resent), the same in the JSON lines on the container's stdout
+//! (`docker logs`), which name the three tasks; observer attached at the host's cgroup v2 root
+//! under /host/sys/fs/cgroup; the container's health check (`/observer health`) makes it
+//! "healthy"; `docker stop` ends it with exit code 0 within the stop timeout.
+//!
+//! Needs root, a running dockerd and the image (`cargo xtask image`; OBSERVER_TEST_IMAGE
+//! names another); says SKIPPED otherwise (under CI a skip fails). Everything it makes is
+//! removed by guards, also when an assertion fails, and checked to be gone.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use testbed::{
+    docker::{skip_unless_docker, Containers, EcsLabels, Run},
+    ecs_taskdef::{self, Overrides},
+    fake_mackerel::FakeMackerel,
+    fake_platform::{task_arn, FakeEcsAgent, FakeTask},
+    sh,
+    traffic::{at_in, trafficgen},
+    unique, NetNs, Spawned, TestCgroup,
+};
+
+const TEST: &str = "the_ecs_task_definition_runs_observer_healthy_and_reporting_every_task";
+const TASK_DEFINITION: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/ecs/task-definition.json"
+);
+/// The container of the task definition that is observer.
+const CONTAINER: &str = "observer";
+/// The image `cargo xtask image` builds (the manifest's); this variable names another.
+const IMAGE_ENV: &str = "OBSERVER_TEST_IMAGE";
+const DEFAULT_IMAGE: &str = "registry.example.com/observer/observer:0.1.0";
+/// The real ECS agent's introspection address, observer's default agent URL.
+const AGENT_ADDR: &str = "127.0.0.1:51678";
+/// What the manifest's OBSERVER_PROMETHEUS_LISTEN binds on the host network.
+const METRICS_PORT: u16 = 9435;
+/// On the observer container, for finding what a failed run left.
+const CLEANUP_LABEL: &str = "observer-test";
+const API_KEY: &str = "deploy-ecs-mackerel-key-8d1e5b07";
+const CLUSTER: &str = "deploy";
+const FAMILY: &str = "deploy-web";
+const VERSION: &str = "3";
+const PAUSE: &str = "~internal~ecs~pause";
+const INTERVAL: Duration = Duration::from_secs(2);
+/// The issue's tolerance: measured within 2% of what was sent.
+const TOLERANCE: f64 = 0.02;
+
+/// One app container and the HTTP body it posts.
+struct App {
+    /// Index into the tasks.
+    task: usize,
+    name: &'static str,
+    body_bytes: u64,
+    id: String,
+}
+
+/// One fake ECS task.
+struct Task {
+    label: &'static str,
+    id: String,
+    arn: String,
+    /// `--network` of its app containers, once the pause container (if any) exists.
+    network: String,
+    pause_id: Option<String>,
+    /// Bytes TCP resent from the task's network namespace while the apps posted (an upper
+    /// bound: the host namespace has other senders).
+    resent_bytes: u64,
+}
+
+/// What the test made, for the check that nothing is left afterwards.
+#[derive(Default)]
+struct Made {
+    containers: Vec<String>,
+    images: Vec<String>,
+    netns: Option<String>,
+    host_if: Option<String>,
+    task_ids: Vec<String>,
+    sink_cgroup: Option<PathBuf>,
+    iptables_rules: Vec<Vec<String>>,
+}
+
+#[test]
+fn the_ecs_task_definition_runs_observer_healthy_and_reporting_every_task() {
+    if skip_unless_docker(TEST) {
+        return;
+    }
+    let image = std::env::var(IMAGE_ENV).unwrap_or_else(|_| DEFAULT_IMAGE.to_owned());
+    let present = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", &image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present
+        && testbed::skip(
+            TEST,
+            &format!("image missing: run cargo xtask image ({image})"),
+        )
+    {
+        return;
+    }
+    let started = Instant::now();
+    let made = Mutex::new(Made::default());
+    let result = catch_unwind(AssertUnwindSafe(|| scenario(&image, &made)));
+    let made = made.into_inner().unwrap_or_else(|e| e.into_inner());
+    let leftovers = leftovers(&made);
+    eprintln!("test took {:.1?}", started.elapsed());
+    if let Err(panic) = result {
+        if !leftovers.is_empty() {
+            eprintln!("LEFT BEHIND after the failure: {leftovers:#?}");
+        }
+        resume_unwind(panic);
+    }
+    assert!(leftovers.is_empty(), "left behind: {leftovers:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenario
+
+fn scenario(image: &str, made: &Mutex<Made>) {
+    let record = |f: &dyn Fn(&mut Made)| f(&mut made.lock().unwrap_or_else(|e| e.into_inner()));
+
+    // 0. The manifest, translated before anything is made: an unknown key fails here.
+    let text = std::fs::read_to_string(TASK_DEFINITION)
+        .unwrap_or_else(|e| panic!("{TASK_DEFINITION}: {e}"));
+    let task_def: Value = serde_json::from_str(&text).expect("the task definition is JSON");
+    let observer_name = unique("obs-deploy-ecs");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let agent = rt
+        .block_on(FakeEcsAgent::start_at(AGENT_ADDR))
+        .unwrap_or_else(|e| {
+            panic!(
+                "the fake ECS agent must listen where observer's default agent URL points: {e} \
+             (a real ECS agent or another test holds it: `ss -ltnp 'sport = :51678'`)"
+            )
+        });
+    agent.set_cluster(CLUSTER);
+    let mackerel = rt.block_on(FakeMackerel::start(API_KEY));
+    // observer (host network) binds the manifest's metrics port: say so if it is taken.
+    if let Err(e) = std::net::TcpListener::bind(("0.0.0.0", METRICS_PORT)) {
+        panic!("port {METRICS_PORT} (OBSERVER_PROMETHEUS_LISTEN of the manifest) is taken: {e}");
+    }
+
+    let run = ecs_taskdef::docker_run(
+        &task_def,
+        CONTAINER,
+        &Overrides {
+            container_name: Some(observer_name.clone()),
+            env: vec![
+                ("MACKEREL_APIBASE".into(), mackerel.url()),
+                (
+                    "OBSERVER_INTERVAL".into(),
+                    format!("{}s", INTERVAL.as_secs()),
+                ),
+            ],
+            secrets: [("MACKEREL_APIKEY".to_owned(), API_KEY.to_owned())].into(),
+            labels: vec![(CLEANUP_LABEL.into(), TEST.into())],
+            ulimits: memlock_this_engine_grants(&task_def),
+        },
+    )
+    .unwrap_or_else(|e| panic!("deploy/ecs/task-definition.json: {e:#}"));
+    for note in &run.notes {
+        eprintln!("task definition: {note}");
+    }
+    if image != run.image {
+        eprintln!(
+            "image {image} ({IMAGE_ENV}) instead of the manifest's {}",
+            run.image
+        );
+    }
+
+    // 1. The sink: in a namespace of its own behind a veth pair, in a test cgroup.
+    let ns = NetNs::with_veth("deploy").expect("netns with veth");
+    let veth = ns.veth();
+    record(&|m| {
+        m.netns = Some(ns.name().to_owned());
+        m.host_if = Some(ns.veth().host_if.clone());
+    });
+    sh(
+        "ip",
+        &[
+            "-n",
+            ns.name(),
+            "route",
+            "add",
+            "default",
+            "via",
+            &veth.host_addr.to_string(),
+        ],
+    )
+    .expect("default route in the namespace");
+    let sink_cgroup = TestCgroup::new("deploy-sink").expect("sink cgroup");
+    record(&|m| m.sink_cgroup = Some(sink_cgroup.path().to_owned()));
+    let mut sink = Spawned::start(
+        &trafficgen(),
+        &["http-sink", &format!("{}:0", veth.ns_addr)],
+        at_in(&sink_cgroup, &ns),
+    )
+    .expect("start the HTTP sink");
+    let sink_addr = sink.expect("ready ").expect("sink ready");
+    let url = format!("http://{sink_addr}/");
+    eprintln!("sink at {url} in netns {}", ns.name());
+
+    // 2. Three tasks with real containers.
+    let mut tasks: Vec<Task> = ["host", "bridge", "awsvpc"]
+        .into_iter()
+        .map(|label| {
+            let id = task_id();
+            Task {
+                label,
+                arn: task_arn(CLUSTER, &id),
+                id,
+                network: label.to_owned(),
+                pause_id: None,
+                resent_bytes: 0,
+            }
+        })
+        .collect();
+    record(&|m| m.task_ids = tasks.iter().map(|t| t.id.clone()).collect());
+    let mut apps = vec![
+        app(0, "app-host", 3_000_000),
+        app(1, "app-bridge", 2_000_000),
+        app(2, "app-a1", 1_500_000),
+        app(2, "app-a2", 1_000_000),
+    ];
+    let mut containers = Containers::new();
+    let run_app = |task: &Task, container_name: &str| {
+        let docker_name = container_name.replace(PAUSE, "pause");
+        Run::new()
+            .name(&unique(&format!("obs-deploy-{docker_name}")))
+            .cgroup_parent(&format!("/ecs/{}", task.id))
+            .ecs(&EcsLabels {
+                task_arn: &task.arn,
+                container_name,
+                cluster: CLUSTER,
+                family: FAMILY,
+                version: VERSION,
+            })
+    };
+    let pause = containers
+        .start(run_app(&tasks[2], PAUSE).network("bridge"))
+        .expect("pause container");
+    record(&|m| m.containers.push(pause.clone()));
+    tasks[2].network = format!("container:{pause}");
+    tasks[2].pause_id = Some(pause.clone());
+    for a in &mut apps {
+        let task = &tasks[a.task];
+        a.id = containers
+            .start(run_app(task, a.name).network(&task.network))
+            .unwrap_or_else(|e| panic!("container {}: {e}", a.name));
+        record(&|m| m.containers.push(a.id.clone()));
+    }
+    // Bodies of bytes that are not NUL (busybox wget posts strlen(file) bytes).
+    for a in &apps {
+        docker_exec(
+            &a.id,
+            &format!(
+                "dd if=/dev/zero bs=1000 count={} 2>/dev/null | tr '\\000' x > /tmp/body && \
+                 test $(wc -c < /tmp/body) -eq {}",
+                a.body_bytes / 1000,
+                a.body_bytes
+            ),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("making the body of {}: {e}", a.name));
+    }
+    let _forwarding = reach_sink(&apps, &url, &mut sink, veth, made);
+
+    // The fake agent lists the app containers, not the pause container (like the real one).
+    let fake_tasks: Vec<FakeTask> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut ft = FakeTask::running(CLUSTER, &t.id, FAMILY, VERSION);
+            for a in apps.iter().filter(|a| a.task == i) {
+                ft = ft.container(&a.id, a.name);
+            }
+            if t.pause_id.is_some() {
+                ft = ft.awsvpc();
+            }
+            ft
+        })
+        .collect();
+    agent.set_tasks(&fake_tasks);
+
+    // 3. observer, as the task definition runs it.
+    let mut observer = ObserverContainer {
+        name: observer_name.clone(),
+        health_image: None,
+    };
+    record(&|m| m.containers.push(observer_name.clone()));
+    let run_image = match &run.exec_health_check {
+        // docker run cannot pass an exec-form check: an image with only that added.
+        Some(check) => {
+            let tag = format!("observer-deploy-test/health:{}", unique("t"));
+            record(&|m| m.images.push(tag.clone()));
+            build_image(&check.dockerfile(image), &tag).expect("the health-check image");
+            observer.health_image = Some(tag.clone());
+            tag
+        }
+        None => image.to_owned(),
+    };
+    let args = run.args_with_image(&run_image);
+    eprintln!(
+        "docker {}",
+        args.join(" ").replace(API_KEY, "<MACKEREL_APIKEY>")
+    );
+    let t0 = Instant::now();
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    sh("docker", &arg_refs).unwrap_or_else(|e| {
+        panic!(
+            "docker run of the task definition: {}",
+            e.to_string().replace(API_KEY, "<MACKEREL_APIKEY>")
+        )
+    });
+
+    let attached = observer.wait_log("attached ", Duration::from_secs(30));
+    eprintln!("observer attached after {:.1?}: {attached}", t0.elapsed());
+    let root = attached
+        .split(" at ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no cgroup root in {attached:?}"));
+    assert!(
+        Path::new(root).starts_with("/host/sys/fs/cgroup"),
+        "observer attached at {root}, not at the host's cgroup v2 root under /host/sys/fs/cgroup"
+    );
+    // The same hierarchy the test's containers are in, as the host sees it.
+    let host_root = Path::new("/").join(Path::new(root).strip_prefix("/host").unwrap());
+    assert_eq!(
+        host_root,
+        testbed::v2_root(),
+        "observer attached at another hierarchy than the host's cgroup v2 root"
+    );
+    wait_for("a Mackerel host per task", Duration::from_secs(30), || {
+        let hosts = mackerel.hosts();
+        tasks.iter().all(|t| {
+            hosts
+                .iter()
+                .any(|h| h.custom_identifier.as_deref() == Some(&t.arn))
+        })
+    });
+    eprintln!("a Mackerel host per task after {:.1?}", t0.elapsed());
+    // The port mapping: host networking puts observer's metrics on the host's port.
+    let metrics = http_get(&format!("127.0.0.1:{METRICS_PORT}"), "/metrics")
+        .unwrap_or_else(|e| panic!("GET /metrics on the host's port {METRICS_PORT}: {e}"));
+    assert!(
+        metrics.starts_with("HTTP/1.") && metrics.contains(" 200 "),
+        "/metrics on the host: {}",
+        metrics.lines().next().unwrap_or("")
+    );
+
+    // 4. The traffic: every app posts its body at once.
+    let first_app = |i: usize| apps.iter().find(|a| a.task == i).expect("an app per task");
+    let resent_before: Vec<u64> = (0..tasks.len())
+        .map(|i| retrans_segs(&first_app(i).id))
+        .collect();
+    let traffic_started = Instant::now();
+    let posts: Vec<(&App, Child)> = apps
+        .iter()
+        .map(|a| {
+            let child = Command::new("docker")
+                .args(["exec", &a.id, "wget", "-q", "-O", "/dev/null"])
+                .args(["--post-file", "/tmp/body", &url])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("docker exec");
+            (a, child)
+        })
+        .collect();
+    for (a, child) in posts {
+        let out = wait_child(child, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{} posting: {e}", a.name));
+        assert!(
+            out.status.success(),
+            "{} posting: {}",
+            a.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut got: Vec<u64> = (0..apps.len())
+        .map(|_| sink.expect("got ").unwrap().parse().unwrap())
+        .collect();
+    let mut want: Vec<u64> = apps.iter().map(|a| a.body_bytes).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want, "the sink received every body whole");
+    eprintln!("traffic sent in {:.1?}", traffic_started.elapsed());
+    for (i, t) in tasks.iter_mut().enumerate() {
+        let segs = retrans_segs(&first_app(i).id).saturating_sub(resent_before[i]);
+        t.resent_bytes = segs * SEGMENT_BYTES;
+        eprintln!(
+            "task {}: {segs} TCP segments resent in its namespace",
+            t.label
+        );
+    }
+
+    // Two more intervals after the traffic, so it is reported.
+    std::thread::sleep(INTERVAL * 2 + Duration::from_secs(1));
+
+    // 5. Healthy, by the task definition's health check (first run one interval after start).
+    let check = run
+        .health_check
+        .as_ref()
+        .expect("the task definition has a healthCheck");
+    let deadline = check.interval + check.timeout + Duration::from_secs(10);
+    let healthy_after = loop {
+        let status = observer.inspect("{{.State.Health.Status}}");
+        match status.as_str() {
+            "healthy" => break t0.elapsed(),
+            "unhealthy" => panic!(
+                "the container is unhealthy: {}\nlog:\n{}",
+                observer.inspect("{{json .State.Health}}"),
+                observer.logs().1
+            ),
+            _ => {}
+        }
+        assert!(
+            t0.elapsed() < deadline,
+            "not healthy {deadline:?} after the start (status {status:?}): {}",
+            observer.inspect("{{json .State.Health}}")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "healthy after {healthy_after:.1?} (health check every {:?}, start period {:?}): {}",
+        check.interval,
+        check.start_period,
+        observer.inspect("{{json .State.Health.Log}}")
+    );
+
+    // The check Docker ran is the manifest's command, in exec form.
+    let test_cmd: Value =
+        serde_json::from_str(&observer.inspect("{{json .Config.Healthcheck.Test}}")).unwrap();
+    assert_eq!(
+        test_cmd,
+        serde_json::json!(check.test),
+        "the container's health check is not the task definition's"
+    );
+    if let Some(peak) = observer.memory_peak() {
+        eprintln!(
+            "observer's memory peak: {:.1} MiB (the manifest's memory limit: {})",
+            peak as f64 / (1024.0 * 1024.0),
+            observer.inspect("{{.HostConfig.Memory}}")
+        );
+    }
+
+    // 6. docker stop: SIGTERM, and an exit of its own within the stop timeout.
+    let stop_timeout = run.stop_timeout.unwrap_or(Duration::from_secs(30));
+    let stopping = Instant::now();
+    sh("docker", &["stop", &observer_name]).expect("docker stop");
+    let stopped_in = stopping.elapsed();
+    let exit = observer.inspect("{{.State.ExitCode}} {{.State.OOMKilled}}");
+    eprintln!("docker stop took {stopped_in:.1?}; exit code, OOM killed: {exit}");
+    let (stdout, log) = observer.logs();
+    assert_eq!(
+        exit, "0 false",
+        "observer did not exit 0 on docker stop; log:\n{log}"
+    );
+    assert!(
+        stopped_in < stop_timeout,
+        "docker stop took {stopped_in:?}, the stop timeout is {stop_timeout:?}"
+    );
+    assert!(
+        log.contains("SIGTERM: detaching"),
+        "observer did not see SIGTERM; log:\n{log}"
+    );
+    assert!(
+        log.contains("Mackerel: all values delivered"),
+        "no complete Mackerel flush on docker stop; log:\n{log}"
+    );
+    assert!(
+        !log.contains(API_KEY) && !stdout.contains(API_KEY),
+        "the API key appears in the container's output"
+    );
+    for line in log.lines() {
+        if line.contains(" WARN ") || line.contains(" ERROR ") {
+            eprintln!("observer logged: {line}");
+        }
+    }
+
+    // 7. The JSON lines on stdout, then Mackerel.
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for t in &tasks {
+        let mine: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["type"] == "task" && l["kind"] == "ecs_task" && l["id"] == t.id.as_str())
+            .collect();
+        assert!(
+            !mine.is_empty(),
+            "no ecs_task line for the {} task {} on the container's stdout",
+            t.label,
+            t.id
+        );
+        eprintln!(
+            "stdout: {} ecs_task lines for the {} task (network_mode {})",
+            mine.len(),
+            t.label,
+            mine[mine.len() - 1]["network_mode"]
+        );
+    }
+    let measured = check_json(&lines, &tasks, &apps);
+    check_mackerel(&mackerel, &lines, &tasks, &apps, &measured);
+    drop(observer);
+    // The other guards go in reverse order: containers, sink, its cgroup, the namespace.
+}
+
+/// CAP_SYS_RESOURCE, which raising a hard rlimit takes.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// The memlock ulimit to run with when the manifest's cannot be had here: a Docker engine
+/// without CAP_SYS_RESOURCE (this machine when it is itself a container) cannot raise the hard
+/// limit, and runc then refuses to start the container ("error setting rlimit type 8"). It
+/// gets the engine's own hard limit instead, said loudly. On an ECS container instance dockerd
+/// has every capability and the manifest's value stands. (Since Linux 5.11 BPF memory is
+/// charged to the memory cgroup, not to RLIMIT_MEMLOCK, so observer does not need it there.)
+fn memlock_this_engine_grants(task_def: &Value) -> std::collections::BTreeMap<String, (i64, i64)> {
+    let mut out = std::collections::BTreeMap::new();
+    let wanted = task_def["containerDefinitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == CONTAINER)
+        .flat_map(|c| c["ulimits"].as_array().cloned().unwrap_or_default())
+        .find(|u| u["name"] == "memlock");
+    let Some(wanted) = wanted else { return out };
+    let hard = wanted["hardLimit"].as_i64().unwrap_or(0);
+    // The engine's processes share this machine's bounding set and limits: ask about dockerd.
+    let dockerd = sh("pidof", &["dockerd"]).unwrap_or_default();
+    let pid = dockerd.split_whitespace().next().unwrap_or("self");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(u64::MAX);
+    if cap_eff & (1 << CAP_SYS_RESOURCE) != 0 {
+        return out;
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let engine_hard: Option<i64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse().ok());
+    if let Some(engine_hard) = engine_hard {
+        if hard < 0 || hard > engine_hard {
+            eprintln!(
+                "NOTE: dockerd (pid {pid}) lacks CAP_SYS_RESOURCE and its memlock hard limit is \
+                 {engine_hard} bytes: the manifest's memlock ulimit {wanted} cannot be granted \
+                 here; running with memlock={engine_hard}:{engine_hard}"
+            );
+            out.insert("memlock".to_owned(), (engine_hard, engine_hard));
+        }
+    }
+    out
+}
+
+/// The observer container (and the image made for its health check): removed when dropped.
+struct ObserverContainer {
+    name: String,
+    health_image: Option<String>,
+}
+
+impl ObserverContainer {
+    /// `docker inspect --format`, trimmed; empty when it fails.
+    fn inspect(&self, format: &str) -> String {
+        sh("docker", &["inspect", "--format", format, &self.name])
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// stdout and stderr of the container so far.
+    fn logs(&self) -> (String, String) {
+        let out = Command::new("docker")
+            .args(["logs", &self.name])
+            .output()
+            .expect("docker logs");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The container's peak memory use so far (cgroup v1 max_usage or v2 memory.peak).
+    fn memory_peak(&self) -> Option<u64> {
+        let id = self.inspect("{{.Id}}");
+        let parent = self.inspect("{{.HostConfig.CgroupParent}}");
+        let parent = if parent.is_empty() {
+            "docker".to_owned()
+        } else {
+            parent
+        };
+        let parent = parent.trim_matches('/');
+        [
+            format!("/sys/fs/cgroup/memory/{parent}/{id}/memory.max_usage_in_bytes"),
+            format!("/sys/fs/cgroup/{parent}/{id}/memory.peak"),
+            format!("/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.peak"),
+        ]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+    }
+
+    /// The first log line containing `needle`; fails early if the container stopped.
+    fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, log) = self.logs();
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            let running = self.inspect("{{.State.Running}}");
+            assert!(
+                running == "true",
+                "the observer container stopped ({}) before logging {needle:?}; log:\n{log}",
+                self.inspect("{{.State.Status}} exit {{.State.ExitCode}} {{.State.Error}}")
+            );
+            assert!(
+                Instant::now() < deadline,
+                "observer did not log {needle:?} within {timeout:?}; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ObserverContainer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let (stdout, log) = self.logs();
+            let tail: Vec<&str> = stdout.lines().rev().take(5).collect();
+            eprintln!("observer container log:\n{log}\nlast stdout lines: {tail:#?}");
+        }
+        if let Err(e) = sh("docker", &["rm", "-f", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+        if let Some(tag) = &self.health_image {
+            if let Err(e) = sh("docker", &["rmi", tag]) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+    }
+}
+
+/// `docker build -t tag -` of a Dockerfile without a context.
+fn build_image(dockerfile: &str, tag: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("docker")
+        .args(["build", "--quiet", "--tag", tag, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(dockerfile.as_bytes())?;
+    let out = wait_child(child, Duration::from_secs(60))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "docker build of\n{dockerfile}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// A plain HTTP/1.0 GET; the whole answer.
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn app(task: usize, name: &'static str, body_bytes: u64) -> App {
+    App {
+        task,
+        name,
+        body_bytes,
+        id: String::new(),
+    }
+}
+
+/// A fresh 32-hex ECS task id.
+fn task_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(unique("ecs-task").as_bytes());
+    let a = h.finish();
+    h.write_u64(a);
+    format!("{a:016x}{:016x}", h.finish())
+}
+
+/// `docker exec <id> sh -c <script>`, failing with its stderr.
+fn docker_exec(id: &str, script: &str, timeout: Duration) -> anyhow::Result<()> {
+    let child = Command::new("docker")
+        .args(["exec", id, "sh", "-c", script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = wait_child(child, timeout)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "exited with {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Waits for a child within `timeout`; kills it when the time is up.
+fn wait_child(mut child: Child, timeout: Duration) -> anyhow::Result<std::process::Output> {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding from docker0 to the veth
+
+/// FORWARD rules the test inserted; deleted when dropped.
+struct ForwardRules {
+    rules: Vec<Vec<String>>,
+}
+
+impl Drop for ForwardRules {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let mut args = vec!["-D", "FORWARD"];
+            args.extend(rule.iter().map(String::as_str));
+            if let Err(e) = sh("iptables", &args) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+    }
+}
+
+/// GETs the sink from one bridge and one awsvpc-like app; if a firewall here drops that, the
+/// narrowest FORWARD rules that let these two addresses talk are added (removed by the
+/// returned guard) and the check is made again.
+fn reach_sink(
+    apps: &[App],
+    url: &str,
+    sink: &mut Spawned,
+    veth: &testbed::netns::Veth,
+    made: &Mutex<Made>,
+) -> Option<ForwardRules> {
+    let probe = |a: &App| {
+        docker_exec(
+            &a.id,
+            &format!("timeout 5 wget -q -O /dev/null {url}"),
+            Duration::from_secs(15),
+        )
+    };
+    let probed: Vec<&App> = [1, 2]
+        .iter()
+        .filter_map(|&task| apps.iter().find(|a| a.task == task))
+        .collect();
+    let first: Vec<_> = probed.iter().map(|a| probe(a)).collect();
+    let mut guard = None;
+    if first.iter().any(Result::is_err) {
+        eprintln!(
+            "docker0 -> {} is not forwarded ({first:?}); adding FORWARD rules",
+            veth.host_if
+        );
+        let ns_addr = format!("{}/32", veth.ns_addr);
+        let host_if = veth.host_if.as_str();
+        let rules: Vec<Vec<String>> = [
+            vec![
+                "-i", "docker0", "-o", host_if, "-d", &ns_addr, "-j", "ACCEPT",
+            ],
+            vec![
+                "-i",
+                host_if,
+                "-o",
+                "docker0",
+                "-s",
+                &ns_addr,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+        ]
+        .iter()
+        .map(|r| r.iter().map(|s| s.to_string()).collect())
+        .collect();
+        let mut added = ForwardRules { rules: Vec::new() };
+        for rule in rules {
+            let mut args = vec!["-I", "FORWARD", "1"];
+            args.extend(rule.iter().map(String::as_str));
+            sh("iptables", &args).expect("iptables -I FORWARD");
+            made.lock().unwrap().iptables_rules.push(rule.clone());
+            added.rules.push(rule);
+        }
+        guard = Some(added);
+        for a in &probed {
+            probe(a).unwrap_or_else(|e| panic!("{} cannot reach the sink: {e}", a.name));
+        }
+    }
+    let answered =
+        first.iter().filter(|r| r.is_ok()).count() + if guard.is_some() { probed.len() } else { 0 };
+    for _ in 0..answered {
+        assert_eq!(sink.expect("got ").unwrap(), "0");
+    }
+    guard
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON task lines
+
+/// Measured is at least what was sent, and above it by at most the tolerance plus what TCP
+/// resent.
+fn within(measured: f64, sent: f64, resent: u64) -> bool {
+    measured >= sent && measured <= sent * (1.0 + TOLERANCE) + resent as f64
+}
+
+/// Largest IP packet a resent segment can be on docker0 and the test's veth (MTU 1500).
+const SEGMENT_BYTES: u64 = 1500;
+
+/// `RetransSegs` of the network namespace `container` is in, from its /proc/net/snmp.
+fn retrans_segs(container: &str) -> u64 {
+    let snmp = sh("docker", &["exec", container, "cat", "/proc/net/snmp"])
+        .unwrap_or_else(|e| panic!("reading /proc/net/snmp in {container}: {e}"));
+    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let [names, values] = tcp.as_slice() else {
+        panic!("no Tcp lines in /proc/net/snmp of {container}: {snmp}")
+    };
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "RetransSegs")
+        .expect("RetransSegs in /proc/net/snmp");
+    values
+        .split_whitespace()
+        .nth(at)
+        .and_then(|v| v.parse().ok())
+        .expect("a RetransSegs value")
+}
+
+fn sent_by(apps: &[App], task: usize) -> u64 {
+    apps.iter()
+        .filter(|a| a.task == task)
+        .map(|a| a.body_bytes)
+        .sum()
+}
+
+/// Checks the task lines; returns the device tx measured per task id, summed over intervals.
+fn check_json(lines: &[Value], tasks: &[Task], apps: &[App]) -> BTreeMap<String, u64> {
+    let task_lines: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["type"] == "task" && l["kind"] == "ecs_task")
+        .filter(|l| tasks.iter().any(|t| l["id"] == t.id.as_str()))
+        .collect();
+    assert!(!task_lines.is_empty(), "no ecs_task lines for our tasks");
+
+    let mut task_tx: BTreeMap<String, u64> = BTreeMap::new();
+    let mut container_tx: BTreeMap<String, u64> = BTreeMap::new();
+    for l in &task_lines {
+        *task_tx
+            .entry(l["id"].as_str().unwrap().to_owned())
+            .or_default() += l["tx_bytes"].as_u64().expect("tx_bytes");
+        for c in l["containers"].as_array().expect("containers") {
+            *container_tx
+                .entry(c["name"].as_str().unwrap().to_owned())
+                .or_default() += c["tx_bytes"].as_u64().expect("container tx_bytes");
+        }
+    }
+
+    eprintln!("per task: sent (bodies) vs measured device tx (JSON lines of docker logs):");
+    for (i, t) in tasks.iter().enumerate() {
+        let sent = sent_by(apps, i);
+        let got = task_tx.get(&t.id).copied().unwrap_or(0);
+        eprintln!(
+            "  {:<6} sent {sent:>8}  measured {got:>8}  ({:+.3}%, {} resent bytes allowed)",
+            t.label,
+            (got as f64 / sent as f64 - 1.0) * 100.0,
+            t.resent_bytes
+        );
+    }
+    for (i, t) in tasks.iter().enumerate() {
+        let sent = sent_by(apps, i);
+        let got = task_tx.get(&t.id).copied().unwrap_or(0);
+        assert!(
+            within(got as f64, sent as f64, t.resent_bytes),
+            "task {} ({}): measured tx {got} is not within 2% (+{} resent) above the {sent} bytes it posted",
+            t.label,
+            t.id,
+            t.resent_bytes
+        );
+    }
+    for app in apps {
+        let got = container_tx.get(app.name).copied().unwrap_or(0);
+        assert!(
+            within(got as f64, app.body_bytes as f64, tasks[app.task].resent_bytes),
+            "container {}: measured tx {got} is not within 2% (+{} resent in its namespace) above the {} bytes it posted",
+            app.name,
+            tasks[app.task].resent_bytes,
+            app.body_bytes
+        );
+    }
+
+    // observer in its container names cgroups as the host does: the awsvpc-like task's
+    // cgroups are its three containers' (and maybe /ecs/<task> itself).
+    let a = &tasks[2];
+    let a_dir = testbed::v2_root().join("ecs").join(&a.id);
+    let id_of = |dir: &Path| {
+        observer::cgroupfs::cgroup_id(dir)
+            .unwrap_or_else(|e| panic!("cgroup id of {}: {e}", dir.display()))
+    };
+    let pause = a.pause_id.as_deref().unwrap();
+    let mut expected = vec![id_of(&a_dir.join(pause))];
+    expected.extend(apps[2..].iter().map(|app| id_of(&a_dir.join(&app.id))));
+    let allowed = id_of(&a_dir);
+    let last_a = task_lines
+        .iter()
+        .rev()
+        .find(|l| l["id"] == a.id.as_str())
+        .unwrap();
+    let ids: Vec<u64> = last_a["cgroup_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert!(
+        expected.iter().all(|e| ids.contains(e))
+            && ids.iter().all(|i| expected.contains(i) || *i == allowed),
+        "the awsvpc-like task's cgroups {ids:?}: want pause + apps {expected:?} (and maybe \
+         the task's own {allowed})"
+    );
+    task_tx
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mackerel
+
+/// Unix seconds of an RFC 3339 UTC time with milliseconds ("2026-11-23T08:59:01.123Z"),
+/// rounded down (Mackerel's `time`).
+fn unix_seconds(rfc3339: &str) -> Option<i64> {
+    let (date, time) = rfc3339.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (hh, mm): (i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?);
+    let ss: f64 = t.next()?.parse().ok()?;
+    // Days from 1970-01-01 (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss.floor() as i64)
+}
+
+fn check_mackerel(
+    mackerel: &FakeMackerel,
+    lines: &[Value],
+    tasks: &[Task],
+    apps: &[App],
+    measured: &BTreeMap<String, u64>,
+) {
+    let intervals: HashMap<i64, f64> = lines
+        .iter()
+        .filter(|l| l["type"] == "observer")
+        .filter_map(|l| {
+            Some((
+                unix_seconds(l["time"].as_str()?)?,
+                l["interval_seconds"].as_f64()?,
+            ))
+        })
+        .collect();
+    let hosts = mackerel.hosts();
+    let points = mackerel.points();
+    eprintln!("Mackerel: {} hosts, {} points", hosts.len(), points.len());
+    assert_eq!(
+        hosts.len(),
+        tasks.len(),
+        "one host per task, nothing else: {hosts:#?}"
+    );
+    for (i, t) in tasks.iter().enumerate() {
+        let mine: Vec<_> = hosts
+            .iter()
+            .filter(|h| h.custom_identifier.as_deref() == Some(&t.arn))
+            .collect();
+        assert_eq!(mine.len(), 1, "task {}: hosts {mine:#?}", t.label);
+        let host = mine[0];
+        assert_eq!(host.name, t.id, "host name = task id");
+        assert!(!host.retired, "a live task's host was retired");
+        let pts: Vec<_> = points.iter().filter(|p| p.host_id == host.id).collect();
+        let names: std::collections::BTreeSet<&str> = pts.iter().map(|p| p.name.as_str()).collect();
+        for a in apps.iter().filter(|a| a.task == i) {
+            for metric in [
+                format!("container.cpu.{}.usage", a.name),
+                format!("container.memory.{}.usage", a.name),
+                format!("interface.{}.rxBytes.delta", a.name),
+                format!("interface.{}.txBytes.delta", a.name),
+            ] {
+                assert!(
+                    names.contains(metric.as_str()),
+                    "task {}: no {metric} among {names:?}",
+                    t.label
+                );
+            }
+        }
+        let mut sum = 0.0;
+        let mut guessed = 0;
+        for p in pts
+            .iter()
+            .filter(|p| p.name.starts_with("interface.") && p.name.ends_with(".txBytes.delta"))
+        {
+            let secs = intervals.get(&p.time).copied().unwrap_or_else(|| {
+                guessed += 1;
+                INTERVAL.as_secs_f64()
+            });
+            sum += p.value * secs;
+        }
+        let sent = sent_by(apps, i);
+        eprintln!(
+            "  {:<6} Mackerel sum of txBytes.delta x interval {sum:>11.1}  sent {sent:>8}  \
+             JSON {:>8}  ({:+.3}%){}",
+            t.label,
+            measured[&t.id],
+            (sum / sent as f64 - 1.0) * 100.0,
+            if guessed > 0 {
+                format!(" ({guessed} points without a JSON interval: 2 s assumed)")
+            } else {
+                String::new()
+            }
+        );
+        assert!(
+            within(sum.round(), sent as f64, t.resent_bytes),
+            "task {}: Mackerel's txBytes.delta add up to {sum:.1} bytes, not within 2% (+{} \
+             resent) above the {sent} it sent",
+            t.label,
+            t.resent_bytes
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leftovers
+
+fn leftovers(made: &Made) -> Vec<String> {
+    let mut left = Vec::new();
+    if !made.containers.is_empty() {
+        let all = sh(
+            "docker",
+            &["ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Names}}"],
+        )
+        .unwrap_or_default();
+        for id in &made.containers {
+            if all.lines().any(|l| l.split_whitespace().any(|w| w == id)) {
+                left.push(format!("container {id}"));
+            }
+        }
+    }
+    let labelled = sh(
+        "docker",
+        &[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label={CLEANUP_LABEL}={TEST}"),
+        ],
+    )
+    .unwrap_or_default();
+    left.extend(
+        labelled
+            .lines()
+            .map(|id| format!("labelled container {id}")),
+    );
+    for tag in &made.images {
+        let present = Command::new("docker")
+            .args(["image", "inspect", tag])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if present {
+            left.push(format!("image {tag}"));
+        }
+    }
+    if let Some(ns) = &made.netns {
+        let list = sh("ip", &["netns", "list"]).unwrap_or_default();
+        if list
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(ns))
+        {
+            left.push(format!("netns {ns}"));
+        }
+    }
+    if let Some(host_if) = &made.host_if {
+        if Path::new("/sys/class/net").join(host_if).exists() {
+            left.push(format!("veth {host_if}"));
+        }
+    }
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(entries.flatten().map(|e| e.path()));
+    }
+    for id in &made.task_ids {
+        for root in &roots {
+            let dir = root.join("ecs").join(id);
+            if dir.exists() {
+                left.push(format!("cgroup {}", dir.display()));
+            }
+        }
+    }
+    if let Some(dir) = &made.sink_cgroup {
+        if dir.exists() {
+            left.push(format!("cgroup {}", dir.display()));
+        }
+    }
+    if let (false, Some(host_if)) = (made.iptables_rules.is_empty(), &made.host_if) {
+        let rules = sh("iptables", &["-S", "FORWARD"]).unwrap_or_default();
+        for line in rules.lines().filter(|l| l.contains(host_if.as_str())) {
+            left.push(format!("iptables rule {line}"));
+        }
+    }
+    left
+}

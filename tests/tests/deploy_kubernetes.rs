@@ -1,0 +1,1033 @@
+//! deploy/kubernetes/daemonset.yaml end to end, without a cluster: observer's image run the way
+//! the kubelet and containerd would run the DaemonSet's pod, by runc from the OCI bundle
+//! tests/src/k8s_pod.rs translates the pod template into (Docker 20.10 here knows neither
+//! CAP_BPF nor CAP_PERFMON, so `docker run` cannot express the pod).
+//!
+//! The node: a network namespace joined to the host by a veth pair, whose host side is the
+//! node IP (status.hostIP) and whose pod side is the pod IP (status.podIP). A fake kubelet serves
+//! HTTPS on <node IP>:10250 with a certificate for the node IP from a CA of its own, which the
+//! test writes as the service account's `ca.crt` beside the `token` the kubelet requires. Pods
+//! are real containers laid out as the kubelet lays them out (`--cgroup-parent
+//! /kubepods/burstable/pod<uid>`, the kubelet's labels): a two-container pod sharing its
+//! sandbox's network namespace, and a hostNetwork pod; each sends a known upload to a sink in
+//! a namespace of the test's own. Nothing leaves this machine.
+//!
+//! Seccomp: the DaemonSet asks for `RuntimeDefault`, and the test honours it: the profile is
+//! the one this machine's containerd (1.6.20, Debian's, installed with docker.io) makes for
+//! exactly the container's capability set (`ctr containers create --seccomp`, the same
+//! `contrib/seccomp.DefaultProfile` CRI applies for RuntimeDefault). containerd has allowed
+//! bpf() to CAP_BPF and perf_event_open() to CAP_PERFMON in that profile since 1.6.9 and 1.7.0.
+//!
+//! Not from the DaemonSet: `OBSERVER_INTERVAL=2s` (the manifest keeps the 60 s default; the
+//! test would otherwise wait a minute for readiness), and probes are polled every 100 ms to
+//! time readiness, more often than the manifest's periods.
+//!
+//! Needs root, dockerd, runc and ctr (`cargo xtask setup --for-tests`) and the image
+//! (`cargo xtask image`); says SKIPPED otherwise. Every container, namespace, cgroup, server
+//! and directory is removed by guards, also when a test fails.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use serde_json::{json, Value};
+use testbed::{
+    docker::{skip_unless_docker, Containers, Run},
+    fake_platform::{FakeKubelet, FakePod},
+    k8s_pod::{
+        self, capability_names, containerd_runtime_default, seccomp_allows, Exit, Inputs, Pod,
+        Rootfs, Runc, Seccomp, TempDir,
+    },
+    sh, skip, unique, NetNs,
+};
+
+const DEFAULT_IMAGE: &str = "registry.example.com/observer/observer:0.1.0";
+const IMAGE_ENV: &str = "OBSERVER_TEST_IMAGE";
+const DAEMONSET: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/kubernetes/daemonset.yaml"
+);
+const NODE_NAME: &str = "node-1";
+/// The kubelet's authenticated port, which observer's default kubelet URL names.
+const KUBELET_PORT: u16 = 10250;
+/// What the test adds to the manifest's environment (see the module comment).
+const TEST_INTERVAL: &str = "2s";
+/// Payload bytes of a full TCP segment on these veths (MTU 1500, timestamps on): what one
+/// segment of RetransSegs stands for.
+const MSS: u64 = 1448;
+/// The log line observer writes once its programs are attached.
+const ATTACHED: &str = "attached count_ingress";
+
+fn image() -> String {
+    std::env::var(IMAGE_ENV)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_IMAGE.to_owned())
+}
+
+/// A random dashed UUID, as the API server gives pods.
+fn uuid() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .expect("/proc/sys/kernel/random/uuid")
+        .trim()
+        .to_owned()
+}
+
+/// A random 64-hex-digit id, as containerd gives containers.
+fn container_id() -> String {
+    format!("{}{}", uuid(), uuid()).replace('-', "")
+}
+
+/// True (and says why) when `test` cannot run here; under CI a skip fails.
+fn skipped(test: &str) -> bool {
+    if skip_unless_docker(test) {
+        return true;
+    }
+    for tool in ["runc", "ctr"] {
+        if sh("sh", &["-c", &format!("command -v {tool}")]).is_err() {
+            return skip(
+                test,
+                &format!(
+                    "{tool} is missing (apt-get install docker.io brings runc and containerd)"
+                ),
+            );
+        }
+    }
+    if k8s_pod::containerd_socket().is_none() {
+        return skip(test, "no containerd socket (is dockerd running?)");
+    }
+    let image = image();
+    if sh(
+        "docker",
+        &["image", "inspect", "--format", "{{.Id}}", &image],
+    )
+    .is_err()
+    {
+        return skip(
+            test,
+            &format!("image missing: run cargo xtask image ({image})"),
+        );
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------------------
+// The node: pod netns, fake kubelet, service account, image root filesystem
+// ---------------------------------------------------------------------------------------
+
+struct Node {
+    kubelet: FakeKubelet,
+    token: String,
+    service_account: TempDir,
+    rootfs: Rootfs,
+    daemonset: Value,
+    /// The observer pod's network namespace; its veth's host side is the node IP.
+    pod_net: NetNs,
+    node_ip: Ipv4Addr,
+    pod_ip: Ipv4Addr,
+    /// The observer pod's identity (one pod; each run is a new container of it).
+    pod_name: String,
+    pod_uid: String,
+    /// The containerd version whose RuntimeDefault profiles were used.
+    containerd: Mutex<String>,
+}
+
+impl Node {
+    async fn new() -> Result<Self> {
+        k8s_pod::become_subreaper()?;
+        let pod_net = NetNs::with_veth("k8s-pod")?;
+        let (node_ip, pod_ip) = (pod_net.veth().host_addr, pod_net.veth().ns_addr);
+        let kubelet = FakeKubelet::start_tls_at(
+            &format!("{node_ip}:{KUBELET_PORT}"),
+            &[&node_ip.to_string()],
+        )
+        .await?;
+        let token = format!("k8s-sa-token-{}", uuid());
+        kubelet.require_token(Some(&token));
+        let service_account = TempDir::new("obs-k8s-sa")?;
+        std::fs::write(service_account.path().join("token"), &token)?;
+        kubelet
+            .ca()
+            .context("a TLS kubelet has a CA")?
+            .write(&service_account.path().join("ca.crt"))?;
+        let daemonset = k8s_pod::load_daemonset(Path::new(DAEMONSET))?;
+        let namespace = daemonset["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        std::fs::write(service_account.path().join("namespace"), &namespace)?;
+        let rootfs = Rootfs::export(&image())?;
+        ensure!(
+            rootfs.config.entrypoint == ["/observer"],
+            "the image's ENTRYPOINT is {:?}, not [\"/observer\"]",
+            rootfs.config.entrypoint
+        );
+        Ok(Self {
+            kubelet,
+            token,
+            service_account,
+            rootfs,
+            daemonset,
+            pod_net,
+            node_ip,
+            pod_ip,
+            pod_name: format!("observer-{}", &uuid()[..5]),
+            pod_uid: uuid(),
+            containerd: Mutex::new(String::new()),
+        })
+    }
+
+    /// The DaemonSet's pod translated for a new container; `daemonset` may be a variant.
+    fn pod(&self, daemonset: &Value, container_id: &str) -> Result<Pod> {
+        let rootfs = self.rootfs.path();
+        let netns = format!("/run/netns/{}", self.pod_net.name());
+        let (node_ip, pod_ip) = (self.node_ip.to_string(), self.pod_ip.to_string());
+        let service_env = [
+            // What the kubelet adds for the default namespace's `kubernetes` service; here the
+            // node IP, where nothing listens on 443 (observer never calls the API server).
+            ("KUBERNETES_SERVICE_HOST".to_owned(), node_ip.clone()),
+            ("KUBERNETES_SERVICE_PORT".to_owned(), "443".to_owned()),
+        ];
+        let test_env = [("OBSERVER_INTERVAL".to_owned(), TEST_INTERVAL.to_owned())];
+        let generate = |caps: &[String]| -> Result<Value> {
+            let (profile, version) = containerd_runtime_default(caps)?;
+            *self.containerd.lock().unwrap() = version;
+            Ok(profile)
+        };
+        let inputs = Inputs {
+            image: &self.rootfs.config,
+            rootfs: &rootfs,
+            pod_name: &self.pod_name,
+            pod_uid: &self.pod_uid,
+            container_id,
+            node_name: NODE_NAME,
+            host_ip: &node_ip,
+            pod_ip: &pod_ip,
+            // The optional Mackerel secret is not there: observer runs without Mackerel.
+            secrets: &BTreeMap::new(),
+            service_env: &service_env,
+            netns: Some(Path::new(&netns)),
+            service_account_dir: Some(self.service_account.path()),
+            runtime_default_seccomp: Some(&generate),
+            test_env: &test_env,
+        };
+        k8s_pod::translate(daemonset, &inputs)
+    }
+
+    /// The observer pod as the kubelet lists it, running `container_id`.
+    fn fake_pod(&self, pod: &Pod, container_id: &str) -> FakePod {
+        let mut fake = FakePod::running(&self.pod_uid, &pod.namespace, &self.pod_name)
+            .owned_by("DaemonSet", "observer")
+            .container(&pod.container_name, &format!("containerd://{container_id}"));
+        for (k, v) in &pod.labels {
+            fake = fake.label(k, v);
+        }
+        fake
+    }
+
+    /// Starts the pod's container with `runc run -d`.
+    fn start(&self, pod: &Pod, container_id: &str) -> Result<Runc> {
+        let runc = Runc::run(container_id, &pod.config)?;
+        Ok(runc)
+    }
+
+    fn url(&self, port: u16, path: &str) -> String {
+        format!("http://{}:{port}{path}", self.pod_ip)
+    }
+}
+
+/// A client for the probes and scrapes: no proxy, the probe's timeout.
+fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .build()
+        .expect("HTTP client")
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> Result<(u16, String)> {
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await?))
+}
+
+/// Polls `url` until it answers 200; the time from `since`.
+async fn wait_200(
+    client: &reqwest::Client,
+    url: &str,
+    since: Instant,
+    within: Duration,
+    runc: &Runc,
+) -> Result<Duration> {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = match get(client, url).await {
+            Ok((200, _)) => return Ok(since.elapsed()),
+            Ok((status, body)) => format!("{status} {body}"),
+            Err(e) => format!("{e:#}"),
+        };
+        if let Some(exit) = runc.exited() {
+            bail!(
+                "observer exited ({exit:?}) before {url} answered 200:\n{}",
+                tail(&runc.log())
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{url} did not answer 200 within {within:?} (last: {last}); observer log:\n{}",
+                tail(&runc.log())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of the sample `name{labels}` whose label set is exactly `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    want.sort();
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let (inner, value) = rest.rsplit_once("} ")?;
+        let mut got: Vec<(String, String)> = Vec::new();
+        for pair in inner.split("\",") {
+            let (k, v) = pair.split_once("=\"")?;
+            got.push((k.to_owned(), v.trim_end_matches('"').to_owned()));
+        }
+        got.sort();
+        (got == want)
+            .then(|| value.split(' ').next()?.parse().ok())
+            .flatten()
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Pods and traffic
+// ---------------------------------------------------------------------------------------
+
+/// A pod laid out with real containers as the kubelet does with the Docker runtime.
+struct TestPod {
+    namespace: &'static str,
+    name: String,
+    uid: String,
+    /// The sandbox ("pause") container: holds the network namespace.
+    sandbox: String,
+    /// (name, docker id, payload to upload).
+    containers: Vec<(&'static str, String, u64)>,
+    host_network: bool,
+}
+
+impl TestPod {
+    fn start(
+        docker: &mut Containers,
+        namespace: &'static str,
+        name: &str,
+        host_network: bool,
+        containers: &[(&'static str, u64)],
+    ) -> Result<Self> {
+        let uid = uuid();
+        let parent = format!("/kubepods/burstable/pod{uid}");
+        let labelled = |run: Run, container: &str, kind: &str| {
+            run.cgroup_parent(&parent)
+                .label("io.kubernetes.pod.name", name)
+                .label("io.kubernetes.pod.namespace", namespace)
+                .label("io.kubernetes.pod.uid", &uid)
+                .label("io.kubernetes.container.name", container)
+                .label("io.kubernetes.docker.type", kind)
+        };
+        let network = if host_network { "host" } else { "bridge" };
+        let sandbox = docker.start(
+            labelled(Run::new(), "POD", "podsandbox")
+                .name(&unique(&format!("k8s_POD_{name}")))
+                .network(network),
+        )?;
+        let mut started = Vec::new();
+        for (container, payload) in containers {
+            let net = if host_network {
+                "host".to_owned()
+            } else {
+                format!("container:{sandbox}")
+            };
+            let id = docker.start(
+                labelled(Run::new(), container, "container")
+                    .name(&unique(&format!("k8s_{container}_{name}")))
+                    .network(&net),
+            )?;
+            started.push((*container, id, *payload));
+        }
+        Ok(Self {
+            namespace,
+            name: name.to_owned(),
+            uid,
+            sandbox,
+            containers: started,
+            host_network,
+        })
+    }
+
+    fn fake(&self) -> FakePod {
+        let mut fake = FakePod::running(&self.uid, self.namespace, &self.name)
+            .owned_by("ReplicaSet", &format!("{}-rs", self.name));
+        if self.host_network {
+            fake = fake.host_network();
+        }
+        for (name, id, _) in &self.containers {
+            fake = fake.container(name, &format!("docker://{id}"));
+        }
+        fake
+    }
+
+    fn payload(&self) -> u64 {
+        self.containers.iter().map(|c| c.2).sum()
+    }
+}
+
+/// The main process of a container, as the host sees it.
+fn container_pid(id: &str) -> Result<u32> {
+    let pid = sh("docker", &["inspect", "--format", "{{.State.Pid}}", id])?;
+    pid.trim()
+        .parse()
+        .with_context(|| format!("pid of {id}: {pid:?}"))
+}
+
+/// TCP segments retransmitted in the network namespace of `pid` (RetransSegs of
+/// /proc/<pid>/net/snmp).
+fn retransmitted_segments(pid: u32) -> Result<u64> {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp"))?;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        bail!("no Tcp lines in /proc/{pid}/net/snmp");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RetransSegs")
+        .context("no RetransSegs")?
+        .1
+        .parse()
+        .context("RetransSegs")
+}
+
+/// An HTTP sink in a network namespace of the test's: each POST's body is read and counted by
+/// its path. One connection at a time; stopped (and its thread joined) on drop.
+struct Sink {
+    addr: SocketAddr,
+    received: Arc<Mutex<BTreeMap<String, u64>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start_in(netns: &NetNs, ip: Ipv4Addr) -> Result<Self> {
+        let ns = netns.open()?;
+        // A thread that enters the namespace makes the socket there; the socket stays there.
+        let listener = std::thread::spawn(move || -> Result<TcpListener> {
+            // SAFETY: setns on this thread only, with an open namespace file.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            ensure!(rc == 0, "setns: {}", std::io::Error::last_os_error());
+            Ok(TcpListener::bind((ip, 0))?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sink's setns thread panicked"))??;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let received = Arc::new(Mutex::new(BTreeMap::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (received, errors, stop) = (received.clone(), errors.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => match receive(stream) {
+                            Ok((path, n)) => {
+                                *received.lock().unwrap().entry(path).or_default() += n
+                            }
+                            Err(e) => errors.lock().unwrap().push(format!("{e:#}")),
+                        },
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) => errors.lock().unwrap().push(format!("accept: {e}")),
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            addr,
+            received,
+            errors,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads one POST: its path and body bytes; answers 200 and waits for the client's close.
+fn receive(stream: TcpStream) -> Result<(String, u64)> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    let mut words = request.split_whitespace();
+    ensure!(words.next() == Some("POST"), "not a POST: {request:?}");
+    let path = words.next().context("no path")?.to_owned();
+    let mut length = 0u64;
+    loop {
+        let mut header = String::new();
+        ensure!(
+            reader.read_line(&mut header)? > 0,
+            "{path}: closed within the head"
+        );
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().context("Content-Length")?;
+            }
+        }
+    }
+    let got = std::io::copy(&mut reader.by_ref().take(length), &mut std::io::sink())?;
+    ensure!(got == length, "{path}: {got} of {length} body bytes");
+    let mut out = stream;
+    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let _ = out.shutdown(std::net::Shutdown::Write);
+    let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    Ok((path, got))
+}
+
+/// `docker exec` in a container: writes `payload` bytes (not zeros: busybox wget reads
+/// --post-file as a C string) and POSTs them to `url`.
+fn upload(container: &str, payload: u64, url: &str) -> Result<()> {
+    sh(
+        "docker",
+        &[
+            "exec",
+            container,
+            "sh",
+            "-c",
+            &format!(
+                "head -c {payload} /dev/zero | tr '\\0' u > /tmp/upload && \
+                 wget -q -O /dev/null --post-file /tmp/upload {url} && rm /tmp/upload"
+            ),
+        ],
+    )
+    .map(|_| ())
+}
+
+fn percent_off(actual: f64, expected: u64) -> f64 {
+    (actual - expected as f64) / expected as f64 * 100.0
+}
+
+/// Stops observer as the kubelet would (SIGTERM, SIGKILL after the grace period); it must exit 0
+/// within the grace period.
+fn stop(runc: &Runc, pod: &Pod) -> Result<Duration> {
+    let asked = Instant::now();
+    runc.kill("TERM")?;
+    match runc.wait(pod.termination_grace) {
+        Some(Exit::Code(0)) => Ok(asked.elapsed()),
+        Some(exit) => bail!(
+            "observer ended with {exit:?} on SIGTERM:\n{}",
+            tail(&runc.log())
+        ),
+        None => {
+            let _ = runc.kill("KILL");
+            bail!(
+                "observer was still running {:?} after SIGTERM (terminationGracePeriodSeconds):\n{}",
+                pod.termination_grace,
+                tail(&runc.log())
+            )
+        }
+    }
+}
+
+/// The last lines of a container's log, for failure messages (its JSON lines are long).
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The status lines of /proc/<pid>/status a runtime sets.
+fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+/// observer in the DaemonSet's pod: ready on the pod IP, pods' uploads in /metrics under their
+/// namespace and pod names within 2 % (plus what TCP resent), the kubelet called with the
+/// service-account token, a clean exit on SIGTERM within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemonset_pod_measures_pods_and_answers_its_probes() -> Result<()> {
+    const TEST: &str = "the_daemonset_pod_measures_pods_and_answers_its_probes";
+    if skipped(TEST) {
+        return Ok(());
+    }
+    let node = Node::new().await?;
+    let id = container_id();
+    let pod = node.pod(&node.daemonset, &id)?;
+    eprintln!(
+        "ignored fields: {:#?}",
+        pod.ignored
+            .iter()
+            .map(|i| format!("{}: {}", i.field, i.reason))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(pod.seccomp, Seccomp::RuntimeDefault);
+    let profile = &pod.config["linux"]["seccomp"];
+    assert!(
+        seccomp_allows(profile, "bpf") && seccomp_allows(profile, "perf_event_open"),
+        "containerd's RuntimeDefault for {:?} does not allow bpf and perf_event_open",
+        pod.capabilities
+    );
+
+    // Pods: two containers sharing a sandbox's namespace on the bridge, and a hostNetwork pod.
+    let mut docker = Containers::new();
+    let web = TestPod::start(
+        &mut docker,
+        "shop",
+        &format!("web-{}", &uuid()[..5]),
+        false,
+        &[("app", 3_000_000), ("sidecar", 2_000_000)],
+    )?;
+    let agent = TestPod::start(
+        &mut docker,
+        "monitoring",
+        &format!("agent-{}", &uuid()[..5]),
+        true,
+        &[("agent", 1_500_000)],
+    )?;
+    node.kubelet
+        .set_pods(&[web.fake(), agent.fake(), node.fake_pod(&pod, &id)]);
+    let sink_net = NetNs::with_veth("k8s-sink")?;
+    let sink = Sink::start_in(&sink_net, sink_net.veth().ns_addr)?;
+
+    // observer, as the kubelet would start it, then its readiness probe on the pod IP.
+    let runc = node.start(&pod, &id)?;
+    let readiness = pod
+        .readiness
+        .clone()
+        .context("the DaemonSet has a readinessProbe")?;
+    let liveness = pod
+        .liveness
+        .clone()
+        .context("the DaemonSet has a livenessProbe")?;
+    let probe = client(readiness.timeout);
+    let ready_after = wait_200(
+        &probe,
+        &node.url(readiness.port, &readiness.path),
+        runc.started,
+        Duration::from_secs(30),
+        &runc,
+    )
+    .await?;
+    eprintln!("runc run -d to {} 200: {ready_after:?}", readiness.path);
+
+    // What the runtime gave the process.
+    let status = runc.proc_status()?;
+    let caps = u64::from_str_radix(status_field(&status, "CapEff").context("CapEff")?, 16)?;
+    assert_eq!(
+        capability_names(caps),
+        ["CAP_NET_ADMIN", "CAP_PERFMON", "CAP_BPF"],
+        "effective capabilities"
+    );
+    for (field, want) in [("NoNewPrivs", "1"), ("Seccomp", "2")] {
+        assert_eq!(
+            status_field(&status, field),
+            Some(want),
+            "{field}:\n{status}"
+        );
+    }
+    assert!(
+        status_field(&status, "Uid").is_some_and(|u| u.starts_with("0\t")),
+        "{status}"
+    );
+    // The host mounts as the process sees them. A readOnly hostPath is a read-only bind of
+    // the top directory only: mounts below it (the cgroup hierarchies under /sys/fs/cgroup)
+    // stay as they are on the host, as with containerd (recursive read-only needs
+    // `recursiveReadOnly`, Kubernetes 1.30 and containerd 2.0).
+    let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", runc.pid))?;
+    let mounts: Vec<(String, String)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let point = f.nth(4)?.to_owned();
+            let options = f.next()?.to_owned();
+            Some((point, options))
+        })
+        .filter(|(p, _)| {
+            p.starts_with("/host") || p == "/sys/fs/bpf" || p == k8s_pod::SERVICE_ACCOUNT_DIR
+        })
+        .collect();
+    for (point, options) in &mounts {
+        eprintln!(
+            "  mount {point}: {}",
+            options.split(',').next().unwrap_or_default()
+        );
+    }
+    let top = |point: &str| {
+        mounts
+            .iter()
+            .find(|(p, _)| p == point)
+            .map(|(_, o)| o.split(',').next().unwrap_or_default().to_owned())
+    };
+    assert_eq!(top("/host/proc").as_deref(), Some("ro"), "{mountinfo}");
+    assert_eq!(
+        top("/host/sys/fs/cgroup").as_deref(),
+        Some("ro"),
+        "{mountinfo}"
+    );
+    assert_eq!(top("/sys/fs/bpf").as_deref(), Some("rw"), "{mountinfo}");
+    assert_eq!(
+        top(k8s_pod::SERVICE_ACCOUNT_DIR).as_deref(),
+        Some("ro"),
+        "{mountinfo}"
+    );
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", runc.pid))?;
+    assert!(
+        cgroup
+            .lines()
+            .any(|l| l == format!("0::{}", pod.cgroups_path)),
+        "{cgroup}"
+    );
+
+    // Known uploads from every container, and what TCP resent in each pod's namespace.
+    let mut resent = BTreeMap::new();
+    for p in [&web, &agent] {
+        let netns_pid = container_pid(&p.sandbox)?;
+        let before = retransmitted_segments(netns_pid)?;
+        for (name, id, payload) in &p.containers {
+            upload(id, *payload, &sink.url(&format!("/{}/{name}", p.name)))?;
+        }
+        resent.insert(
+            p.name.clone(),
+            (retransmitted_segments(netns_pid)? - before) * MSS,
+        );
+    }
+    let errors = sink.errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "sink: {errors:?}");
+    let received = sink.received.lock().unwrap().clone();
+    for p in [&web, &agent] {
+        for (name, _, payload) in &p.containers {
+            assert_eq!(
+                received.get(&format!("/{}/{name}", p.name)),
+                Some(payload),
+                "{received:?}"
+            );
+        }
+    }
+
+    // /metrics where the pod's annotations say, on the pod IP.
+    let (port, path) = pod.scrape.clone().context("prometheus.io annotations")?;
+    let metrics_url = node.url(port, &path);
+    let scrape = client(Duration::from_secs(5));
+    let within = |counted: Option<f64>, payload: u64, resent: u64| {
+        counted.is_some_and(|c| c >= payload as f64 * 0.98 && c <= (payload + resent) as f64 * 1.02)
+    };
+    let tx = "observer_workload_network_transmit_bytes_total";
+    let ctx = "observer_container_network_transmit_bytes_total";
+    let pod_labels = |p: &TestPod| {
+        [
+            ("kind", "kubernetes_pod".to_owned()),
+            ("namespace", p.namespace.to_owned()),
+            ("pod", p.name.clone()),
+            ("interface_class", "device".to_owned()),
+        ]
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let (status, text) = get(&scrape, &metrics_url).await?;
+        ensure!(status == 200, "{metrics_url}: {status}");
+        let all = [&web, &agent].iter().all(|p| {
+            let labels = pod_labels(p);
+            let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            within(sample(&text, tx, &labels), p.payload(), resent[&p.name])
+        });
+        if all {
+            break text;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the pods' uploads ({} and {} bytes) never showed in {metrics_url}:\n{}\nobserver log:\n{}",
+                web.payload(),
+                agent.payload(),
+                text.lines().filter(|l| l.contains("kubernetes_pod") || l.contains("namespace=")).collect::<Vec<_>>().join("\n"),
+                tail(&runc.log())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for p in [&web, &agent] {
+        let labels = pod_labels(p);
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let counted = sample(&text, tx, &labels).unwrap_or_default();
+        eprintln!(
+            "pod {}/{}: sent {} payload bytes ({} resent allowed), {tx} {counted} ({:+.3} %)",
+            p.namespace,
+            p.name,
+            p.payload(),
+            resent[&p.name],
+            percent_off(counted, p.payload())
+        );
+        for (name, _, payload) in &p.containers {
+            let labels = [
+                ("namespace", p.namespace),
+                ("pod", p.name.as_str()),
+                ("container", name),
+                ("interface_class", "device"),
+            ];
+            let counted = sample(&text, ctx, &labels);
+            eprintln!(
+                "  container {name}: sent {payload}, {ctx} {counted:?} ({:+.3} %)",
+                percent_off(counted.unwrap_or_default(), *payload)
+            );
+            assert!(
+                within(counted, *payload, resent[&p.name]),
+                "{ctx}{labels:?} = {counted:?} for {payload} bytes"
+            );
+        }
+    }
+    // observer's own pod is in the kubelet's list too: its calls to the kubelet are its own.
+    let own = [
+        ("kind", "kubernetes_pod"),
+        ("namespace", pod.namespace.as_str()),
+        ("pod", node.pod_name.as_str()),
+        ("interface_class", "device"),
+    ];
+    let own_tx = sample(&text, tx, &own);
+    assert!(
+        own_tx.is_some_and(|v| v > 0.0),
+        "no {tx}{own:?} in:\n{text}"
+    );
+
+    // The kubelet was called with the service-account token, and only so.
+    let requests = node.kubelet.requests();
+    let wanted = format!("Bearer {}", node.token);
+    assert!(!requests.is_empty(), "observer never called the kubelet");
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.uri == "/pods" && r.authorization.as_deref() == Some(wanted.as_str())),
+        "{requests:?}"
+    );
+
+    // The liveness probe, first asked after its initial delay.
+    let live_at = runc.started + liveness.initial_delay;
+    if let Some(wait) = live_at.checked_duration_since(Instant::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    let (status, live) = get(
+        &client(liveness.timeout),
+        &node.url(liveness.port, &liveness.path),
+    )
+    .await?;
+    assert_eq!(status, 200, "{}: {live}", liveness.path);
+    let (status, ready) = get(&probe, &node.url(readiness.port, &readiness.path)).await?;
+    assert_eq!(status, 200, "{}: {ready}", readiness.path);
+    eprintln!(
+        "after {:?}: {} {live:?}, {} {ready:?}; kubelet called {} times",
+        runc.started.elapsed(),
+        liveness.path,
+        readiness.path,
+        requests.len()
+    );
+
+    let stopped = stop(&runc, &pod)?;
+    let log = runc.log();
+    assert!(!log.contains("panicked"), "{log}");
+    eprintln!(
+        "SIGTERM to exit 0: {stopped:?}; RuntimeDefault from containerd {}",
+        node.containerd.lock().unwrap()
+    );
+    Ok(())
+}
+
+/// Exactly the DaemonSet's capabilities start observer and attach its programs; without any one
+/// of the added ones it exits non-zero at once, naming the capability it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_added_capability_is_needed() -> Result<()> {
+    const TEST: &str = "each_added_capability_is_needed";
+    if skipped(TEST) {
+        return Ok(());
+    }
+    let node = Node::new().await?;
+    let added: Vec<String> = k8s_pod::container_mut(&mut node.daemonset.clone())["securityContext"]
+        ["capabilities"]["add"]
+        .as_array()
+        .context("securityContext.capabilities.add")?
+        .iter()
+        .map(|c| c.as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(added, ["BPF", "PERFMON", "NET_ADMIN"]);
+
+    let id = container_id();
+    let pod = node.pod(&node.daemonset, &id)?;
+    node.kubelet.set_pods(&[node.fake_pod(&pod, &id)]);
+    let runc = node.start(&pod, &id)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !runc.log().contains(ATTACHED) {
+        if let Some(exit) = runc.exited() {
+            bail!(
+                "observer exited ({exit:?}) with the DaemonSet's capabilities:\n{}",
+                tail(&runc.log())
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "never attached:\n{}",
+            tail(&runc.log())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let attached = runc.started.elapsed();
+    let line = runc
+        .log()
+        .lines()
+        .find(|l| l.contains(ATTACHED))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!(
+        "{:?}: attached after {attached:?}: {line}",
+        pod.capabilities
+    );
+    stop(&runc, &pod)?;
+    drop(runc);
+
+    for cap in &added {
+        let mut variant = node.daemonset.clone();
+        let add = k8s_pod::container_mut(&mut variant)["securityContext"]["capabilities"]["add"]
+            .as_array_mut()
+            .context("add")?;
+        add.retain(|c| c != &json!(cap));
+        let id = container_id();
+        let pod = node.pod(&variant, &id)?;
+        let full = format!("CAP_{cap}");
+        assert!(!pod.capabilities.contains(&full));
+        node.kubelet.set_pods(&[node.fake_pod(&pod, &id)]);
+        let runc = node.start(&pod, &id)?;
+        let exit = runc.wait(Duration::from_secs(10));
+        let took = runc.started.elapsed();
+        let log = runc.log();
+        let message = log
+            .lines()
+            .find(|l| l.contains("lacks"))
+            .unwrap_or_default()
+            .to_owned();
+        eprintln!("without {full}: {exit:?} after {took:?}: {message}");
+        match exit {
+            Some(Exit::Code(code)) if code != 0 => {}
+            other => bail!(
+                "without {full} observer ended with {other:?}:\n{}",
+                tail(&log)
+            ),
+        }
+        assert!(
+            took < Duration::from_secs(5),
+            "without {full}: exited after {took:?}"
+        );
+        assert!(
+            message.contains(&format!("lacks {full}")),
+            "without {full}:\n{log}"
+        );
+        assert!(
+            !log.contains(ATTACHED),
+            "without {full} it attached:\n{log}"
+        );
+    }
+    Ok(())
+}
+
+/// A SIGTERM while observer is still starting (a pod deleted as it starts) ends it cleanly at
+/// once. In the pod observer is PID 1 of its PID namespace, and the kernel drops any signal
+/// PID 1 has no handler for: a handler installed only after start-up would lose it, and the
+/// kubelet would wait out terminationGracePeriodSeconds before SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_start_up_is_not_lost() -> Result<()> {
+    const TEST: &str = "a_sigterm_during_start_up_is_not_lost";
+    /// observer's first log line, written before the programs are loaded.
+    const STARTING: &str = "Prometheus endpoint on";
+    if skipped(TEST) {
+        return Ok(());
+    }
+    let node = Node::new().await?;
+    let id = container_id();
+    let pod = node.pod(&node.daemonset, &id)?;
+    node.kubelet.set_pods(&[node.fake_pod(&pod, &id)]);
+    let runc = node.start(&pod, &id)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !runc.log().contains(STARTING) {
+        ensure!(
+            runc.exited().is_none(),
+            "observer exited:\n{}",
+            tail(&runc.log())
+        );
+        ensure!(
+            Instant::now() < deadline,
+            "observer never started:\n{}",
+            tail(&runc.log())
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let attached_before = runc.log().contains(ATTACHED);
+    let sent = Instant::now();
+    runc.kill("TERM")?;
+    let exit = runc.wait(Duration::from_secs(10));
+    let took = sent.elapsed();
+    eprintln!(
+        "SIGTERM {:?} after runc run -d ({}): {exit:?} after {took:?}",
+        sent - runc.started,
+        if attached_before {
+            "already attached"
+        } else {
+            "before the programs were attached"
+        }
+    );
+    ensure!(
+        exit == Some(Exit::Code(0)),
+        "a SIGTERM during start-up did not end observer within 10 s ({exit:?}; the kubelet \
+         would wait {:?}, then SIGKILL):\n{}",
+        pod.termination_grace,
+        tail(&runc.log())
+    );
+    Ok(())
+}
