@@ -10,6 +10,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::{
+    defaults,
+    mountinfo::{self, Mount},
+};
+
 /// statfs(2) magic of a cgroup2 file system.
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -26,60 +31,35 @@ pub enum CgroupError {
     Io { path: PathBuf, source: io::Error },
 }
 
-/// Finds the cgroup v2 mount point in the text of /proc/self/mountinfo.
+/// Finds the cgroup v2 mount point among `mounts` (this process's: [`mountinfo::read_self`]).
 ///
 /// A pure v2 host mounts it at /sys/fs/cgroup, a hybrid host at /sys/fs/cgroup/unified; when
 /// there are several, /sys/fs/cgroup wins, then the shortest path.
-pub fn find_v2_mount(mountinfo: &str) -> Option<PathBuf> {
-    let mut mounts = v2_mount_points(mountinfo);
-    mounts.sort_by_key(|m| (m.as_path() != Path::new("/sys/fs/cgroup"), m.as_os_str().len()));
-    mounts.into_iter().next()
+pub fn find_v2_mount(mounts: &[Mount]) -> Option<PathBuf> {
+    v2_mount_points(mounts)
+        .min_by_key(|m| (*m != Path::new(defaults::CGROUP_DIR), m.as_os_str().len()))
+        .map(Path::to_owned)
 }
 
 /// The cgroup v2 mount at or below `dir` (the shortest), e.g. the host's hierarchy that a
 /// container mounts at /host/sys/fs/cgroup, or /host/sys/fs/cgroup/unified on a hybrid host.
-pub fn find_v2_mount_under(mountinfo: &str, dir: &Path) -> Option<PathBuf> {
-    v2_mount_points(mountinfo)
-        .into_iter()
+pub fn find_v2_mount_under(mounts: &[Mount], dir: &Path) -> Option<PathBuf> {
+    v2_mount_points(mounts)
         .filter(|m| m.starts_with(dir))
         .min_by_key(|m| m.as_os_str().len())
+        .map(Path::to_owned)
 }
 
-/// Every cgroup2 mount point in the text of a mountinfo file.
-fn v2_mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ..."
-            let (left, right) = line.split_once(" - ")?;
-            let fstype = right.split_whitespace().next()?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mount_point)))
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape_mountinfo(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Every cgroup2 mount point among `mounts`.
+fn v2_mount_points(mounts: &[Mount]) -> impl Iterator<Item = &Path> {
+    mounts
+        .iter()
+        .filter(|m| m.fstype == "cgroup2")
+        .map(|m| m.mount_point.as_path())
 }
 
 /// The cgroup v2 root to attach to: `explicit` if given (checked to be cgroup2), else the mount
-/// found in /proc/self/mountinfo.
+/// found in this process's mountinfo.
 pub fn detect_root(explicit: Option<&Path>) -> Result<PathBuf, CgroupError> {
     if let Some(path) = explicit {
         return if is_cgroup2(path)? {
@@ -88,12 +68,11 @@ pub fn detect_root(explicit: Option<&Path>) -> Result<PathBuf, CgroupError> {
             Err(CgroupError::NotCgroup2(path.to_owned()))
         };
     }
-    let mountinfo =
-        fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
-            path: "/proc/self/mountinfo".into(),
-            source,
-        })?;
-    find_v2_mount(&mountinfo).ok_or(CgroupError::NoV2Mount)
+    let mounts = mountinfo::read_self().map_err(|source| CgroupError::Io {
+        path: mountinfo::SELF.into(),
+        source,
+    })?;
+    find_v2_mount(&mounts).ok_or(CgroupError::NoV2Mount)
 }
 
 /// True iff `path` is on a cgroup2 file system.
@@ -192,6 +171,7 @@ impl CgroupIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mountinfo::parse;
 
     const HYBRID: &str = "\
 24 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
@@ -206,21 +186,30 @@ mod tests {
 
     #[test]
     fn hybrid_host_uses_unified() {
-        assert_eq!(find_v2_mount(HYBRID), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(
+            find_v2_mount(&parse(HYBRID)),
+            Some("/sys/fs/cgroup/unified".into())
+        );
     }
 
     #[test]
     fn pure_v2_host_uses_sys_fs_cgroup() {
-        assert_eq!(find_v2_mount(PURE_V2), Some("/sys/fs/cgroup".into()));
+        assert_eq!(
+            find_v2_mount(&parse(PURE_V2)),
+            Some("/sys/fs/cgroup".into())
+        );
     }
 
     #[test]
     fn sys_fs_cgroup_wins_over_other_v2_mounts() {
         let both = format!("{PURE_V2}90 25 0:23 / /host/sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
-        assert_eq!(find_v2_mount(&both), Some("/sys/fs/cgroup".into()));
+        assert_eq!(find_v2_mount(&parse(&both)), Some("/sys/fs/cgroup".into()));
         let other = "90 25 0:23 / /host/sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
                      91 25 0:23 / /a/much/longer/path/cgroup rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_v2_mount(other), Some("/host/sys/fs/cgroup".into()));
+        assert_eq!(
+            find_v2_mount(&parse(other)),
+            Some("/host/sys/fs/cgroup".into())
+        );
     }
 
     #[test]
@@ -230,9 +219,12 @@ mod tests {
             .filter(|l| !l.contains("cgroup2"))
             .collect::<Vec<_>>()
             .join("\n");
-        assert_eq!(find_v2_mount(&v1_only), None);
-        assert_eq!(find_v2_mount(""), None);
-        assert_eq!(find_v2_mount("garbage line without separator\n - \n"), None);
+        assert_eq!(find_v2_mount(&parse(&v1_only)), None);
+        assert_eq!(find_v2_mount(&parse("")), None);
+        assert_eq!(
+            find_v2_mount(&parse("garbage line without separator\n - \n")),
+            None
+        );
     }
 
     #[test]
@@ -247,24 +239,30 @@ mod tests {
 703 701 0:30 / /host/sys/fs/cgroup/memory ro,nosuid - cgroup cgroup rw,memory
 ";
         assert_eq!(
-            find_v2_mount_under(in_container, Path::new("/host/sys/fs/cgroup")),
+            find_v2_mount_under(&parse(in_container), Path::new("/host/sys/fs/cgroup")),
             Some("/host/sys/fs/cgroup/unified".into())
         );
         let pure = "800 790 0:23 / /host/sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
         assert_eq!(
-            find_v2_mount_under(pure, Path::new("/host/sys/fs/cgroup")),
+            find_v2_mount_under(&parse(pure), Path::new("/host/sys/fs/cgroup")),
             Some("/host/sys/fs/cgroup".into())
         );
         // Not "/host/sys/fs/cgroupfoo": a path prefix is a whole component.
         let beside = "801 790 0:23 / /host/sys/fs/cgroupfoo ro - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_v2_mount_under(beside, Path::new("/host/sys/fs/cgroup")), None);
-        assert_eq!(find_v2_mount_under(in_container, Path::new("/elsewhere")), None);
+        assert_eq!(
+            find_v2_mount_under(&parse(beside), Path::new("/host/sys/fs/cgroup")),
+            None
+        );
+        assert_eq!(
+            find_v2_mount_under(&parse(in_container), Path::new("/elsewhere")),
+            None
+        );
     }
 
     #[test]
     fn escaped_mount_points_are_unescaped() {
         let line = "30 29 0:27 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_v2_mount(line), Some("/mnt/my cgroups".into()));
+        assert_eq!(find_v2_mount(&parse(line)), Some("/mnt/my cgroups".into()));
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum};
 use observer_common::DEFAULT_MAX_ENTRIES;
 
+use crate::{defaults, inventory::sources::Platform};
+
 /// Per-container and per-task network traffic, measured by eBPF at the cgroup v2 root.
 ///
 /// observer attaches two cgroup_skb programs (ingress, egress) at the cgroup v2 root, counts
@@ -17,7 +19,8 @@ use observer_common::DEFAULT_MAX_ENTRIES;
 #[command(name = "observer", version, about, long_about)]
 pub struct Args {
     /// How often to report: "60s", "5s", "1m", "500ms".
-    #[arg(long, env = "OBSERVER_INTERVAL", default_value = "60s", value_parser = parse_interval)]
+    #[arg(long, env = "OBSERVER_INTERVAL", default_value = defaults::INTERVAL,
+          value_parser = parse_interval)]
     pub interval: Duration,
 
     /// Report one interval, then detach and exit.
@@ -51,15 +54,11 @@ pub struct Args {
 
     /// Where tasks and pods come from. auto tries, in order: the ECS agent, the kubelet
     /// (KUBERNETES_SERVICE_HOST or NODE_NAME set), the Docker socket; else none (cgroups only).
-    #[arg(long, env = "OBSERVER_PLATFORM", value_enum, default_value_t = PlatformArg::Auto)]
-    pub platform: PlatformArg,
+    #[arg(long, env = "OBSERVER_PLATFORM", value_enum, default_value_t = Platform::Auto)]
+    pub platform: Platform,
 
     /// ECS agent introspection API (the agent runs in the host network namespace).
-    #[arg(
-        long,
-        env = "OBSERVER_ECS_AGENT_URL",
-        default_value = "http://127.0.0.1:51678"
-    )]
+    #[arg(long, env = "OBSERVER_ECS_AGENT_URL", default_value = defaults::ECS_AGENT_URL)]
     pub ecs_agent_url: String,
 
     /// kubelet API [default: https://$NODE_IP:10250 if NODE_IP is set (downward API
@@ -72,16 +71,12 @@ pub struct Args {
     #[arg(
         long,
         env = "OBSERVER_KUBELET_TOKEN_FILE",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        default_value = defaults::KUBELET_TOKEN_FILE
     )]
     pub kubelet_token_file: PathBuf,
 
     /// CA that signed the kubelet's serving certificate.
-    #[arg(
-        long,
-        env = "OBSERVER_KUBELET_CA_FILE",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-    )]
+    #[arg(long, env = "OBSERVER_KUBELET_CA_FILE", default_value = defaults::KUBELET_CA_FILE)]
     pub kubelet_ca_file: PathBuf,
 
     /// Do not verify the kubelet's certificate (self-signed serving certificates).
@@ -90,11 +85,7 @@ pub struct Args {
 
     /// Docker Engine API socket: containers and labels on Docker hosts, and the ECS fallback
     /// when the agent does not answer.
-    #[arg(
-        long,
-        env = "OBSERVER_DOCKER_SOCKET",
-        default_value = "/var/run/docker.sock"
-    )]
+    #[arg(long, env = "OBSERVER_DOCKER_SOCKET", default_value = defaults::DOCKER_SOCKET)]
     pub docker_socket: PathBuf,
 
     /// cgroupfs to read CPU and memory from [default: /sys/fs/cgroup, or
@@ -113,11 +104,7 @@ pub struct Args {
 
     /// Mackerel API. The API key comes from the MACKEREL_APIKEY environment variable or
     /// --mackerel-api-key-file; without one, nothing is sent to Mackerel.
-    #[arg(
-        long,
-        env = "MACKEREL_APIBASE",
-        default_value = "https://api.mackerelio.com"
-    )]
+    #[arg(long, env = "MACKEREL_APIBASE", default_value = defaults::MACKEREL_API_BASE)]
     pub mackerel_api_base: String,
 
     /// File holding the Mackerel API key (a mounted secret).
@@ -125,7 +112,7 @@ pub struct Args {
     pub mackerel_api_key_file: Option<PathBuf>,
 
     /// Retire a task's Mackerel host once the task has been gone this many intervals.
-    #[arg(long, env = "OBSERVER_RETIRE_AFTER", default_value_t = 2,
+    #[arg(long, env = "OBSERVER_RETIRE_AFTER", default_value_t = defaults::RETIRE_AFTER_INTERVALS,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub retire_after: u32,
 
@@ -140,18 +127,9 @@ pub enum Command {
     /// shell (ECS healthCheck ["CMD", "/observer", "health"]).
     Health {
         /// How long to wait for the answer.
-        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = defaults::HEALTH_TIMEOUT, value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PlatformArg {
-    Auto,
-    Ecs,
-    Kubernetes,
-    Docker,
-    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -205,13 +183,44 @@ mod tests {
         assert_eq!(args.interval, Duration::from_secs(60));
         assert!(!args.once);
         assert_eq!(args.output, None);
-        assert_eq!(args.platform, PlatformArg::Auto);
+        assert_eq!(args.platform, Platform::Auto);
         assert_eq!(args.prometheus_listen, None);
         assert_eq!(args.retire_after, 2);
         assert_eq!(args.map_entries, DEFAULT_MAX_ENTRIES);
         assert_eq!(args.cgroup_root, None);
         assert_eq!(args.host_root, None);
         assert_eq!(args.command, None);
+    }
+
+    /// The flags' defaults are the library's: one constant each.
+    #[test]
+    fn defaults_are_the_librarys() {
+        let args = Args::try_parse_from(["observer"]).unwrap();
+        let sources = crate::inventory::sources::SourceConfig::new(Default::default());
+        assert_eq!(args.ecs_agent_url, sources.ecs_agent_url);
+        assert_eq!(args.kubelet_token_file, sources.kubelet_token_file);
+        assert_eq!(args.kubelet_ca_file, sources.kubelet_ca_file);
+        assert_eq!(args.docker_socket, sources.docker_socket);
+        assert_eq!(args.platform, sources.platform);
+        assert_eq!(args.mackerel_api_base, defaults::MACKEREL_API_BASE);
+        assert_eq!(args.retire_after, defaults::RETIRE_AFTER_INTERVALS);
+        assert_eq!(Ok(args.interval), parse_interval(defaults::INTERVAL));
+    }
+
+    #[test]
+    fn platforms_parse_as_flags() {
+        for (value, platform) in [
+            ("auto", Platform::Auto),
+            ("ecs", Platform::Ecs),
+            ("kubernetes", Platform::Kubernetes),
+            ("k8s", Platform::Kubernetes),
+            ("docker", Platform::Docker),
+            ("none", Platform::None),
+        ] {
+            let args = Args::try_parse_from(["observer", "--platform", value]).unwrap();
+            assert_eq!(args.platform, platform, "{value}");
+        }
+        assert!(Args::try_parse_from(["observer", "--platform", "swarm"]).is_err());
     }
 
     #[test]
@@ -261,5 +270,38 @@ mod tests {
             assert!(help.contains(flag), "--help lacks {flag}");
         }
         assert!(help.contains("OBSERVER_INTERVAL"));
+    }
+
+    /// `--help` shows every default, taken from [`defaults`].
+    #[test]
+    fn help_shows_the_defaults() {
+        let mut command = <Args as clap::CommandFactory>::command();
+        let help = command.render_long_help().to_string();
+        let kubelet_port = format!(":{}", defaults::KUBELET_PORT);
+        let retire_after = format!("[default: {}]", defaults::RETIRE_AFTER_INTERVALS);
+        for default in [
+            defaults::INTERVAL,
+            defaults::ECS_AGENT_URL,
+            &kubelet_port,
+            defaults::KUBELET_TOKEN_FILE,
+            defaults::KUBELET_CA_FILE,
+            defaults::DOCKER_SOCKET,
+            defaults::CGROUP_DIR,
+            defaults::PROC_DIR,
+            defaults::MACKEREL_API_BASE,
+            &retire_after,
+            "[default: auto]",
+        ] {
+            assert!(help.contains(default), "--help lacks {default}:\n{help}");
+        }
+        let health = command
+            .find_subcommand_mut("health")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(
+            health.contains(&format!("[default: {}]", defaults::HEALTH_TIMEOUT)),
+            "{health}"
+        );
     }
 }

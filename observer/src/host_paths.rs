@@ -6,18 +6,13 @@
 //! namespace, the default for Docker and containerd on cgroup v2, shows only its own subtree),
 //! so every host path observer uses comes from this one place.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use crate::{
     cgroupfs::{self, CgroupError},
-    resources::DEFAULT_CGROUP_DIR,
+    defaults::{CGROUP_DIR, PROC_DIR},
+    mountinfo,
 };
-
-/// Default `--proc`.
-pub const DEFAULT_PROC: &str = "/proc";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostPathError {
@@ -64,13 +59,13 @@ impl HostPaths {
                 cgroup_root: cgroupfs::detect_root(args.cgroup_root)?,
                 cgroupfs: args
                     .cgroupfs
-                    .map_or_else(|| DEFAULT_CGROUP_DIR.into(), Path::to_owned),
-                proc: args.proc.map_or_else(|| DEFAULT_PROC.into(), Path::to_owned),
+                    .map_or_else(|| CGROUP_DIR.into(), Path::to_owned),
+                proc: args.proc.map_or_else(|| PROC_DIR.into(), Path::to_owned),
             });
         };
         let cgroupfs = args
             .cgroupfs
-            .map_or_else(|| under(root, DEFAULT_CGROUP_DIR), Path::to_owned);
+            .map_or_else(|| under(root, CGROUP_DIR), Path::to_owned);
         let cgroup_root = match args.cgroup_root {
             Some(explicit) => cgroupfs::detect_root(Some(explicit))?,
             None => v2_root_under(&cgroupfs).ok_or_else(|| HostPathError::NoCgroupMount {
@@ -78,7 +73,7 @@ impl HostPaths {
                 cgroup_dir: cgroupfs.clone(),
             })?,
         };
-        let proc = args.proc.map_or_else(|| under(root, DEFAULT_PROC), Path::to_owned);
+        let proc = args.proc.map_or_else(|| under(root, PROC_DIR), Path::to_owned);
         if !proc.join("stat").is_file() {
             return Err(HostPathError::NoProc {
                 root: root.to_owned(),
@@ -101,9 +96,9 @@ fn under(root: &Path, path: &str) -> PathBuf {
 /// The cgroup2 mount at or below `cgroup_dir`: from /proc/self/mountinfo (the shortest mount
 /// point under it), else `cgroup_dir` itself or its `unified` directory if either is cgroup2.
 fn v2_root_under(cgroup_dir: &Path) -> Option<PathBuf> {
-    let from_mountinfo = fs::read_to_string("/proc/self/mountinfo")
+    let from_mountinfo = mountinfo::read_self()
         .ok()
-        .and_then(|text| cgroupfs::find_v2_mount_under(&text, cgroup_dir));
+        .and_then(|mounts| cgroupfs::find_v2_mount_under(&mounts, cgroup_dir));
     from_mountinfo.or_else(|| {
         [cgroup_dir.to_owned(), cgroup_dir.join("unified")]
             .into_iter()
@@ -113,6 +108,8 @@ fn v2_root_under(cgroup_dir: &Path) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
@@ -147,8 +144,8 @@ mod tests {
         });
         // The machine running the tests may have no cgroup2 at all; only check the rest.
         if let Ok(paths) = paths {
-            assert_eq!(paths.cgroupfs, Path::new(DEFAULT_CGROUP_DIR));
-            assert_eq!(paths.proc, Path::new(DEFAULT_PROC));
+            assert_eq!(paths.cgroupfs, Path::new(CGROUP_DIR));
+            assert_eq!(paths.proc, Path::new(PROC_DIR));
         }
     }
 }

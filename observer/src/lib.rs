@@ -3,14 +3,17 @@
 //! Data flows one way per interval: kernel maps -> [`traffic`] reader -> [`collect`] ->
 //! [`snapshot`] -> [`sink`]s.
 
+pub mod backoff;
 pub mod cgroupfs;
 pub mod collect;
 pub mod config;
+pub mod defaults;
 pub mod delta;
 pub mod health;
 pub mod host_paths;
 pub mod inventory;
 pub mod mackerel;
+pub mod mountinfo;
 pub mod preflight;
 pub mod programs;
 pub mod resources;

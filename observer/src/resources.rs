@@ -16,6 +16,8 @@ use std::{
     time::Duration,
 };
 
+use crate::mountinfo::{self, Mount};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ResourceError {
     #[error("reading {path}: {source}")]
@@ -31,74 +33,6 @@ pub enum ResourceError {
          cgroup.controllers, memory/ or cpuacct/ there)"
     )]
     NotFound(PathBuf),
-}
-
-/// One cgroup or cgroup2 mount from mountinfo.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CgroupMount {
-    pub mount_point: PathBuf,
-    /// Which directory of the hierarchy the mount shows ("/" for the whole hierarchy).
-    pub root: String,
-    /// cgroup2 rather than a v1 hierarchy.
-    pub v2: bool,
-    /// v1 controllers from the super options ("cpu", "cpuacct", "memory", "name=systemd").
-    pub controllers: Vec<String>,
-}
-
-/// All cgroup mounts in the text of a mountinfo file.
-pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
-    text.lines()
-        .filter_map(|line| {
-            // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> <source> <super options>"
-            let (left, right) = line.split_once(" - ")?;
-            let mut right = right.split_whitespace();
-            let fstype = right.next()?;
-            let v2 = match fstype {
-                "cgroup2" => true,
-                "cgroup" => false,
-                _ => return None,
-            };
-            let super_options = right.nth(1).unwrap_or_default();
-            let mut left = left.split_whitespace();
-            let root = unescape(left.nth(3)?);
-            let mount_point = PathBuf::from(unescape(left.next()?));
-            let controllers = if v2 {
-                Vec::new()
-            } else {
-                super_options.split(',').map(str::to_owned).collect()
-            };
-            Some(CgroupMount {
-                mount_point,
-                root,
-                v2,
-                controllers,
-            })
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = (bytes[i] == b'\\')
-            .then(|| s.get(i + 1..i + 4))
-            .flatten()
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
-        match octal {
-            Some(v) => {
-                out.push(v);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Where one hierarchy is visible, and which part of it.
@@ -160,41 +94,39 @@ pub struct CgroupFs {
     pub memory: Option<Hierarchy>,
 }
 
-/// Default place of the cgroup tree; a container with the host's tree at /host/sys/fs/cgroup
-/// passes that instead.
-pub const DEFAULT_CGROUP_DIR: &str = "/sys/fs/cgroup";
-
 impl CgroupFs {
-    /// The hierarchies among `mounts` that are mounted at or below `cgroup_dir`; for each, the
-    /// shortest mount point wins.
-    pub fn from_mounts(mounts: &[CgroupMount], cgroup_dir: &Path) -> Self {
-        let mut under: Vec<&CgroupMount> = mounts
+    /// The cgroup hierarchies among `mounts` that are mounted at or below `cgroup_dir`; for
+    /// each, the shortest mount point wins.
+    pub fn from_mounts(mounts: &[Mount], cgroup_dir: &Path) -> Self {
+        let mut under: Vec<&Mount> = mounts
             .iter()
             .filter(|m| m.mount_point.starts_with(cgroup_dir))
             .collect();
         under.sort_by_key(|m| m.mount_point.as_os_str().len());
-        let pick = |want: &dyn Fn(&CgroupMount) -> bool| {
+        let pick = |want: &dyn Fn(&Mount) -> bool| {
             under.iter().find(|m| want(m)).map(|m| Hierarchy {
                 mount_point: m.mount_point.clone(),
                 root: m.root.clone(),
             })
         };
+        // A v1 hierarchy's controllers are its super options.
         let v1 = |name: &'static str| {
-            move |m: &CgroupMount| !m.v2 && m.controllers.iter().any(|c| c == name)
+            move |m: &Mount| m.fstype == "cgroup" && m.options().any(|c| c == name)
         };
         Self {
-            unified: pick(&|m| m.v2),
+            unified: pick(&|m| m.fstype == "cgroup2"),
             cpu: pick(&v1("cpu")),
             cpuacct: pick(&v1("cpuacct")),
             memory: pick(&v1("memory")),
         }
     }
 
-    /// Finds the hierarchies under `cgroup_dir` ([`DEFAULT_CGROUP_DIR`], or where a container
-    /// sees the host's tree): from /proc/self/mountinfo, else by looking at the directory.
+    /// Finds the hierarchies under `cgroup_dir` ([`crate::defaults::CGROUP_DIR`], or where a
+    /// container sees the host's tree): from this process's mountinfo, else by looking at the
+    /// directory.
     pub fn detect(cgroup_dir: &Path) -> Result<Self, ResourceError> {
-        let found = fs::read_to_string("/proc/self/mountinfo")
-            .map(|text| Self::from_mounts(&parse_mountinfo(&text), cgroup_dir))
+        let found = mountinfo::read_self()
+            .map(|mounts| Self::from_mounts(&mounts, cgroup_dir))
             .unwrap_or_default();
         let found = if found.is_empty() {
             Self::probe(cgroup_dir)
@@ -485,6 +417,7 @@ fn parse_error(path: &Path, what: &'static str, text: &str) -> ResourceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{defaults::CGROUP_DIR, mountinfo::parse};
 
     /// This machine's layout: separate cpu and cpuacct hierarchies, cgroup2 at unified.
     const HYBRID: &str = "\
@@ -511,18 +444,18 @@ mod tests {
 
     #[test]
     fn mountinfo_layouts() {
-        let fs = CgroupFs::from_mounts(&parse_mountinfo(HYBRID), Path::new(DEFAULT_CGROUP_DIR));
+        let fs = CgroupFs::from_mounts(&parse(HYBRID), Path::new(CGROUP_DIR));
         assert_eq!(fs.unified, Some(Hierarchy::at("/sys/fs/cgroup/unified")));
         assert_eq!(fs.cpu, Some(Hierarchy::at("/sys/fs/cgroup/cpu")));
         assert_eq!(fs.cpuacct, Some(Hierarchy::at("/sys/fs/cgroup/cpuacct")));
         assert_eq!(fs.memory, Some(Hierarchy::at("/sys/fs/cgroup/memory")));
 
-        let fs = CgroupFs::from_mounts(&parse_mountinfo(COMOUNTED), Path::new(DEFAULT_CGROUP_DIR));
+        let fs = CgroupFs::from_mounts(&parse(COMOUNTED), Path::new(CGROUP_DIR));
         assert_eq!(fs.cpu, fs.cpuacct);
         assert_eq!(fs.cpu, Some(Hierarchy::at("/sys/fs/cgroup/cpu,cpuacct")));
         assert_eq!(fs.unified, None);
 
-        let fs = CgroupFs::from_mounts(&parse_mountinfo(PURE_V2), Path::new(DEFAULT_CGROUP_DIR));
+        let fs = CgroupFs::from_mounts(&parse(PURE_V2), Path::new(CGROUP_DIR));
         assert_eq!(
             fs,
             CgroupFs {
@@ -531,7 +464,7 @@ mod tests {
             }
         );
 
-        let mounts = parse_mountinfo(IN_CONTAINER);
+        let mounts = parse(IN_CONTAINER);
         let host = CgroupFs::from_mounts(&mounts, Path::new("/host/sys/fs/cgroup"));
         let unified = host.unified.unwrap();
         assert_eq!(unified.mount_point, Path::new("/host/sys/fs/cgroup"));
@@ -539,16 +472,11 @@ mod tests {
             unified.dir("/docker/abc"),
             Some("/host/sys/fs/cgroup/docker/abc".into())
         );
-        let own = CgroupFs::from_mounts(&mounts, Path::new(DEFAULT_CGROUP_DIR));
+        let own = CgroupFs::from_mounts(&mounts, Path::new(CGROUP_DIR));
         assert_eq!(
             own.unified.unwrap().mount_point,
             Path::new("/sys/fs/cgroup")
         );
-
-        assert!(parse_mountinfo("").is_empty());
-        assert!(parse_mountinfo("garbage\n1 2 3\n - cgroup\n").is_empty());
-        let escaped = parse_mountinfo("1 2 0:1 / /a\\040b rw - cgroup2 cgroup2 rw\n");
-        assert_eq!(escaped[0].mount_point, Path::new("/a b"));
     }
 
     #[test]
@@ -815,7 +743,7 @@ mod tests {
             eprintln!("SKIPPED real_v1_cgroup_of_this_machine: needs root to create cgroups");
             return;
         }
-        let fs = CgroupFs::detect(Path::new(DEFAULT_CGROUP_DIR)).unwrap();
+        let fs = CgroupFs::detect(Path::new(CGROUP_DIR)).unwrap();
         let (Some(memory), Some(cpu), Some(cpuacct)) = (&fs.memory, &fs.cpu, &fs.cpuacct) else {
             eprintln!(
                 "SKIPPED real_v1_cgroup_of_this_machine: no v1 memory/cpu/cpuacct hierarchies here"

@@ -17,7 +17,7 @@ use tokio::{
 use crate::{
     cgroupfs::CgroupIndex,
     collect::Collector,
-    config::{Args, Output, PlatformArg},
+    config::{Args, Output},
     host_paths::{HostPathArgs, HostPaths},
     inventory::{
         refresh::{RefreshConfig, Refresher},
@@ -202,13 +202,7 @@ async fn join_workloads(
 
 fn source_config(args: &Args) -> SourceConfig {
     let mut config = SourceConfig::new(PlatformEnv::from_process());
-    config.platform = match args.platform {
-        PlatformArg::Auto => Platform::Auto,
-        PlatformArg::Ecs => Platform::Ecs,
-        PlatformArg::Kubernetes => Platform::Kubernetes,
-        PlatformArg::Docker => Platform::Docker,
-        PlatformArg::None => Platform::None,
-    };
+    config.platform = args.platform;
     config.ecs_agent_url = args.ecs_agent_url.clone();
     if args.kubelet_url.is_some() {
         config.kubelet_url = args.kubelet_url.clone();

@@ -1,8 +1,9 @@
 //! A fake ECS agent introspection API and a fake kubelet, on 127.0.0.1 (random port), serving
-//! bodies shaped like the documented ones (platforms.md 1.2 and 5.1). Each can be switched at
-//! run time to answer slowly, with HTTP 500, with invalid JSON, or not at all (the port is
-//! closed), and records every request with its `Authorization` header. The kubelet can serve
-//! HTTPS with a certificate from a CA of its own ([`FakeKubelet::start_tls`]).
+//! bodies shaped like the documented ones (the agent's `/v1/metadata` and `/v1/tasks`, a v1
+//! `PodList` from the kubelet's `/pods`). Each can be switched at run time to answer slowly,
+//! with HTTP 500, with invalid JSON, or not at all (the port is closed), and records every
+//! request with its `Authorization` header. The kubelet can serve HTTPS with a certificate
+//! from a CA of its own ([`FakeKubelet::start_tls`]).
 
 use std::{
     net::SocketAddr,

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer::inventory::sources::{self, DockerClient};
+use observer::{defaults, inventory::docker::DockerClient};
 use serde_json::Value;
 use testbed::{
     docker::{skip_unless_docker, Containers, EcsLabels, Run},
@@ -312,7 +312,7 @@ fn scenario(made: &Mutex<Made>) {
     }
 
     // (b) What Docker's stats API says meanwhile (the gap observer closes).
-    let docker = DockerClient::new(sources::DEFAULT_DOCKER_SOCKET, Duration::from_secs(20));
+    let docker = DockerClient::new(defaults::DOCKER_SOCKET, Duration::from_secs(20));
     check_docker_stats(&rt, &docker, &apps);
 
     // Two more intervals after the traffic, then stop: SIGTERM flushes Mackerel.

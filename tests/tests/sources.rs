@@ -11,13 +11,17 @@ use std::{
     time::Duration,
 };
 
-use observer::inventory::{
-    refresh::{RefreshConfig, Refresher},
-    sources::{
-        self, detect, DockerClient, DockerSource, EcsSource, KubeletSource, Platform, PlatformEnv,
-        SourceConfig,
+use observer::{
+    defaults,
+    inventory::{
+        detect::detect,
+        docker::{DockerClient, DockerSource},
+        ecs::EcsSource,
+        kubernetes::KubeletSource,
+        refresh::{RefreshConfig, Refresher},
+        sources::{self, Platform, PlatformEnv, SourceConfig},
+        Inventory, InventorySource, NetworkMode, WorkloadKind,
     },
-    Inventory, InventorySource, NetworkMode, WorkloadKind,
 };
 use testbed::{
     docker::{skip_unless_docker, Containers, EcsLabels, Run},
@@ -129,7 +133,7 @@ async fn ecs_source_lists_tasks_containers_and_cluster() {
             .container(&cid('b'), "envoy"),
         FakeTask::running("prod", &batch, "batch", "3").container(&cid('c'), "job"),
     ]);
-    let source = EcsSource::with_docker(&ecs_config(&agent), None).unwrap();
+    let mut source = EcsSource::with_docker(&ecs_config(&agent), None).unwrap();
     let inv = source.fetch().await.unwrap();
 
     assert_eq!(inv.source, "ecs");
@@ -310,7 +314,7 @@ async fn kubelet_source_sends_the_rotating_token_over_verified_tls() {
     let token = temp_file("kubelet-token", "token-one\n");
     let mut config = kubelet_config(&kubelet, &token);
     config.kubelet_ca_file = ca.clone();
-    let source = KubeletSource::new(&config).unwrap();
+    let mut source = KubeletSource::new(&config).unwrap();
 
     kubelet.require_token(Some("token-one"));
     let inv = source.fetch().await.unwrap();
@@ -396,7 +400,7 @@ async fn kubelet_read_only_port_gets_no_token() {
     let mut kubelet = FakeKubelet::start().await;
     kubelet.set_pods(&pods());
     let token = temp_file("kubelet-token", "secret-token");
-    let source = KubeletSource::new(&kubelet_config(&kubelet, &token)).unwrap();
+    let mut source = KubeletSource::new(&kubelet_config(&kubelet, &token)).unwrap();
     assert_eq!(source.fetch().await.unwrap().tasks.len(), 2);
     assert_eq!(kubelet.requests()[0].authorization, None);
 
@@ -487,7 +491,7 @@ async fn detection_finds_docker() {
     }
     let config = SourceConfig {
         ecs_agent_url: closed_url(),
-        docker_socket: sources::DEFAULT_DOCKER_SOCKET.into(),
+        docker_socket: defaults::DOCKER_SOCKET.into(),
         ..config()
     };
     let found = detect(&config).await;
@@ -499,7 +503,7 @@ async fn detection_finds_docker() {
 // Real Docker
 
 fn docker() -> DockerClient {
-    DockerClient::new(sources::DEFAULT_DOCKER_SOCKET, 10 * S)
+    DockerClient::new(defaults::DOCKER_SOCKET, 10 * S)
 }
 
 /// The cgroup v2 path of a running container, from its main process.
@@ -539,7 +543,7 @@ async fn docker_source_lists_containers_with_compose_groups_and_limits() {
         .start(Run::new().name(&name).arg("--memory=64m").arg("--cpus=0.5"))
         .unwrap();
 
-    let source = DockerSource::new(docker());
+    let mut source = DockerSource::new(docker());
     let inv = source.fetch().await.unwrap();
     assert_eq!(inv.source, "docker");
     let group = inv
@@ -657,10 +661,10 @@ async fn ecs_falls_back_to_docker_labels_and_fills_in_from_docker() {
     agent.set_cluster("prod");
     agent.set_mode(Mode::Down).await;
     let config = SourceConfig {
-        docker_socket: sources::DEFAULT_DOCKER_SOCKET.into(),
+        docker_socket: defaults::DOCKER_SOCKET.into(),
         ..ecs_config(&agent)
     };
-    let source = EcsSource::with_docker(&config, Some(client.clone()))
+    let mut source = EcsSource::with_docker(&config, Some(client.clone()))
         .unwrap()
         .with_agent_backoff(Duration::ZERO, Duration::ZERO);
     let mut inv = source.fetch().await.unwrap();

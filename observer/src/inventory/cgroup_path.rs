@@ -2,7 +2,8 @@
 //! Kubernetes pod it sits under.
 //!
 //! Paths are relative to the root of a hierarchy (v2, or any v1 controller), as
-//! `/proc/<pid>/cgroup` or a walk of the hierarchy gives them. Layouts (platforms.md 3, 5.3, 6):
+//! `/proc/<pid>/cgroup` or a walk of the hierarchy gives them. The layouts Docker, the ECS agent,
+//! the kubelet and the CRI runtimes make:
 //!
 //! | platform | path |
 //! |---|---|
@@ -584,8 +585,8 @@ mod tests {
         check(":::", None, Want::Plain);
     }
 
-    /// The real-world paths platforms.md lists: coroot-node-agent's `cgroup/cgroup_test.go`
-    /// fixtures (@0789560) and the ECS agent's examples, ids complete.
+    /// Real-world paths, ids complete: coroot-node-agent's `cgroup/cgroup_test.go` fixtures
+    /// (@0789560) and the ECS agent's examples.
     #[test]
     fn real_world_fixtures() {
         use QosClass::*;

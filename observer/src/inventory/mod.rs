@@ -1,28 +1,30 @@
 //! The inventory: which containers run on this node, which ECS task, Kubernetes pod or Compose
 //! project each belongs to, and which cgroups are theirs.
 //!
-//! One [`InventorySource`] per platform (ECS, Kubernetes, Docker) turns its API's answer into an
-//! [`Inventory`]; [`Inventory::attach_cgroups`] then hangs the cgroup ids of the v2 hierarchy on
-//! it, using what [`cgroup_path`] reads out of each cgroup's path. The submodules here are pure:
-//! decoders and parsers, no HTTP and no kernel.
+//! Each platform is a folder with its API's decoding (pure, tested on fixtures) and its
+//! [`InventorySource`] (the I/O): [`ecs`], [`kubernetes`], [`docker`]. [`sources`] builds the
+//! one `--platform` names or [`detect`] finds, [`refresh::Refresher`] keeps its answer fresh,
+//! and [`Inventory::attach_cgroups`] hangs the cgroup ids of the v2 hierarchy on it, using what
+//! [`cgroup_path`] reads out of each cgroup's path.
 
 pub mod cgroup_path;
+pub mod detect;
 pub mod docker;
 pub mod ecs;
-pub mod kubelet;
+mod http;
+pub mod kubernetes;
 pub mod refresh;
 pub mod sources;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    future::Future,
-    pin::Pin,
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use serde::{Deserialize, Deserializer, Serialize};
 
 use cgroup_path::{CgroupIdentity, CgroupKind, Owner};
+pub use sources::{InventoryFuture, InventorySource, NoSource, SourceError};
 
 /// Docker label (ECS task containers) or pod annotation whose value, "service:role,...",
 /// names the Mackerel roles of a task's or pod's host.
@@ -280,71 +282,6 @@ pub struct Unmatched {
     pub identity: CgroupIdentity,
 }
 
-/// Why a source could not produce an inventory. The caller keeps the last good one.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("cannot reach {url}: {reason}")]
-    Unreachable { url: String, reason: String },
-    #[error("{url} did not answer within {after:?}")]
-    Timeout { url: String, after: Duration },
-    #[error("{url} answered HTTP {status}")]
-    Status { url: String, status: u16 },
-    #[error("{url} returned a body that does not decode: {source}")]
-    Decode {
-        url: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("{0}")]
-    Other(String),
-}
-
-/// The future an [`InventorySource`] returns: boxed so the trait stays object-safe and a
-/// `Box<dyn InventorySource>` can be chosen at start-up by `--platform`.
-pub type InventoryFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Inventory, SourceError>> + Send + 'a>>;
-
-/// One platform's way of listing what runs on this node (ECS agent, kubelet, Docker socket).
-///
-/// Implementations are `Send + Sync` and fetch on a tokio runtime; the caller applies the
-/// timeout and backoff and keeps the last good [`Inventory`] when `fetch` fails, so an
-/// implementation just tries once and says why it failed.
-///
-/// ```
-/// use observer::inventory::{Inventory, InventoryFuture, InventorySource};
-///
-/// struct Fixed;
-/// impl InventorySource for Fixed {
-///     fn name(&self) -> &'static str { "fixed" }
-///     fn fetch(&self) -> InventoryFuture<'_> {
-///         Box::pin(async { Ok(Inventory::empty("fixed")) })
-///     }
-/// }
-/// let source: Box<dyn InventorySource> = Box::new(Fixed);
-/// assert_eq!(source.name(), "fixed");
-/// ```
-pub trait InventorySource: Send + Sync {
-    /// Short name for logs and output: "ecs", "kubernetes", "docker", "none".
-    fn name(&self) -> &'static str;
-
-    /// Asks the platform once for the current inventory.
-    fn fetch(&self) -> InventoryFuture<'_>;
-}
-
-/// `--platform none`: cgroups only, no metadata.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoSource;
-
-impl InventorySource for NoSource {
-    fn name(&self) -> &'static str {
-        "none"
-    }
-
-    fn fetch(&self) -> InventoryFuture<'_> {
-        Box::pin(async { Ok(Inventory::empty("none")) })
-    }
-}
-
 /// Deserializes JSON `null` as the type's default: Go encodes nil slices and maps as `null`.
 pub(crate) fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
@@ -433,19 +370,6 @@ mod tests {
             [6, 8],
             "unknown containers and tasks ask for a refresh; plain ones do not"
         );
-    }
-
-    #[tokio::test]
-    async fn sources_are_object_safe_and_run_on_tokio() {
-        let sources: Vec<Box<dyn InventorySource>> = vec![Box::new(NoSource)];
-        for source in &sources {
-            let inv = source.fetch().await.unwrap();
-            assert_eq!(inv.source, source.name());
-            assert!(inv.tasks.is_empty() && inv.standalone.is_empty());
-        }
-        // The future is Send, so it can be spawned.
-        let handle = tokio::spawn(async { NoSource.fetch().await.map(|i| i.source) });
-        assert_eq!(handle.await.unwrap().unwrap(), "none");
     }
 
     #[test]

@@ -17,38 +17,7 @@ use std::{
 use tokio::time::Instant;
 
 use super::{Inventory, InventorySource, Stale, Unmatched};
-
-/// Exponential backoff: `min`, doubling up to `max`. No jitter: each node asks its own local
-/// agent or kubelet, so nodes cannot stampede one server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        let min = min.min(max);
-        Self {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    /// The delay before the next retry; each call doubles the following one, up to `max`.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    /// Back to `min`, after a success.
-    pub fn reset(&mut self) {
-        self.next = self.min;
-    }
-}
+use crate::{backoff::Backoff, defaults};
 
 /// How often and how patiently to ask.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,14 +35,14 @@ pub struct RefreshConfig {
 
 impl RefreshConfig {
     /// Defaults for a report interval: timeout half the interval within 1..10 s, fetches at
-    /// least 1 s apart, backoff 1 s doubling to 60 s.
+    /// least 1 s apart, backoff [`defaults::BACKOFF_MIN`] doubling to [`defaults::BACKOFF_MAX`].
     pub fn for_interval(interval: Duration) -> Self {
         Self {
             interval,
             timeout: (interval / 2).clamp(Duration::from_secs(1), Duration::from_secs(10)),
             min_spacing: Duration::from_secs(1),
-            backoff_min: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
+            backoff_min: defaults::BACKOFF_MIN,
+            backoff_max: defaults::BACKOFF_MAX,
         }
     }
 }
@@ -101,10 +70,9 @@ pub struct Refresher {
     config: RefreshConfig,
     /// The last good inventory, marked stale while the source fails; cgroups attached.
     inventory: Inventory,
-    backoff: Backoff,
+    /// Knows, after a failure, when to try again.
+    backoff: Backoff<Instant>,
     last_attempt: Option<Instant>,
-    /// Backing off until then after a failure.
-    retry_at: Option<Instant>,
     /// A fetch was asked for ([`Refresher::want_now`]) and has not happened yet.
     wanted: bool,
     /// Unmatched cgroups that a fetch has already been made for: they do not ask again.
@@ -135,7 +103,6 @@ impl Refresher {
             inventory,
             backoff,
             last_attempt: None,
-            retry_at: None,
             wanted: false,
             asked: HashSet::new(),
             attempts: 0,
@@ -200,7 +167,7 @@ impl Refresher {
 
     /// Returns true when a fetch was made (whatever its outcome).
     async fn refresh_if_due(&mut self, now: Instant) -> bool {
-        if self.retry_at.is_some_and(|at| now < at) {
+        if !self.backoff.ready(now) {
             return false;
         }
         let since_last = self
@@ -213,7 +180,7 @@ impl Refresher {
         }
         // 90 %: a tick that comes a little early still counts as an interval.
         let due = since_last.is_none_or(|d| d >= self.config.interval.mul_f64(0.9));
-        let retrying = self.retry_at.is_some();
+        let retrying = self.backoff.until().is_some();
         if !(due || self.wanted || retrying) {
             return false;
         }
@@ -249,14 +216,12 @@ impl Refresher {
             _ => {}
         }
         self.inventory = inventory;
-        self.backoff.reset();
-        self.retry_at = None;
+        self.backoff.succeeded();
     }
 
     fn failed(&mut self, now: Instant, reason: String) {
         let name = self.source.name();
-        let delay = self.backoff.next_delay();
-        self.retry_at = Some(now + delay);
+        let delay = self.backoff.failed(now, None);
         match &mut self.inventory.stale {
             Some(stale) => {
                 stale.failures += 1;
@@ -332,7 +297,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "script"
         }
-        fn fetch(&self) -> InventoryFuture<'_> {
+        fn fetch(&mut self) -> InventoryFuture<'_> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let step = self.steps.lock().unwrap().pop_front();
             Box::pin(async move {
@@ -400,15 +365,6 @@ mod tests {
     }
 
     const S: Duration = Duration::from_secs(1);
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::new(S, 8 * S);
-        let delays: Vec<u64> = (0..6).map(|_| b.next_delay().as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 8, 8]);
-        b.reset();
-        assert_eq!(b.next_delay(), S);
-    }
 
     #[tokio::test(start_paused = true)]
     async fn fetches_once_per_interval() {

@@ -1,15 +1,16 @@
 //! Delivery buffer: every interval's values wait here until the API has taken them, so an
 //! outage shorter than the bound loses nothing. Values go out oldest first, in batches that mix
 //! hosts; values of a host without a Mackerel id yet wait without holding up the others.
-//! Also [`Backoff`], the pause between failed attempts.
 
 use std::{
     collections::{HashSet, VecDeque},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use super::client::MetricValue;
+/// The sender's pause between failed posts; `sink` imports it from here.
+pub use crate::backoff::Backoff;
 
 /// How much data is kept while the API cannot be reached: the container agent keeps 6 hours.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(6 * 3600);
@@ -242,56 +243,6 @@ impl Buffer {
     }
 }
 
-/// Exponential backoff with a cap; a server's Retry-After wins when it gives one.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-    until: Option<Instant>,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            next: initial,
-            until: None,
-        }
-    }
-
-    /// True when a request may be made at `now`.
-    pub fn ready(&self, now: Instant) -> bool {
-        self.until.is_none_or(|t| now >= t)
-    }
-
-    /// When the current pause ends.
-    pub fn until(&self) -> Option<Instant> {
-        self.until
-    }
-
-    /// A failure at `now`: pauses for `retry_after` if given, else for the next step of the
-    /// backoff. Returns the pause.
-    pub fn failed(&mut self, now: Instant, retry_after: Option<Duration>) -> Duration {
-        let wait = match retry_after {
-            Some(d) => d,
-            None => {
-                let d = self.next;
-                self.next = (self.next * 2).min(self.max);
-                d
-            }
-        };
-        self.until = Some(now + wait);
-        wait
-    }
-
-    pub fn succeeded(&mut self) {
-        self.next = self.initial;
-        self.until = None;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,24 +346,5 @@ mod tests {
         assert_eq!(b.len(), 2);
         b.remove(&parts[0]);
         assert!(b.is_empty());
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_and_honours_retry_after() {
-        let t0 = Instant::now();
-        let mut bo = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
-        assert!(bo.ready(t0));
-        let waits: Vec<_> = (0..5).map(|_| bo.failed(t0, None).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 5, 5]);
-        assert!(!bo.ready(t0 + Duration::from_secs(4)));
-        assert!(bo.ready(t0 + Duration::from_secs(5)));
-        assert_eq!(
-            bo.failed(t0, Some(Duration::from_secs(30))),
-            Duration::from_secs(30)
-        );
-        assert_eq!(bo.until(), Some(t0 + Duration::from_secs(30)));
-        bo.succeeded();
-        assert!(bo.ready(t0));
-        assert_eq!(bo.failed(t0, None), Duration::from_secs(1));
     }
 }

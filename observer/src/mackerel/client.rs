@@ -17,8 +17,6 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::model::HostMeta;
 
-/// Where the API is unless told otherwise.
-pub const DEFAULT_API_BASE: &str = "https://api.mackerelio.com";
 /// Longest Retry-After honoured as given; a longer one is treated as this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Longest response body quoted in an error.

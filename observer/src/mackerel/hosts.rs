@@ -20,8 +20,6 @@ use std::{
 
 use super::client::HostParam;
 
-/// How long a task may be missing before its host is retired, in intervals.
-pub const DEFAULT_RETIRE_AFTER_INTERVALS: u32 = 2;
 /// Wait before repeating a request the API refused for one host.
 pub const DEFAULT_REFUSED_RETRY: Duration = Duration::from_secs(600);
 

@@ -21,7 +21,9 @@ pub mod sink;
 
 use std::{path::PathBuf, time::Duration};
 
-pub use client::{ApiError, ApiKey, DEFAULT_API_BASE};
+use crate::defaults;
+
+pub use client::{ApiError, ApiKey};
 pub use model::{
     CloudMeta, ContainerMetrics, HostIdentity, HostMeta, HostReport, IntervalReport, Roles,
 };
@@ -65,7 +67,7 @@ pub struct Sources {
     pub api_base: Option<String>,
     /// `MACKEREL_ROLES`.
     pub roles: Option<String>,
-    /// `--retire-after`; default [`hosts::DEFAULT_RETIRE_AFTER_INTERVALS`] intervals.
+    /// `--retire-after`; default [`defaults::RETIRE_AFTER_INTERVALS`] intervals.
     pub retire_after: Option<Duration>,
 }
 
@@ -92,14 +94,14 @@ impl MackerelConfig {
     pub fn new(api_key: ApiKey, interval: Duration) -> Self {
         Self {
             api_key,
-            api_base: DEFAULT_API_BASE.to_string(),
+            api_base: defaults::MACKEREL_API_BASE.to_string(),
             roles: Roles::default(),
-            retire_after: interval * hosts::DEFAULT_RETIRE_AFTER_INTERVALS,
+            retire_after: interval * defaults::RETIRE_AFTER_INTERVALS,
             request_timeout: Duration::from_secs(30),
             max_age: buffer::DEFAULT_MAX_AGE,
             batch_size: buffer::DEFAULT_BATCH_SIZE,
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
+            backoff_initial: defaults::BACKOFF_MIN,
+            backoff_max: defaults::BACKOFF_MAX,
             refused_retry: hosts::DEFAULT_REFUSED_RETRY,
             custom_series: true,
         }
@@ -179,7 +181,7 @@ mod tests {
             ..Sources::default()
         };
         let c = MackerelConfig::from_sources(sources, I).unwrap().unwrap();
-        assert_eq!(c.api_base, DEFAULT_API_BASE);
+        assert_eq!(c.api_base, defaults::MACKEREL_API_BASE);
         assert_eq!(c.retire_after, 2 * I);
         assert_eq!(c.roles.as_slice(), ["svc:app"]);
         assert_eq!(c.max_age, Duration::from_secs(6 * 3600));

@@ -11,7 +11,7 @@ use observer::{
     cgroupfs::CgroupIndex,
     collect::Collector,
     inventory::{
-        sources::docker::{DockerClient, DockerSource},
+        docker::{DockerClient, DockerSource},
         Container, Inventory, InventorySource, Limits, NetworkMode, Runtime, Workload,
         WorkloadKind,
     },
@@ -263,7 +263,7 @@ fn docker_side_by_side() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let client = DockerClient::new("/var/run/docker.sock", Duration::from_secs(10));
-    let source = DockerSource::new(client.clone());
+    let mut source = DockerSource::new(client.clone());
     let root = testbed::v2_root();
     let mut programs = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
     let reader = TrafficReader::new(programs.ebpf_mut())?;

@@ -1,38 +1,106 @@
-//! The platform sources: ECS agent, kubelet, Docker socket, or none, chosen by `--platform`
-//! or detected ([`select`]). Each is an [`InventorySource`]; [`super::refresh::Refresher`] adds
-//! the timeout, the backoff and the last good inventory on top.
+//! What every platform source is ([`InventorySource`]) and which one runs: `--platform`, or
+//! [`detect`] at start ([`select`]), built from a [`SourceConfig`]. The sources themselves are
+//! in the platform folders ([`super::ecs`], [`super::kubernetes`], [`super::docker`]);
+//! [`super::refresh::Refresher`] adds the timeout, the backoff and the last good inventory on
+//! top.
 
-pub mod detect;
-pub mod docker;
-pub mod ecs;
-pub mod kubernetes;
+use std::{fmt, future::Future, path::PathBuf, pin::Pin, str::FromStr, time::Duration};
 
-use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
+use super::{
+    detect::detect, docker::DockerClient, docker::DockerSource, ecs::EcsSource,
+    kubernetes::KubeletSource, Inventory,
+};
+use crate::defaults;
 
-use super::{InventorySource, NoSource, SourceError};
+/// Why a source could not produce an inventory. The caller keeps the last good one.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url} did not answer within {after:?}")]
+    Timeout { url: String, after: Duration },
+    #[error("{url} answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url} returned a body that does not decode: {source}")]
+    Decode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
 
-pub use detect::{detect, Detection};
-pub use docker::{DockerClient, DockerError, DockerSource};
-pub use ecs::EcsSource;
-pub use kubernetes::KubeletSource;
+/// The future an [`InventorySource`] returns: boxed so the trait stays object-safe and a
+/// `Box<dyn InventorySource>` can be chosen at start-up by `--platform`.
+pub type InventoryFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Inventory, SourceError>> + Send + 'a>>;
 
-/// Which platform to ask (`--platform`, env `OBSERVER_PLATFORM`).
+/// One platform's way of listing what runs on this node (ECS agent, kubelet, Docker socket).
+///
+/// Implementations are `Send + Sync` and fetch on a tokio runtime; the caller applies the
+/// timeout and backoff and keeps the last good [`Inventory`] when `fetch` fails, so an
+/// implementation just tries once and says why it failed. `fetch` takes `&mut self`: the
+/// refresher owns its source alone, so caches and retry state are plain fields.
+///
+/// ```
+/// use observer::inventory::{Inventory, InventoryFuture, InventorySource};
+///
+/// #[derive(Default)]
+/// struct Counting(u32);
+/// impl InventorySource for Counting {
+///     fn name(&self) -> &'static str { "counting" }
+///     fn fetch(&mut self) -> InventoryFuture<'_> {
+///         self.0 += 1;
+///         Box::pin(async { Ok(Inventory::empty("counting")) })
+///     }
+/// }
+/// let source: Box<dyn InventorySource> = Box::new(Counting::default());
+/// assert_eq!(source.name(), "counting");
+/// ```
+pub trait InventorySource: Send + Sync {
+    /// Short name for logs and output: "ecs", "kubernetes", "docker", "none".
+    fn name(&self) -> &'static str;
+
+    /// Asks the platform once for the current inventory.
+    fn fetch(&mut self) -> InventoryFuture<'_>;
+}
+
+/// `--platform none`: cgroups only, no metadata.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoSource;
+
+impl InventorySource for NoSource {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+
+    fn fetch(&mut self) -> InventoryFuture<'_> {
+        Box::pin(async { Ok(Inventory::empty("none")) })
+    }
+}
+
+/// Which platform to ask: `--platform` (env `OBSERVER_PLATFORM`) parses straight into it.
+///
+/// The variant comments are the values' help in `observer --help`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum Platform {
-    /// Detect at start: ECS, then Kubernetes, then Docker, else none ([`detect`]).
+    /// Detect at start: the ECS agent, then the kubelet, then the Docker socket, else none
     #[default]
     Auto,
-    /// The ECS agent's introspection API, with Docker labels as the fallback.
+    /// The ECS agent's introspection API, with Docker labels as the fallback
     Ecs,
-    /// The kubelet's `/pods`.
+    /// The kubelet's /pods (also "k8s")
+    #[value(alias = "k8s")]
     Kubernetes,
-    /// The Docker socket; Compose projects as the groups.
+    /// The Docker socket; Compose projects as the groups
     Docker,
-    /// cgroups only.
+    /// cgroups only
     None,
 }
 
 impl Platform {
+    /// The name `--platform` takes.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Auto => "auto",
@@ -50,20 +118,14 @@ impl fmt::Display for Platform {
     }
 }
 
+/// The names and aliases clap accepts, in any case.
 impl FromStr for Platform {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "ecs" => Ok(Self::Ecs),
-            "kubernetes" | "k8s" => Ok(Self::Kubernetes),
-            "docker" => Ok(Self::Docker),
-            "none" => Ok(Self::None),
-            _ => Err(format!(
-                "unknown platform {s:?} (expected auto, ecs, kubernetes, docker or none)"
-            )),
-        }
+        <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
+            format!("unknown platform {s:?} (expected auto, ecs, kubernetes, docker or none)")
+        })
     }
 }
 
@@ -97,39 +159,30 @@ impl PlatformEnv {
     }
 }
 
-/// Default `--ecs-agent-url`: the agent runs in the host network namespace.
-pub const DEFAULT_ECS_AGENT_URL: &str = "http://127.0.0.1:51678";
-/// Default `--kubelet-token-file`: the pod's service-account token.
-pub const DEFAULT_KUBELET_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-/// Default `--kubelet-ca-file`: the cluster CA of the pod's service account.
-pub const DEFAULT_KUBELET_CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
-/// Default `--docker-socket`.
-pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
-/// Default per-request timeout.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// The default kubelet URL for a node (its address or name): its authenticated HTTPS port.
 pub fn default_kubelet_url(node: &str) -> String {
+    let port = defaults::KUBELET_PORT;
     if node.contains(':') && !node.starts_with('[') {
         // An IPv6 address.
-        format!("https://[{node}]:10250")
+        format!("https://[{node}]:{port}")
     } else {
-        format!("https://{node}:10250")
+        format!("https://{node}:{port}")
     }
 }
 
-/// How to reach the platform. Plain data; the CLI fills it from flags and environment:
+/// How to reach the platform. Plain data; the CLI fills it from flags and environment, the
+/// defaults are [`crate::defaults`]':
 ///
 /// | field | flag | env | default |
 /// |---|---|---|---|
 /// | `platform` | `--platform` | `OBSERVER_PLATFORM` | `auto` |
-/// | `ecs_agent_url` | `--ecs-agent-url` | `OBSERVER_ECS_AGENT_URL` | `http://127.0.0.1:51678` |
+/// | `ecs_agent_url` | `--ecs-agent-url` | `OBSERVER_ECS_AGENT_URL` | [`defaults::ECS_AGENT_URL`] |
 /// | `kubelet_url` | `--kubelet-url` | `OBSERVER_KUBELET_URL` | `https://$NODE_IP:10250`, else `https://$NODE_NAME:10250` |
-/// | `kubelet_token_file` | `--kubelet-token-file` | | the service-account token |
-/// | `kubelet_ca_file` | `--kubelet-ca-file` | | the service-account `ca.crt` |
-/// | `kubelet_insecure_tls` | `--kubelet-insecure-tls` | | false |
-/// | `docker_socket` | `--docker-socket` | | `/var/run/docker.sock` |
-/// | `timeout` | | | 3 s |
+/// | `kubelet_token_file` | `--kubelet-token-file` | `OBSERVER_KUBELET_TOKEN_FILE` | the service-account token |
+/// | `kubelet_ca_file` | `--kubelet-ca-file` | `OBSERVER_KUBELET_CA_FILE` | the service-account `ca.crt` |
+/// | `kubelet_insecure_tls` | `--kubelet-insecure-tls` | `OBSERVER_KUBELET_INSECURE_TLS` | false |
+/// | `docker_socket` | `--docker-socket` | `OBSERVER_DOCKER_SOCKET` | [`defaults::DOCKER_SOCKET`] |
+/// | `timeout` | | | [`defaults::PLATFORM_TIMEOUT`] |
 ///
 /// The kubelet's read-only port is used by giving a plain HTTP URL
 /// (`--kubelet-url http://$NODE_NAME:10255`): no TLS, and no token is sent over it.
@@ -156,21 +209,21 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
-    /// Defaults, with the kubelet URL derived from `env.node_name`.
+    /// Defaults, with the kubelet URL derived from `env.node_ip`, else `env.node_name`.
     pub fn new(env: PlatformEnv) -> Self {
         Self {
             platform: Platform::Auto,
-            ecs_agent_url: DEFAULT_ECS_AGENT_URL.to_owned(),
+            ecs_agent_url: defaults::ECS_AGENT_URL.to_owned(),
             kubelet_url: env
                 .node_ip
                 .as_deref()
                 .or(env.node_name.as_deref())
                 .map(default_kubelet_url),
-            kubelet_token_file: DEFAULT_KUBELET_TOKEN_FILE.into(),
-            kubelet_ca_file: DEFAULT_KUBELET_CA_FILE.into(),
+            kubelet_token_file: defaults::KUBELET_TOKEN_FILE.into(),
+            kubelet_ca_file: defaults::KUBELET_CA_FILE.into(),
             kubelet_insecure_tls: false,
-            docker_socket: DEFAULT_DOCKER_SOCKET.into(),
-            timeout: DEFAULT_TIMEOUT,
+            docker_socket: defaults::DOCKER_SOCKET.into(),
+            timeout: defaults::PLATFORM_TIMEOUT,
             env,
         }
     }
@@ -269,80 +322,6 @@ pub async fn select(config: &SourceConfig) -> Result<Selected, BuildError> {
     })
 }
 
-/// `url` without trailing slashes, so paths can be appended.
-pub(crate) fn base_url(url: &str) -> &str {
-    url.trim_end_matches('/')
-}
-
-/// `GET url` with an optional bearer token; the body of a 2xx answer.
-///
-/// Errors name the URL, never the token (reqwest marks a bearer header sensitive and does not
-/// put headers in its errors).
-pub(crate) async fn http_get(
-    client: &reqwest::Client,
-    url: &str,
-    timeout: Duration,
-    bearer: Option<&str>,
-) -> Result<hyper::body::Bytes, SourceError> {
-    let mut request = client.get(url).timeout(timeout);
-    if let Some(token) = bearer {
-        request = request.bearer_auth(token);
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| request_error(url, timeout, &e))?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(SourceError::Status {
-            url: url.to_owned(),
-            status: status.as_u16(),
-        });
-    }
-    response
-        .bytes()
-        .await
-        .map_err(|e| request_error(url, timeout, &e))
-}
-
-/// A reqwest error as a [`SourceError`], with the underlying cause (connection refused, TLS
-/// verification) spelled out.
-pub(crate) fn request_error(url: &str, timeout: Duration, e: &reqwest::Error) -> SourceError {
-    if e.is_timeout() {
-        return SourceError::Timeout {
-            url: url.to_owned(),
-            after: timeout,
-        };
-    }
-    SourceError::Unreachable {
-        url: url.to_owned(),
-        reason: error_chain(e),
-    }
-}
-
-/// An error and its sources, each once: "client error (Connect): tcp connect error: ...".
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(err) = next {
-        let text = err.to_string();
-        // reqwest's top level repeats the URL the caller already names.
-        let text = match text.strip_prefix("error sending request for url (") {
-            Some(_) => String::new(),
-            None => text,
-        };
-        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = err.source();
-    }
-    if parts.is_empty() {
-        e.to_string()
-    } else {
-        parts.join(": ")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,12 +407,16 @@ mod tests {
         assert!(matches!(build(&config), Err(BuildError::Undetected)));
     }
 
-    #[test]
-    fn base_urls() {
-        assert_eq!(
-            base_url("http://127.0.0.1:51678/"),
-            "http://127.0.0.1:51678"
-        );
-        assert_eq!(base_url("http://h:1"), "http://h:1");
+    #[tokio::test]
+    async fn sources_are_object_safe_and_run_on_tokio() {
+        let mut sources: Vec<Box<dyn InventorySource>> = vec![Box::new(NoSource)];
+        for source in &mut sources {
+            let inv = source.fetch().await.unwrap();
+            assert_eq!(inv.source, source.name());
+            assert!(inv.tasks.is_empty() && inv.standalone.is_empty());
+        }
+        // The future is Send, so it can be spawned.
+        let handle = tokio::spawn(async { NoSource.fetch().await.map(|i| i.source) });
+        assert_eq!(handle.await.unwrap().unwrap(), "none");
     }
 }

@@ -11,8 +11,12 @@
 
 use std::time::Duration;
 
-use super::{base_url, Platform, SourceConfig};
-use crate::inventory::ecs::AgentMetadata;
+use super::{
+    docker::DockerClient,
+    ecs::AgentMetadata,
+    http::base_url,
+    sources::{Platform, SourceConfig},
+};
 
 /// Probes give up after this (or the configured timeout, if shorter): a node without the
 /// service should not wait long at start-up.
@@ -63,7 +67,7 @@ pub async fn detect(config: &SourceConfig) -> Detection {
 
     let socket = config.docker_socket.display();
     if config.docker_socket.exists() {
-        let client = super::DockerClient::new(&config.docker_socket, timeout);
+        let client = DockerClient::new(&config.docker_socket, timeout);
         match client.ping().await {
             Ok(()) => {
                 return found(Platform::Docker, format!("Docker answered on {socket}"));

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{null_as_default, Container, Limits, NetworkMode, Runtime, Workload, WorkloadKind};
+use crate::inventory::{
+    null_as_default, Container, Limits, NetworkMode, Runtime, Workload, WorkloadKind,
+};
 
 /// The label Docker Compose puts the project name in.
 pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";

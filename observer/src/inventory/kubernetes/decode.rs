@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 
-use super::{
+use crate::inventory::{
     null_as_default, Container, Limits, NetworkMode, OwnerRef, Runtime, Workload, WorkloadKind,
 };
 
@@ -234,8 +234,8 @@ fn with_roles_annotation(
     annotations: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut labels = labels.clone();
-    if let Some(roles) = annotations.get(super::ROLES_LABEL) {
-        labels.insert(super::ROLES_LABEL.to_owned(), roles.clone());
+    if let Some(roles) = annotations.get(crate::inventory::ROLES_LABEL) {
+        labels.insert(crate::inventory::ROLES_LABEL.to_owned(), roles.clone());
     }
     labels
 }

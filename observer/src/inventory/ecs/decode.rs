@@ -2,15 +2,15 @@
 //! `/v1/tasks` decoded, turned into [`Workload`]s, and the Docker-label fallback for when the
 //! API cannot be reached.
 //!
-//! Field names follow the agent's struct tags (`ecs-agent/introspection/v1/response.go`,
-//! platforms.md 1.2): PascalCase, Go omits empty optional fields and writes nil slices as
+//! Field names follow the agent's struct tags (`ecs-agent/introspection/v1/response.go` in
+//! aws/amazon-ecs-agent): PascalCase, Go omits empty optional fields and writes nil slices as
 //! `null`, so every field may be missing or null; unknown fields are ignored.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{
+use crate::inventory::{
     null_as_default, Container, Limits, NetworkMode, NodeInfo, Runtime, Workload, WorkloadKind,
 };
 
@@ -286,29 +286,30 @@ pub fn workloads_from_labels(containers: Vec<Container>) -> (Vec<Workload>, Vec<
         };
         task.containers.push(container);
     }
-    // awsvpc tasks: app containers join a pause container's namespace; the task then uses it.
     for task in &mut tasks {
         task.network_mode = task_network_mode(&task.containers);
     }
     (tasks, rest)
 }
 
-/// A task's network mode from its containers' Docker modes: `container:` pointing at a member
-/// of the task means awsvpc-style sharing; otherwise the first known mode.
-fn task_network_mode(containers: &[Container]) -> NetworkMode {
-    let shares_member = containers.iter().any(|c| match &c.network_mode {
-        NetworkMode::Container(target) => {
-            !target.is_empty() && containers.iter().any(|o| o.id.starts_with(target.as_str()))
-        }
-        _ => false,
-    });
-    if shares_member {
+/// A task's network mode from its containers' Docker modes, for when the agent does not say
+/// (label fallback; bridge and host tasks in `/v1/tasks`).
+///
+/// ECS modes are per task, and a container in another's namespace (`container:<pause>`) only
+/// happens in awsvpc tasks, whether or not the pause container is listed; otherwise the first
+/// mode that says something (the pause container's `none` does not).
+pub fn task_network_mode(containers: &[Container]) -> NetworkMode {
+    if containers
+        .iter()
+        .any(|c| matches!(c.network_mode, NetworkMode::Container(_)))
+    {
         return NetworkMode::Awsvpc;
     }
     containers
         .iter()
-        .map(|c| c.network_mode.clone())
+        .map(|c| &c.network_mode)
         .find(|m| !matches!(m, NetworkMode::Unknown | NetworkMode::None))
+        .cloned()
         .unwrap_or_default()
 }
 
@@ -565,6 +566,52 @@ mod tests {
         let mut bad = labels.clone();
         bad.insert(LABEL_TASK_ARN.into(), "not an arn".into());
         assert_eq!(EcsLabels::from_labels(&bad), None);
+    }
+
+    /// One rule for the label fallback and for filling in the agent's answer: sharing another
+    /// container's namespace is awsvpc even when that container is not listed.
+    #[test]
+    fn task_network_modes() {
+        let pause = "1".repeat(64);
+        let task = "a".repeat(32);
+        let c = |id: &str, mode| labelled(id, Some(&task), "app", mode);
+        let rows = [
+            (
+                vec![
+                    c(&pause, NetworkMode::None),
+                    c(&"2".repeat(64), NetworkMode::Container(pause.clone())),
+                ],
+                NetworkMode::Awsvpc,
+            ),
+            (
+                vec![c(&"2".repeat(64), NetworkMode::Container(pause.clone()))],
+                NetworkMode::Awsvpc,
+            ),
+            (
+                vec![c(&"2".repeat(64), NetworkMode::Container(String::new()))],
+                NetworkMode::Awsvpc,
+            ),
+            (
+                vec![
+                    c(&pause, NetworkMode::None),
+                    c(&"2".repeat(64), NetworkMode::Host),
+                ],
+                NetworkMode::Host,
+            ),
+            (
+                vec![
+                    c(&pause, NetworkMode::Unknown),
+                    c(&"2".repeat(64), NetworkMode::Bridge),
+                ],
+                NetworkMode::Bridge,
+            ),
+            (vec![c(&pause, NetworkMode::None)], NetworkMode::Unknown),
+            (vec![], NetworkMode::Unknown),
+        ];
+        for (containers, want) in rows {
+            let modes: Vec<_> = containers.iter().map(|c| c.network_mode.clone()).collect();
+            assert_eq!(task_network_mode(&containers), want, "{modes:?}");
+        }
     }
 
     #[test]

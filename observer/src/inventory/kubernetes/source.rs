@@ -8,13 +8,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, SystemTime},
 };
 
-use super::{base_url, error_chain, BuildError, SourceConfig};
+use super::decode::{KubeletError, PodList};
 use crate::inventory::{
-    kubelet::{KubeletError, PodList},
+    http::{base_url, error_chain},
+    sources::{BuildError, SourceConfig},
     Inventory, InventoryFuture, InventorySource, SourceError,
 };
 
@@ -32,7 +32,7 @@ pub struct KubeletSource {
     token_file: Option<PathBuf>,
     node_name: Option<String>,
     /// Pods skipped as malformed at the last fetch, so the warning comes once per change.
-    skipped: AtomicUsize,
+    skipped: usize,
 }
 
 impl KubeletSource {
@@ -75,7 +75,7 @@ impl KubeletSource {
             timeout: config.timeout,
             token_file: tls.then(|| config.kubelet_token_file.clone()),
             node_name: config.env.node_name.clone(),
-            skipped: AtomicUsize::new(0),
+            skipped: 0,
         })
     }
 
@@ -83,7 +83,7 @@ impl KubeletSource {
         &self.pods_url
     }
 
-    async fn fetch_inner(&self) -> Result<Inventory, SourceError> {
+    async fn fetch_inner(&mut self) -> Result<Inventory, SourceError> {
         let token = match &self.token_file {
             Some(path) => read_token(path)?,
             None => None,
@@ -96,9 +96,8 @@ impl KubeletSource {
             },
             e => SourceError::Other(format!("{}: {e}", self.pods_url)),
         })?;
-        if self.skipped.swap(list.skipped.len(), Ordering::Relaxed) != list.skipped.len()
-            && !list.skipped.is_empty()
-        {
+        let skipped_before = std::mem::replace(&mut self.skipped, list.skipped.len());
+        if skipped_before != list.skipped.len() && !list.skipped.is_empty() {
             log::warn!(
                 "kubelet {}: {} pods skipped as malformed: {}",
                 self.pods_url,
@@ -184,7 +183,7 @@ impl InventorySource for KubeletSource {
         "kubernetes"
     }
 
-    fn fetch(&self) -> InventoryFuture<'_> {
+    fn fetch(&mut self) -> InventoryFuture<'_> {
         Box::pin(self.fetch_inner())
     }
 }
@@ -252,9 +251,7 @@ mod tests {
         let source = KubeletSource::new(&config).unwrap();
         assert_eq!(
             source.token_file.as_deref(),
-            Some(Path::new(
-                crate::inventory::sources::DEFAULT_KUBELET_TOKEN_FILE
-            ))
+            Some(Path::new(crate::defaults::KUBELET_TOKEN_FILE))
         );
     }
 

@@ -1,14 +1,13 @@
-//! The Docker Engine API over its unix socket: a small client ([`DockerClient`]) and the
-//! plain-Docker inventory source ([`DockerSource`]), containers grouped by Compose project.
+//! A small client of the Docker Engine API on its unix socket ([`DockerClient`]), for the
+//! Docker source and the ECS source alike.
 //!
 //! HTTP/1.1 through hyper's client connection over a `UnixStream`: one connection per request,
 //! which the daemon handles cheaply and which leaves no pool to go stale across restarts.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
-    sync::Mutex,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use http_body_util::{BodyExt, Empty};
@@ -17,10 +16,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use crate::inventory::{
-    docker::{group_by_compose, ContainerInspect, ContainerSummary},
-    Container, Inventory, InventoryFuture, InventorySource, SourceError,
-};
+use super::decode::{ContainerInspect, ContainerSummary};
+use crate::inventory::{Container, SourceError};
 
 /// Why a Docker API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +191,7 @@ impl DockerClient {
     /// network mode), inspecting each container once: `cache` keeps the answers by id.
     pub(crate) async fn containers(
         &self,
-        cache: &InspectCache,
+        cache: &mut InspectCache,
     ) -> Result<Vec<Container>, DockerError> {
         let list = self.list().await?;
         let mut containers = Vec::with_capacity(list.len());
@@ -240,68 +237,22 @@ fn error_message(status: StatusCode, body: &[u8]) -> String {
 /// which observer then sees once the container restarts.
 #[derive(Debug, Default)]
 pub(crate) struct InspectCache {
-    by_id: Mutex<HashMap<String, Container>>,
+    by_id: HashMap<String, Container>,
 }
 
 impl InspectCache {
     fn get(&self, id: &str) -> Option<Container> {
-        self.lock().get(id).cloned()
+        self.by_id.get(id).cloned()
     }
 
-    fn put(&self, container: Container) {
-        self.lock().insert(container.id.clone(), container);
+    fn put(&mut self, container: Container) {
+        self.by_id.insert(container.id.clone(), container);
     }
 
     /// Forgets containers that are no longer listed.
-    fn retain<'a>(&self, ids: impl Iterator<Item = &'a str>) {
-        let keep: std::collections::HashSet<&str> = ids.collect();
-        self.lock().retain(|id, _| keep.contains(id.as_str()));
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
-        // A panic elsewhere leaves a usable map.
-        self.by_id.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// `--platform docker`: the running containers of a plain Docker host, grouped by Compose
-/// project; containers in no project are standalone.
-#[derive(Debug)]
-pub struct DockerSource {
-    client: DockerClient,
-    cache: InspectCache,
-}
-
-impl DockerSource {
-    pub fn new(client: DockerClient) -> Self {
-        Self {
-            client,
-            cache: InspectCache::default(),
-        }
-    }
-
-    async fn fetch_inner(&self) -> Result<Inventory, SourceError> {
-        let containers = self
-            .client
-            .containers(&self.cache)
-            .await
-            .map_err(|e| e.into_source_error(self.client.socket()))?;
-        let (tasks, standalone) = group_by_compose(containers);
-        let mut inventory = Inventory::empty("docker");
-        inventory.fetched_at = SystemTime::now();
-        inventory.tasks = tasks;
-        inventory.standalone = standalone;
-        Ok(inventory)
-    }
-}
-
-impl InventorySource for DockerSource {
-    fn name(&self) -> &'static str {
-        "docker"
-    }
-
-    fn fetch(&self) -> InventoryFuture<'_> {
-        Box::pin(self.fetch_inner())
+    fn retain<'a>(&mut self, ids: impl Iterator<Item = &'a str>) {
+        let keep: HashSet<&str> = ids.collect();
+        self.by_id.retain(|id, _| keep.contains(id.as_str()));
     }
 }
 

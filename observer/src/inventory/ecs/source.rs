@@ -9,18 +9,23 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Mutex,
     time::{Duration, SystemTime},
 };
 
 use tokio::time::Instant;
 
-use super::{base_url, http_get, BuildError, DockerClient, SourceConfig};
-use crate::inventory::{
-    ecs::{workloads_from_labels, AgentMetadata, EcsLabels, TasksResponse},
-    refresh::Backoff,
-    sources::docker::InspectCache,
-    Container, Inventory, InventoryFuture, InventorySource, NetworkMode, SourceError, Workload,
+use super::decode::{
+    task_network_mode, workloads_from_labels, AgentMetadata, EcsLabels, TasksResponse,
+};
+use crate::{
+    backoff::Backoff,
+    defaults,
+    inventory::{
+        docker::{DockerClient, InspectCache},
+        http::{base_url, get},
+        sources::{BuildError, SourceConfig},
+        Container, Inventory, InventoryFuture, InventorySource, NetworkMode, SourceError,
+    },
 };
 
 /// The agent's status for a task that has stopped; the agent keeps listing such tasks for
@@ -35,15 +40,10 @@ pub struct EcsSource {
     timeout: Duration,
     docker: Option<DockerClient>,
     cache: InspectCache,
-    agent: Mutex<AgentHealth>,
-}
-
-/// When to ask the agent again after it failed, while Docker labels stand in.
-#[derive(Debug)]
-struct AgentHealth {
-    backoff: Backoff,
-    retry_at: Option<Instant>,
-    last_error: Option<String>,
+    /// When to ask the agent again after it failed, while Docker labels stand in.
+    agent_backoff: Backoff<Instant>,
+    /// Why the agent last failed, for the degraded inventory; None once it answers.
+    agent_error: Option<String>,
 }
 
 impl EcsSource {
@@ -79,18 +79,15 @@ impl EcsSource {
             timeout: config.timeout,
             docker,
             cache: InspectCache::default(),
-            agent: Mutex::new(AgentHealth {
-                backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
-                retry_at: None,
-                last_error: None,
-            }),
+            agent_backoff: Backoff::new(defaults::BACKOFF_MIN, defaults::BACKOFF_MAX),
+            agent_error: None,
         })
     }
 
     /// How long to leave the agent alone after a failure while Docker labels stand in
-    /// (default 1 s doubling to 60 s).
-    pub fn with_agent_backoff(self, min: Duration, max: Duration) -> Self {
-        self.health().backoff = Backoff::new(min, max);
+    /// (default [`defaults::BACKOFF_MIN`] doubling to [`defaults::BACKOFF_MAX`]).
+    pub fn with_agent_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.agent_backoff = Backoff::new(min, max);
         self
     }
 
@@ -98,22 +95,16 @@ impl EcsSource {
         &self.agent_url
     }
 
-    fn health(&self) -> std::sync::MutexGuard<'_, AgentHealth> {
-        self.agent.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    async fn fetch_inner(&self) -> Result<Inventory, SourceError> {
-        let ask_agent = {
-            let health = self.health();
-            // Without a fallback there is nothing to do but ask; the Refresher backs off.
-            self.docker.is_none() || health.retry_at.is_none_or(|at| Instant::now() >= at)
-        };
+    async fn fetch_inner(&mut self) -> Result<Inventory, SourceError> {
+        // Without a fallback there is nothing to do but ask; the Refresher backs off.
+        let ask_agent = self.docker.is_none() || self.agent_backoff.ready(Instant::now());
         if ask_agent {
             match self.ask_agent().await {
                 Ok(mut inventory) => {
-                    self.agent_recovered();
+                    self.agent_backoff.succeeded();
+                    self.agent_error = None;
                     if let Some(docker) = &self.docker {
-                        match docker.containers(&self.cache).await {
+                        match docker.containers(&mut self.cache).await {
                             Ok(containers) => enrich(&mut inventory, containers),
                             Err(e) => log::debug!("ECS inventory without Docker details: {e}"),
                         }
@@ -125,8 +116,8 @@ impl EcsSource {
             }
         }
         let docker = self.docker.as_ref().expect("only reached with a fallback");
-        let agent_error = self.health().last_error.clone().unwrap_or_default();
-        let containers = docker.containers(&self.cache).await.map_err(|e| {
+        let agent_error = self.agent_error.clone().unwrap_or_default();
+        let containers = docker.containers(&mut self.cache).await.map_err(|e| {
             SourceError::Other(format!(
                 "{agent_error}; the Docker-label fallback failed too: {e}"
             ))
@@ -143,8 +134,8 @@ impl EcsSource {
         let metadata_url = format!("{}/v1/metadata", self.agent_url);
         let tasks_url = format!("{}/v1/tasks", self.agent_url);
         let (metadata, tasks) = tokio::join!(
-            http_get(&self.http, &metadata_url, self.timeout, None),
-            http_get(&self.http, &tasks_url, self.timeout, None),
+            get(&self.http, &metadata_url, self.timeout, None),
+            get(&self.http, &tasks_url, self.timeout, None),
         );
         let metadata: AgentMetadata =
             serde_json::from_slice(&metadata?).map_err(|source| SourceError::Decode {
@@ -159,18 +150,9 @@ impl EcsSource {
         Ok(from_agent_answers(&metadata, &tasks))
     }
 
-    fn agent_recovered(&self) {
-        let mut health = self.health();
-        health.backoff.reset();
-        health.retry_at = None;
-        health.last_error = None;
-    }
-
-    fn agent_failed(&self, e: &SourceError) {
-        let mut health = self.health();
-        let wait = health.backoff.next_delay();
-        health.retry_at = Some(Instant::now() + wait);
-        health.last_error = Some(e.to_string());
+    fn agent_failed(&mut self, e: &SourceError) {
+        let wait = self.agent_backoff.failed(Instant::now(), None);
+        self.agent_error = Some(e.to_string());
         log::debug!("ECS agent: {e}; Docker labels stand in, next try in {wait:?}");
     }
 }
@@ -180,7 +162,7 @@ impl InventorySource for EcsSource {
         "ecs"
     }
 
-    fn fetch(&self) -> InventoryFuture<'_> {
+    fn fetch(&mut self) -> InventoryFuture<'_> {
         Box::pin(self.fetch_inner())
     }
 }
@@ -253,25 +235,9 @@ pub fn enrich(inventory: &mut Inventory, docker: Vec<Container>) {
             task.containers.extend(extra);
         }
         if task.network_mode == NetworkMode::Unknown {
-            task.network_mode = task_network_mode(task);
+            task.network_mode = task_network_mode(&task.containers);
         }
     }
-}
-
-/// ECS network modes are per task; a container in another's namespace (`container:<pause>`)
-/// only happens in awsvpc tasks.
-fn task_network_mode(task: &Workload) -> NetworkMode {
-    let mut modes = task.containers.iter().map(|c| &c.network_mode);
-    if modes
-        .clone()
-        .any(|m| matches!(m, NetworkMode::Container(_)))
-    {
-        return NetworkMode::Awsvpc;
-    }
-    modes
-        .find(|m| !matches!(m, NetworkMode::Unknown | NetworkMode::None))
-        .cloned()
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -284,8 +250,8 @@ mod tests {
         Limits, Runtime,
     };
 
-    const METADATA: &str = include_str!("../fixtures/ecs_metadata.json");
-    const AWSVPC: &str = include_str!("../fixtures/ecs_tasks_awsvpc.json");
+    const METADATA: &str = include_str!("fixtures/ecs_metadata.json");
+    const AWSVPC: &str = include_str!("fixtures/ecs_tasks_awsvpc.json");
 
     const TASK: &str = "8f03e41243824aea923aca126495f665";
     const OLD_TASK: &str = "090eff9b-1ce3-4db6-848a-a8d14064fd24";

@@ -1,0 +1,49 @@
+//! Defaults, each written once: clap shows them in `--help` (`config`), and the library's
+//! constructors (`SourceConfig::new`, `MackerelConfig::new`, `HostPaths::resolve`) use the
+//! same constants, so the two cannot drift apart.
+
+use std::time::Duration;
+
+/// `--interval`: how often to report.
+pub const INTERVAL: &str = "60s";
+
+/// `--ecs-agent-url`: the ECS agent's introspection API; the agent runs in the host network
+/// namespace.
+pub const ECS_AGENT_URL: &str = "http://127.0.0.1:51678";
+
+/// The kubelet's authenticated HTTPS port: `--kubelet-url` is `https://$NODE_IP:<port>` (or
+/// `$NODE_NAME`) unless given.
+pub const KUBELET_PORT: u16 = 10250;
+
+/// `--kubelet-token-file`: the pod's service-account token.
+pub const KUBELET_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// `--kubelet-ca-file`: the cluster CA of the pod's service account.
+pub const KUBELET_CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+
+/// `--docker-socket`.
+pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// Per request to the ECS agent, the kubelet or the Docker socket.
+pub const PLATFORM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `--cgroupfs`: the cgroup tree (under `--host-root` in a container). Pure v2 hosts mount
+/// the v2 hierarchy here too, so it is the preferred v2 mount when there are several.
+pub const CGROUP_DIR: &str = "/sys/fs/cgroup";
+
+/// `--proc`: procfs of the host (under `--host-root` in a container).
+pub const PROC_DIR: &str = "/proc";
+
+/// `--mackerel-api-base`.
+pub const MACKEREL_API_BASE: &str = "https://api.mackerelio.com";
+
+/// `--retire-after`: intervals a task may be missing before its Mackerel host is retired.
+pub const RETIRE_AFTER_INTERVALS: u32 = 2;
+
+/// `observer health --timeout`.
+pub const HEALTH_TIMEOUT: &str = "3s";
+
+/// First pause after a failure (the platform API, the ECS agent, the Mackerel API); it
+/// doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
