@@ -32,7 +32,12 @@ pub enum CgroupError {
 /// there are several, /sys/fs/cgroup wins, then the shortest path.
 pub fn find_v2_mount(mountinfo: &str) -> Option<PathBuf> {
     let mut mounts = v2_mount_points(mountinfo);
-    mounts.sort_by_key(|m| (m.as_path() != Path::new("/sys/fs/cgroup"), m.as_os_str().len()));
+    mounts.sort_by_key(|m| {
+        (
+            m.as_path() != Path::new("/sys/fs/cgroup"),
+            m.as_os_str().len(),
+        )
+    });
     mounts.into_iter().next()
 }
 
@@ -257,8 +262,14 @@ mod tests {
         );
         // Not "/host/sys/fs/cgroupfoo": a path prefix is a whole component.
         let beside = "801 790 0:23 / /host/sys/fs/cgroupfoo ro - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_v2_mount_under(beside, Path::new("/host/sys/fs/cgroup")), None);
-        assert_eq!(find_v2_mount_under(in_container, Path::new("/elsewhere")), None);
+        assert_eq!(
+            find_v2_mount_under(beside, Path::new("/host/sys/fs/cgroup")),
+            None
+        );
+        assert_eq!(
+            find_v2_mount_under(in_container, Path::new("/elsewhere")),
+            None
+        );
     }
 
     #[test]

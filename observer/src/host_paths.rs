@@ -65,7 +65,9 @@ impl HostPaths {
                 cgroupfs: args
                     .cgroupfs
                     .map_or_else(|| DEFAULT_CGROUP_DIR.into(), Path::to_owned),
-                proc: args.proc.map_or_else(|| DEFAULT_PROC.into(), Path::to_owned),
+                proc: args
+                    .proc
+                    .map_or_else(|| DEFAULT_PROC.into(), Path::to_owned),
             });
         };
         let cgroupfs = args
@@ -78,7 +80,9 @@ impl HostPaths {
                 cgroup_dir: cgroupfs.clone(),
             })?,
         };
-        let proc = args.proc.map_or_else(|| under(root, DEFAULT_PROC), Path::to_owned);
+        let proc = args
+            .proc
+            .map_or_else(|| under(root, DEFAULT_PROC), Path::to_owned);
         if !proc.join("stat").is_file() {
             return Err(HostPathError::NoProc {
                 root: root.to_owned(),
@@ -134,7 +138,10 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("sys/fs/cgroup holds no cgroup v2 hierarchy"), "{err}");
+        assert!(
+            err.contains("sys/fs/cgroup holds no cgroup v2 hierarchy"),
+            "{err}"
+        );
         assert!(err.contains("-v /sys/fs/cgroup:"), "{err}");
         let _ = fs::remove_dir_all(&dir);
     }
