@@ -61,6 +61,101 @@ pub struct TrafficValue {
     pub lo_tx: Counter,
 }
 
+impl Counter {
+    /// `self + other`, wrapping as the kernel's counters do.
+    pub const fn wrapping_plus(self, other: Counter) -> Counter {
+        Counter {
+            bytes: self.bytes.wrapping_add(other.bytes),
+            packets: self.packets.wrapping_add(other.packets),
+        }
+    }
+
+    /// `self + other`, stopping at the maximum: for totals that must never go backwards.
+    pub const fn saturating_plus(self, other: Counter) -> Counter {
+        Counter {
+            bytes: self.bytes.saturating_add(other.bytes),
+            packets: self.packets.saturating_add(other.packets),
+        }
+    }
+
+    /// `self - earlier`, or None when either counter went backwards.
+    pub const fn since(self, earlier: Counter) -> Option<Counter> {
+        match (
+            self.bytes.checked_sub(earlier.bytes),
+            self.packets.checked_sub(earlier.packets),
+        ) {
+            (Some(bytes), Some(packets)) => Some(Counter { bytes, packets }),
+            _ => None,
+        }
+    }
+}
+
+impl TrafficValue {
+    /// Every counter combined with the same counter of `other` by `f`. New counters added to
+    /// the value (destination classes) need only be added here and in the struct.
+    #[inline]
+    pub fn zip_with(self, other: TrafficValue, f: impl Fn(Counter, Counter) -> Counter) -> Self {
+        TrafficValue {
+            rx: f(self.rx, other.rx),
+            tx: f(self.tx, other.tx),
+            lo_rx: f(self.lo_rx, other.lo_rx),
+            lo_tx: f(self.lo_tx, other.lo_tx),
+        }
+    }
+
+    /// The counters in a fixed order (rx, tx, lo_rx, lo_tx).
+    pub const fn counters(&self) -> [Counter; 4] {
+        [self.rx, self.tx, self.lo_rx, self.lo_tx]
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.counters()
+            .iter()
+            .all(|c| c.bytes == 0 && c.packets == 0)
+    }
+
+    /// Totals plus a delta, saturating: a counter shown to people never goes backwards.
+    pub fn saturating_plus(self, other: TrafficValue) -> Self {
+        self.zip_with(other, Counter::saturating_plus)
+    }
+
+    /// `self - earlier`, or None when any counter went backwards (the entry was made again).
+    pub fn since(self, earlier: TrafficValue) -> Option<Self> {
+        let mut out = TrafficValue::default();
+        for (o, (c, e)) in [&mut out.rx, &mut out.tx, &mut out.lo_rx, &mut out.lo_tx]
+            .into_iter()
+            .zip(self.counters().into_iter().zip(earlier.counters()))
+        {
+            *o = c.since(e)?;
+        }
+        Some(out)
+    }
+}
+
+/// Sums of deltas (a workload over its cgroups, a cgroup over its CPUs) wrap as the kernel's
+/// counters do.
+impl core::ops::AddAssign for TrafficValue {
+    #[inline]
+    fn add_assign(&mut self, other: TrafficValue) {
+        *self = self.zip_with(other, Counter::wrapping_plus);
+    }
+}
+
+impl core::ops::Add for TrafficValue {
+    type Output = TrafficValue;
+    #[inline]
+    fn add(mut self, other: TrafficValue) -> TrafficValue {
+        self += other;
+        self
+    }
+}
+
+impl core::iter::Sum for TrafficValue {
+    fn sum<I: Iterator<Item = TrafficValue>>(iter: I) -> Self {
+        iter.fold(TrafficValue::default(), |a, b| a + b)
+    }
+}
+
 /// Indexes of the [`STATS_MAP`] array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,4 +172,63 @@ mod pod {
     // SAFETY: plain #[repr(C)] integers with no padding.
     unsafe impl aya::Pod for super::TrafficKey {}
     unsafe impl aya::Pod for super::TrafficValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(tx: u64, lo_rx: u64) -> TrafficValue {
+        TrafficValue {
+            tx: Counter {
+                bytes: tx,
+                packets: tx / 100,
+            },
+            lo_rx: Counter {
+                bytes: lo_rx,
+                packets: lo_rx / 100,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn values_add_counter_by_counter() {
+        assert_eq!(v(100, 200) + v(300, 400), v(400, 600));
+        let mut a = v(100, 0);
+        a += v(0, 500);
+        assert_eq!(a, v(100, 500));
+        assert_eq!(
+            [v(100, 0), v(200, 100)].into_iter().sum::<TrafficValue>(),
+            v(300, 100)
+        );
+        assert!(TrafficValue::default().is_zero());
+        assert!(!v(0, 100).is_zero());
+    }
+
+    #[test]
+    fn differences_fail_when_a_counter_went_back() {
+        assert_eq!(v(500, 300).since(v(200, 100)), Some(v(300, 200)));
+        assert_eq!(v(500, 50).since(v(200, 100)), None);
+    }
+
+    #[test]
+    fn saturating_totals_stop_at_the_top() {
+        let top = TrafficValue {
+            rx: Counter {
+                bytes: u64::MAX - 1,
+                packets: 0,
+            },
+            ..Default::default()
+        };
+        let one = TrafficValue {
+            rx: Counter {
+                bytes: 5,
+                packets: 1,
+            },
+            ..Default::default()
+        };
+        assert_eq!(top.saturating_plus(one).rx.bytes, u64::MAX);
+        assert_eq!((top + one).rx.bytes, 3);
+    }
 }

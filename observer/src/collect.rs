@@ -1,18 +1,17 @@
-//! One interval: read the maps, turn totals into deltas, name each cgroup, clean up entries of
-//! cgroups that are gone, and hand back a [`Snapshot`].
+//! The traffic half of an interval: read the map, turn totals into deltas, name each cgroup,
+//! free the entries of cgroups that are gone once their last counts were taken.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use observer_common::{TrafficKey, TrafficValue};
 
 use crate::{
     cgroupfs::{CgroupError, CgroupIndex},
-    delta::{accumulate, is_zero, DeltaTracker},
-    inventory::Inventory,
-    snapshot::{CgroupTraffic, Health, Snapshot},
+    delta::DeltaTracker,
+    snapshot::CgroupTraffic,
     traffic::{Reading, TrafficError, TrafficReader},
 };
 
@@ -35,12 +34,21 @@ pub struct Collector {
     unresolved: HashSet<u64>,
     last: Instant,
     last_map_full: u64,
-    walks_skipped: u32,
 }
 
-/// The hierarchy is walked at least this often (in calls of [`Collector::should_walk`]), to
-/// pick up cgroups no inventory asks about (a runtime's child cgroups).
-pub const WALK_AT_LEAST_EVERY: u32 = 10;
+/// One interval of the traffic map.
+#[derive(Debug, Clone, Default)]
+pub struct Collected {
+    /// Measured since the previous collection.
+    pub interval: Duration,
+    /// Every cgroup with traffic this interval, or gone with its last counts.
+    pub cgroups: Vec<CgroupTraffic>,
+    /// Entries left in the map after the clean-up, and what it can hold.
+    pub map_entries: usize,
+    pub map_capacity: u32,
+    /// Packets not counted this interval because the map was full.
+    pub map_full_drops: u64,
+}
 
 impl Collector {
     pub fn new(reader: TrafficReader, index: CgroupIndex) -> Self {
@@ -52,29 +60,12 @@ impl Collector {
             unresolved: HashSet::new(),
             last: Instant::now(),
             last_map_full: 0,
-            walks_skipped: 0,
         }
     }
 
     /// Walks the cgroup v2 hierarchy again (new containers that have not sent anything yet).
     pub fn rescan(&mut self) -> Result<(), CgroupError> {
-        self.walks_skipped = 0;
         self.index.rescan()
-    }
-
-    /// Whether the hierarchy should be walked again before joining `inventory`: one of its
-    /// containers has no cgroup (it is newer than the last walk), or the last walk is
-    /// [`WALK_AT_LEAST_EVERY`] calls old. Walking every interval would cost a few syscalls
-    /// per cgroup for nothing on a node whose containers do not change.
-    pub fn should_walk(&mut self, inventory: &Inventory) -> bool {
-        self.walks_skipped += 1;
-        self.walks_skipped >= WALK_AT_LEAST_EVERY
-            || inventory
-                .tasks
-                .iter()
-                .flat_map(|t| t.containers.iter())
-                .chain(inventory.standalone.iter())
-                .any(|c| c.cgroup_ids.is_empty())
     }
 
     /// The cgroup v2 hierarchy as last walked.
@@ -87,17 +78,17 @@ impl Collector {
         &mut self.reader
     }
 
-    pub fn collect(&mut self) -> Result<Snapshot, CollectError> {
+    pub fn collect(&mut self) -> Result<Collected, CollectError> {
         let reading = self.reader.read()?;
         let now = Instant::now();
         let interval = now - self.last;
         self.last = now;
-        let mut snapshot = self.build(reading)?;
-        snapshot.interval = interval;
-        Ok(snapshot)
+        let mut collected = self.build(reading)?;
+        collected.interval = interval;
+        Ok(collected)
     }
 
-    fn build(&mut self, reading: Reading) -> Result<Snapshot, CollectError> {
+    fn build(&mut self, reading: Reading) -> Result<Collected, CollectError> {
         let Reading { entries, map_full } = reading;
         let present: HashSet<TrafficKey> = entries.iter().map(|(k, _)| *k).collect();
         self.deltas.retain(|k| present.contains(k));
@@ -107,7 +98,7 @@ impl Collector {
         for (key, total) in entries {
             let delta = self.deltas.delta(key, total);
             let slot = by_cgroup.entry(key.cgroup_id).or_default();
-            accumulate(&mut slot.0, &delta);
+            slot.0 += delta;
             slot.1.push(key);
         }
 
@@ -130,7 +121,7 @@ impl Collector {
                 .map(str::to_owned)
                 .or_else(|| self.last_paths.get(&cgroup_id).cloned());
             let exists = self.index.path(cgroup_id).is_some();
-            if !exists && is_zero(&delta) {
+            if !exists && delta.is_zero() {
                 // Gone, and its last counts were reported: free its entries. A socket that
                 // outlives its cgroup and sends again would get a fresh entry from zero.
                 for key in &keys {
@@ -164,18 +155,12 @@ impl Collector {
                 self.reader.capacity()
             );
         }
-        Ok(Snapshot {
-            time: SystemTime::now(),
-            interval: Default::default(),
+        Ok(Collected {
+            interval: Duration::ZERO,
             cgroups,
-            workloads: Vec::new(),
-            held: Vec::new(),
-            platform: None,
-            health: Health {
-                map_entries: entries_left,
-                map_capacity: self.reader.capacity(),
-                map_full_drops,
-            },
+            map_entries: entries_left,
+            map_capacity: self.reader.capacity(),
+            map_full_drops,
         })
     }
 }

@@ -116,6 +116,13 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub retire_after: u32,
 
+    /// On SIGTERM or SIGINT, how long the outputs may take to deliver the last interval
+    /// (Mackerel's buffer included) before observer exits anyway. Keep it below the
+    /// platform's stop timeout (ECS stopTimeout, Kubernetes terminationGracePeriodSeconds).
+    #[arg(long, env = "OBSERVER_SHUTDOWN_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -190,6 +197,7 @@ mod tests {
         assert_eq!(args.cgroup_root, None);
         assert_eq!(args.host_root, None);
         assert_eq!(args.command, None);
+        assert_eq!(args.shutdown_timeout, Duration::from_secs(10));
     }
 
     /// The flags' defaults are the library's: one constant each.

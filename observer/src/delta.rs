@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use observer_common::{Counter, TrafficKey, TrafficValue};
+use observer_common::{TrafficKey, TrafficValue};
 
 #[derive(Debug, Default)]
 pub struct DeltaTracker {
@@ -32,51 +32,15 @@ impl DeltaTracker {
     }
 }
 
-fn counters(v: &TrafficValue) -> [Counter; 4] {
-    [v.rx, v.tx, v.lo_rx, v.lo_tx]
-}
-
 /// `current - previous`, or `current` when any counter went backwards (the entry restarted).
 pub fn difference(previous: &TrafficValue, current: &TrafficValue) -> TrafficValue {
-    let restarted = counters(previous)
-        .iter()
-        .zip(counters(current).iter())
-        .any(|(p, c)| c.bytes < p.bytes || c.packets < p.packets);
-    if restarted {
-        return *current;
-    }
-    let sub = |p: Counter, c: Counter| Counter {
-        bytes: c.bytes - p.bytes,
-        packets: c.packets - p.packets,
-    };
-    TrafficValue {
-        rx: sub(previous.rx, current.rx),
-        tx: sub(previous.tx, current.tx),
-        lo_rx: sub(previous.lo_rx, current.lo_rx),
-        lo_tx: sub(previous.lo_tx, current.lo_tx),
-    }
-}
-
-/// Adds `b` into `a`, counter by counter.
-pub fn accumulate(a: &mut TrafficValue, b: &TrafficValue) {
-    for (x, y) in [
-        (&mut a.rx, b.rx),
-        (&mut a.tx, b.tx),
-        (&mut a.lo_rx, b.lo_rx),
-        (&mut a.lo_tx, b.lo_tx),
-    ] {
-        x.bytes = x.bytes.wrapping_add(y.bytes);
-        x.packets = x.packets.wrapping_add(y.packets);
-    }
-}
-
-pub fn is_zero(v: &TrafficValue) -> bool {
-    *v == TrafficValue::default()
+    current.since(*previous).unwrap_or(*current)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use observer_common::Counter;
 
     fn value(tx_bytes: u64, tx_packets: u64, lo_rx_bytes: u64) -> TrafficValue {
         TrafficValue {
@@ -105,7 +69,7 @@ mod tests {
         let k = TrafficKey::new(7);
         t.delta(k, value(500, 5, 1000));
         assert_eq!(t.delta(k, value(800, 8, 1500)), value(300, 3, 500));
-        assert!(is_zero(&t.delta(k, value(800, 8, 1500))));
+        assert!(t.delta(k, value(800, 8, 1500)).is_zero());
     }
 
     #[test]
@@ -130,9 +94,9 @@ mod tests {
     }
 
     #[test]
-    fn accumulate_adds_every_counter() {
+    fn values_add_every_counter() {
         let mut a = value(1, 1, 100);
-        accumulate(&mut a, &value(2, 3, 200));
+        a += value(2, 3, 200);
         assert_eq!(a, value(3, 4, 300));
     }
 }

@@ -48,13 +48,15 @@ pub fn check(listen: Option<SocketAddr>, timeout: Duration) -> Result<SocketAddr
     let addr = probe_address(listen.ok_or(HealthError::NoListenAddress)?);
     let unreachable = |source| HealthError::Unreachable { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
-    stream.set_read_timeout(Some(timeout)).map_err(unreachable)?;
-    stream.set_write_timeout(Some(timeout)).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(unreachable)?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(unreachable)?;
     // One write: a request in pieces can meet a server that answers after the first.
     let request = format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(unreachable)?;
+    stream.write_all(request.as_bytes()).map_err(unreachable)?;
     let mut response = Vec::new();
     // Enough for a status line; the body does not matter.
     stream
@@ -95,7 +97,10 @@ mod tests {
     #[test]
     fn status_lines() {
         assert_eq!(status_code("HTTP/1.1 200 OK\r\n\r\nok"), Some(200));
-        assert_eq!(status_code("HTTP/1.0 503 Service Unavailable\r\n"), Some(503));
+        assert_eq!(
+            status_code("HTTP/1.0 503 Service Unavailable\r\n"),
+            Some(503)
+        );
         assert_eq!(status_code("SSH-2.0-OpenSSH\r\n"), None);
         assert_eq!(status_code(""), None);
     }
@@ -134,10 +139,16 @@ mod tests {
     #[test]
     fn nothing_listening_and_no_address_are_explained() {
         // Bound then dropped: nothing listens there now.
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let err = check(Some(port), Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, HealthError::Unreachable { .. }), "{err}");
         let err = check(None, Duration::from_secs(1)).unwrap_err();
-        assert!(err.to_string().contains("OBSERVER_PROMETHEUS_LISTEN"), "{err}");
+        assert!(
+            err.to_string().contains("OBSERVER_PROMETHEUS_LISTEN"),
+            "{err}"
+        );
     }
 }

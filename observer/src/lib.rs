@@ -1,12 +1,14 @@
 //! observer: per-container and per-task traffic, measured by eBPF at the cgroup v2 root.
 //!
 //! Data flows one way per interval: kernel maps -> [`traffic`] reader -> [`collect`] ->
-//! [`snapshot`] -> [`sink`]s.
+//! [`cycle`] (with the [`inventory`] and the [`workloads`] join) -> one [`snapshot`] -> every
+//! [`sink`]. docs/architecture.md has the map.
 
 pub mod backoff;
 pub mod cgroupfs;
 pub mod collect;
 pub mod config;
+pub mod cycle;
 pub mod defaults;
 pub mod delta;
 pub mod health;
@@ -40,7 +42,9 @@ pub fn main() -> std::process::ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // Two workers: the interval's blocking reads never hold up the probe endpoints.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {

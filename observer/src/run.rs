@@ -1,6 +1,7 @@
-//! The interval loop: programs attached, then per interval maps -> collector -> inventory join
-//! -> snapshot -> sinks, until --once is done or a signal arrives; programs detached and the
-//! Mackerel queue flushed on the way out.
+//! The run loop: set up, then per interval wait -> [`Cycle::run`] -> [`Fanout::send`], until
+//! `--once` is done, a signal arrives or every output has ended. On the way out the partial
+//! interval is measured and handed over too, the sinks get `--shutdown-timeout` to deliver,
+//! and the programs are detached.
 
 use std::{
     io::{self, IsTerminal as _},
@@ -18,28 +19,26 @@ use crate::{
     cgroupfs::CgroupIndex,
     collect::Collector,
     config::{Args, Output},
+    cycle::Cycle,
     host_paths::{HostPathArgs, HostPaths},
     inventory::{
         refresh::{RefreshConfig, Refresher},
         sources::{self, Platform, PlatformEnv, SourceConfig},
     },
-    mackerel::{self, MackerelReporter},
+    mackerel::{self, MackerelSink},
     preflight,
     programs::Programs,
     resources::{self, CgroupFs},
     sink::{
+        fanout::Fanout,
         json::JsonSink,
-        prometheus::{Handle as PrometheusHandle, PrometheusSink},
+        prometheus::PrometheusSink,
         table::{Rows, TableSink},
         Sink,
     },
-    snapshot::{PlatformStatus, Snapshot},
     traffic::TrafficReader,
     workloads::{Host, Joiner},
 };
-
-/// How long SIGTERM may wait for the Mackerel queue to drain.
-const MACKEREL_FLUSH: Duration = Duration::from_secs(10);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // First: in a container observer is PID 1 of its PID namespace, and the kernel drops a
@@ -58,10 +57,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let index = CgroupIndex::scan(&root)?;
 
     // Outputs that can fail on configuration go first: nothing is loaded if they cannot work.
-    let prometheus = args
-        .prometheus_listen
-        .map(|listen| PrometheusSink::start(listen, args.interval))
-        .transpose()?;
+    let mut sinks: Vec<Box<dyn Sink>> =
+        match Output::choose(args.output, io::stdout().is_terminal()) {
+            Output::Json => vec![Box::new(JsonSink::new(io::stdout()))],
+            Output::Table => vec![Box::new(TableSink::new(io::stdout(), Rows::Terminal))],
+        };
+    if let Some(listen) = args.prometheus_listen {
+        sinks.push(Box::new(PrometheusSink::start(listen, args.interval)?));
+    }
     let mackerel = mackerel::MackerelConfig::from_sources(
         mackerel::Sources {
             api_key: std::env::var("MACKEREL_APIKEY").ok(),
@@ -71,15 +74,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             retire_after: Some(args.interval * args.retire_after),
         },
         args.interval,
-    )?
-    .map(MackerelReporter::start)
-    .transpose()?;
+    )?;
+    if let Some(config) = mackerel {
+        sinks.push(Box::new(MackerelSink::start(config)?));
+    }
 
     let selected = sources::select(&source_config(&args)).await?;
     log::info!("platform: {} ({})", selected.platform, selected.reason);
-    let mut refresher = (selected.platform != Platform::None)
+    let refresher = (selected.platform != Platform::None)
         .then(|| Refresher::new(selected.source, RefreshConfig::for_interval(args.interval)));
-    let mut joiner = Joiner::new(cgroupfs_for_resources(&host), host_facts(&host));
+    let joiner = Joiner::new(cgroupfs_for_resources(&host), host_facts(&host));
 
     let mut programs = Programs::load_observer(args.map_entries)?;
     spawn_kernel_logger(&mut programs);
@@ -101,103 +105,38 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         humantime::format_duration(args.interval)
     );
 
-    let (prometheus_sink, prometheus): (Option<PrometheusSink>, Option<PrometheusHandle>) =
-        prometheus.unzip();
-    if let Some(h) = &prometheus {
-        h.set_programs_attached(ids.len());
-        log::info!("Prometheus metrics at http://{}/metrics", h.local_addr());
-    }
-    let mut sinks: Vec<Box<dyn Sink>> =
-        match Output::choose(args.output, io::stdout().is_terminal()) {
-            Output::Json => vec![Box::new(JsonSink::new(io::stdout()))],
-            Output::Table => vec![Box::new(TableSink::new(io::stdout(), Rows::Terminal))],
-        };
-    sinks.extend(prometheus_sink.map(|s| Box::new(s) as Box<dyn Sink>));
-
-    let mut collector = Collector::new(reader, index);
+    let mut cycle = Cycle::new(Collector::new(reader, index), refresher, joiner, ids.len());
+    let mut fanout = Fanout::start(sinks).context("starting the output threads")?;
     let mut ticker =
         tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut failures_seen = 0;
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = sigint.recv() => { log::info!("SIGINT: detaching"); break }
-            _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); break }
-        }
-        let mut snapshot = match collector.collect() {
-            Ok(snapshot) => snapshot,
-            // One bad interval is logged and the next one tried: measurement goes on.
-            Err(e) => {
-                log::error!("collecting this interval: {e}");
+        let last = tokio::select! {
+            _ = ticker.tick() => args.once,
+            _ = sigint.recv() => { log::info!("SIGINT: reporting the partial interval, then stopping"); true }
+            _ = sigterm.recv() => { log::info!("SIGTERM: reporting the partial interval, then stopping"); true }
+            _ = fanout.an_end() => {
+                if fanout.all_ended() {
+                    log::info!("every output has ended: stopping");
+                    break;
+                }
                 continue;
             }
         };
-        if let Some(refresher) = &mut refresher {
-            join_workloads(&mut snapshot, &mut collector, refresher, &mut joiner).await;
-            let failures = refresher.stale().map_or(0, |s| s.failures);
-            if let Some(h) = &prometheus {
-                h.add_metadata_api_errors(u64::from(failures.saturating_sub(failures_seen)));
-            }
-            failures_seen = failures;
-            // A stale inventory would make running tasks look gone: Mackerel waits for a good one.
-            if let (Some(m), None) = (&mackerel, refresher.stale()) {
-                m.report(mackerel::report::interval_report(&snapshot));
-            }
-            if let (Some(m), Some(h)) = (&mackerel, &prometheus) {
-                h.set_mackerel_queue_depth(m.queue_depth());
-            }
+        match cycle.run(fanout.status()).await {
+            Ok(snapshot) => fanout.send(snapshot),
+            // One bad interval is logged and the next one tried: measurement goes on.
+            Err(e) => log::error!("collecting this interval: {e}"),
         }
-        for sink in &mut sinks {
-            if let Err(e) = sink.emit(&snapshot) {
-                log::error!("{} output: {e}", sink.name());
-            }
-        }
-        if args.once {
+        if last {
             break;
         }
     }
-    drop(collector);
+    fanout.close(args.shutdown_timeout).await;
+    drop(cycle);
     drop(programs);
-    if let Some(h) = &prometheus {
-        h.set_programs_attached(0);
-    }
     log::info!("programs detached");
-    if let Some(m) = mackerel {
-        // Hosts stay: the node is stopping, not its tasks.
-        // No answer in time is warned about inside shutdown.
-        if let Some(left) = m.shutdown(MACKEREL_FLUSH).await {
-            if left.unsent > 0 || left.unregistered > 0 {
-                log::warn!("Mackerel: stopped with data not yet sent: {left:?}");
-            }
-        }
-    }
     Ok(())
-}
-
-/// Refreshes the inventory (at most once per interval, at once for unknown containers), hangs
-/// this interval's cgroups on it and adds the task/pod view to the snapshot.
-async fn join_workloads(
-    snapshot: &mut Snapshot,
-    collector: &mut Collector,
-    refresher: &mut Refresher,
-    joiner: &mut Joiner,
-) {
-    let paths: Vec<(u64, &str)> = collector.index().iter().collect();
-    let (inventory, mut unknown) = refresher.tick(tokio::time::Instant::now(), &paths).await;
-    // A container newer than the last walk of the hierarchy has no cgroup yet: walk again.
-    if collector.should_walk(inventory) {
-        if let Err(e) = collector.rescan() {
-            log::warn!("walking the cgroup hierarchy: {e}");
-        }
-        let paths: Vec<(u64, &str)> = collector.index().iter().collect();
-        unknown = refresher.tick(tokio::time::Instant::now(), &paths).await.1;
-    }
-    joiner.join_into(snapshot, refresher.inventory(), collector.index(), &unknown);
-    snapshot.platform = Some(PlatformStatus {
-        source: refresher.source_name(),
-        stale_since: refresher.stale().map(|s| s.since),
-    });
 }
 
 fn source_config(args: &Args) -> SourceConfig {

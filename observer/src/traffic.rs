@@ -162,18 +162,7 @@ impl TrafficReader {
 
 /// Sums one key's per-CPU values.
 pub fn sum<'a>(values: impl Iterator<Item = &'a TrafficValue>) -> TrafficValue {
-    values.fold(TrafficValue::default(), |mut acc, v| {
-        for (a, b) in [
-            (&mut acc.rx, v.rx),
-            (&mut acc.tx, v.tx),
-            (&mut acc.lo_rx, v.lo_rx),
-            (&mut acc.lo_tx, v.lo_tx),
-        ] {
-            a.bytes = a.bytes.wrapping_add(b.bytes);
-            a.packets = a.packets.wrapping_add(b.packets);
-        }
-        acc
-    })
+    values.copied().sum()
 }
 
 /// `union bpf_attr` as BPF_MAP_LOOKUP_BATCH reads it.

@@ -11,79 +11,12 @@ use std::{
 };
 
 use observer_common::TrafficValue;
-use serde::Serialize;
 
 use crate::{
-    cgroupfs::CgroupIndex,
-    delta::accumulate,
-    inventory::Unmatched,
-    inventory::{
-        Container, Inventory, Limits, NetworkMode, OwnerRef, Workload, WorkloadKind, ROLES_LABEL,
-    },
+    inventory::{Container, Inventory, Limits, Workload, WorkloadKind, ROLES_LABEL},
     resources::{cpu_percent, CgroupFs, ResourceError},
-    snapshot::Snapshot,
+    snapshot::{ContainerReport, Usage, WorkloadReport},
 };
-
-/// What a workload is, for reports. Containers that belong to no task, pod or Compose project
-/// are reported as workloads of their own (`Container`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReportKind {
-    EcsTask,
-    KubernetesPod,
-    ComposeProject,
-    Container,
-}
-
-impl From<WorkloadKind> for ReportKind {
-    fn from(kind: WorkloadKind) -> Self {
-        match kind {
-            WorkloadKind::EcsTask => Self::EcsTask,
-            WorkloadKind::KubernetesPod => Self::KubernetesPod,
-            WorkloadKind::ComposeProject => Self::ComposeProject,
-        }
-    }
-}
-
-/// CPU and memory of one cgroup during the interval.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Usage {
-    /// Percent of one core (100 = one core busy for the whole interval).
-    pub cpu_percent: Option<f64>,
-    pub cpu_limit_cores: Option<f64>,
-    /// Usage without inactive page cache.
-    pub memory_working_set: Option<u64>,
-    pub memory_limit: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ContainerReport {
-    pub id: String,
-    pub name: String,
-    pub image: Option<String>,
-    pub network_mode: NetworkMode,
-    pub cgroup_ids: Vec<u64>,
-    pub traffic: TrafficValue,
-    pub usage: Usage,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkloadReport {
-    pub kind: ReportKind,
-    pub id: String,
-    pub name: String,
-    pub namespace: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub controller: Option<OwnerRef>,
-    pub network_mode: NetworkMode,
-    /// Every cgroup of the workload (its containers' and its own, such as a pause container
-    /// no API lists), each once.
-    pub cgroup_ids: Vec<u64>,
-    pub traffic: TrafficValue,
-    /// Sums over the containers; limits are the workload's own when the platform sets one.
-    pub usage: Usage,
-    pub containers: Vec<ContainerReport>,
-}
 
 /// Host facts used as the last fallback for limits.
 #[derive(Debug, Clone, Copy, Default)]
@@ -166,9 +99,7 @@ impl Joiner {
             seen.push(container.id.clone());
             let alone = Workload::alone(container);
             let usage = self.usage(container, alone.limits, paths, now);
-            let mut r = report(&alone, alone.limits, &[usage], traffic);
-            r.kind = ReportKind::Container;
-            reports.push(r);
+            reports.push(report(&alone, alone.limits, &[usage], traffic));
         }
         // Containers that are gone take their CPU sample with them.
         let seen: BTreeSet<&String> = seen.iter().collect();
@@ -176,32 +107,6 @@ impl Joiner {
         self.limits.retain(|id, _| seen.contains(id));
         self.cycle += 1;
         reports
-    }
-
-    /// Adds the workload view to `snapshot`: [`Joiner::join`] over the snapshot's per-cgroup
-    /// traffic, with `index` naming the cgroups and `unknown` the cgroups that look like
-    /// containers the inventory does not list yet.
-    pub fn join_into(
-        &mut self,
-        snapshot: &mut Snapshot,
-        inventory: &Inventory,
-        index: &CgroupIndex,
-        unknown: &[Unmatched],
-    ) {
-        let traffic: HashMap<u64, TrafficValue> = snapshot
-            .cgroups
-            .iter()
-            .map(|c| (c.cgroup_id, c.delta))
-            .collect();
-        let unknown: Vec<u64> = unknown.iter().map(|u| u.cgroup_id).collect();
-        snapshot.workloads = self.join(
-            inventory,
-            &|id| index.path(id).map(str::to_owned),
-            &traffic,
-            &unknown,
-            Instant::now(),
-        );
-        snapshot.held = self.held();
     }
 
     /// cgroups whose traffic is held for a container the inventory does not list yet.
@@ -231,7 +136,7 @@ impl Joiner {
         let mut traffic = traffic.clone();
         self.held.retain(|id, (held, age)| {
             if attached.contains(id) {
-                accumulate(traffic.entry(*id).or_default(), held);
+                *traffic.entry(*id).or_default() += *held;
                 return false;
             }
             *age += 1;
@@ -243,7 +148,7 @@ impl Joiner {
         });
         for id in unknown.iter().filter(|id| !attached.contains(id)) {
             if let Some(t) = traffic.remove(id) {
-                accumulate(&mut self.held.entry(*id).or_default().0, &t);
+                self.held.entry(*id).or_default().0 += t;
             }
         }
         traffic
@@ -347,7 +252,7 @@ impl Workload {
     /// A container that belongs to no workload, as a workload of one.
     fn alone(container: &Container) -> Self {
         Self {
-            kind: WorkloadKind::ComposeProject,
+            kind: WorkloadKind::Container,
             id: container.id.clone(),
             name: container.name.clone(),
             namespace: None,
@@ -383,13 +288,7 @@ fn sum_traffic<'a>(
     ids: impl Iterator<Item = &'a u64>,
     traffic: &HashMap<u64, TrafficValue>,
 ) -> TrafficValue {
-    let mut total = TrafficValue::default();
-    for id in ids {
-        if let Some(t) = traffic.get(id) {
-            accumulate(&mut total, t);
-        }
-    }
-    total
+    ids.filter_map(|id| traffic.get(id)).copied().sum()
 }
 
 fn add_opt<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T> {
@@ -441,7 +340,7 @@ pub fn report(
         memory_limit: limits.memory_bytes,
     };
     WorkloadReport {
-        kind: workload.kind.into(),
+        kind: workload.kind,
         id: workload.id.clone(),
         name: workload.name.clone(),
         namespace: workload.namespace.clone(),
@@ -463,7 +362,7 @@ mod tests {
     use observer_common::Counter;
 
     use super::*;
-    use crate::inventory::{Limits, Runtime};
+    use crate::inventory::{Limits, NetworkMode, Runtime};
 
     fn container(id: &str, cgroups: &[u64]) -> Container {
         Container {
@@ -530,7 +429,7 @@ mod tests {
         assert_eq!(r.cgroup_ids, vec![10, 11, 12, 13]);
         assert_eq!(r.containers[0].traffic.tx.bytes, 1000);
         assert_eq!(r.containers[1].traffic.tx.bytes, 23);
-        assert_eq!(r.kind, ReportKind::EcsTask);
+        assert_eq!(r.kind, WorkloadKind::EcsTask);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! One interval after another through the collector, with cgroups that come and go.
 
 use observer::{
-    cgroupfs::CgroupIndex, collect::Collector, programs::Programs, snapshot::Snapshot,
+    cgroupfs::CgroupIndex,
+    collect::{Collected, Collector},
+    programs::Programs,
     traffic::TrafficReader,
 };
 use observer_common::TrafficValue;
@@ -22,8 +24,8 @@ fn collector() -> (Programs, Collector) {
     )
 }
 
-fn find(snapshot: &Snapshot, id: u64) -> Option<&observer::snapshot::CgroupTraffic> {
-    snapshot.cgroups.iter().find(|c| c.cgroup_id == id)
+fn find(collected: &Collected, id: u64) -> Option<&observer::snapshot::CgroupTraffic> {
+    collected.cgroups.iter().find(|c| c.cgroup_id == id)
 }
 
 fn lo_tx(n: u64, payload: u64) -> TrafficValue {

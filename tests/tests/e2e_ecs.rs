@@ -308,7 +308,10 @@ fn scenario(made: &Mutex<Made>) {
     for (i, t) in tasks.iter_mut().enumerate() {
         let segs = retrans_segs(&first_app(i).id).saturating_sub(resent_before[i]);
         t.resent_bytes = segs * SEGMENT_BYTES;
-        eprintln!("task {}: {segs} TCP segments resent in its namespace", t.label);
+        eprintln!(
+            "task {}: {segs} TCP segments resent in its namespace",
+            t.label
+        );
     }
 
     // (b) What Docker's stats API says meanwhile (the gap observer closes).

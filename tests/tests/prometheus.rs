@@ -9,10 +9,11 @@ use std::{
 };
 
 use observer::{
-    inventory::NetworkMode,
     sink::{prometheus::PrometheusSink, Sink},
-    snapshot::{CgroupTraffic, Health, PlatformStatus, Snapshot},
-    workloads::{ContainerReport, ReportKind, Usage, WorkloadReport},
+    snapshot::{
+        host_traffic, CgroupTraffic, ContainerReport, Health, NetworkMode, PlatformStatus,
+        Snapshot, Usage, WorkloadKind, WorkloadReport,
+    },
 };
 use observer_common::{Counter, TrafficValue};
 use testbed::prometheus_server::{
@@ -53,7 +54,7 @@ fn pod(name: &str, container: &str, cgroup: u64, traffic: TrafficValue) -> Workl
         memory_limit: Some(128 << 20),
     };
     WorkloadReport {
-        kind: ReportKind::KubernetesPod,
+        kind: WorkloadKind::KubernetesPod,
         id: format!("uid-{cgroup}"),
         name: format!("shop/{name}"),
         namespace: Some("shop".into()),
@@ -76,7 +77,7 @@ fn pod(name: &str, container: &str, cgroup: u64, traffic: TrafficValue) -> Workl
 }
 
 fn snapshot(workloads: Vec<WorkloadReport>) -> Snapshot {
-    let cgroups = workloads
+    let cgroups: Vec<CgroupTraffic> = workloads
         .iter()
         .map(|w| CgroupTraffic {
             cgroup_id: w.cgroup_ids[0],
@@ -87,17 +88,21 @@ fn snapshot(workloads: Vec<WorkloadReport>) -> Snapshot {
     Snapshot {
         time: SystemTime::now(),
         interval: INTERVAL,
+        host: host_traffic(&cgroups, &workloads, &[]),
         cgroups,
         workloads,
         held: Vec::new(),
         platform: Some(PlatformStatus {
             source: "kubernetes",
             stale_since: None,
+            failures_total: 0,
         }),
         health: Health {
+            programs_attached: 2,
             map_entries: 2,
             map_capacity: 16_384,
             map_full_drops: 0,
+            sinks: Vec::new(),
         },
     }
 }
@@ -118,9 +123,8 @@ async fn a_real_prometheus_scrapes_exact_totals_and_forgets_gone_containers() ->
         return Ok(());
     };
     let (prometheus, promtool) = (tools.prometheus, tools.promtool);
-    let (mut sink, handle) = PrometheusSink::start("127.0.0.1:0".parse()?, INTERVAL)?;
-    let addr = handle.local_addr();
-    handle.set_programs_attached(2);
+    let mut sink = PrometheusSink::start("127.0.0.1:0".parse()?, INTERVAL)?;
+    let addr = sink.local_addr();
 
     // Five intervals before Prometheus starts, five while it scrapes.
     for _ in 0..5 {

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cargo, sys};
 use crate::sys::say;
+use crate::{cargo, sys};
 
 /// The reference every manifest in deploy/ uses; `registry.example.com` is the operator's to
 /// replace when pushing to a real registry.
@@ -59,7 +59,9 @@ pub fn static_binary() -> Result<PathBuf> {
     std::fs::copy(&built, &out)
         .with_context(|| format!("copying {} to {}", built.display(), out.display()))?;
     let ldd = sys::output(sys::command("ldd").arg(&out)).unwrap_or_default();
-    if !(ldd.contains("not a dynamic executable") || ldd.contains("statically linked")) && !ldd.is_empty() {
+    if !(ldd.contains("not a dynamic executable") || ldd.contains("statically linked"))
+        && !ldd.is_empty()
+    {
         bail!("{} is not static; ldd says:\n{ldd}", out.display());
     }
     say!(
@@ -113,16 +115,25 @@ pub fn image(binary_only: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&context);
     std::fs::create_dir_all(&context)?;
     std::fs::copy(&binary, context.join("observer"))?;
-    std::fs::write(context.join("Dockerfile"), runtime_stage(&dockerfile, "observer")?)?;
+    std::fs::write(
+        context.join("Dockerfile"),
+        runtime_stage(&dockerfile, "observer")?,
+    )?;
     sys::run(
         sys::command("docker")
             .args(["build", "--quiet", "--tag", IMAGE])
             .arg(&context),
     )
     .context("docker build of the runtime stage")?;
-    let size = sys::output(sys::command("docker").args(["image", "inspect", "--format", "{{.Size}}", IMAGE]))
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .context("docker image inspect")?;
+    let size = sys::output(sys::command("docker").args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Size}}",
+        IMAGE,
+    ]))
+    .and_then(|s| s.trim().parse::<u64>().ok())
+    .context("docker image inspect")?;
     say!("image {IMAGE}: {} ({size} bytes)", human_size(size));
     Ok(())
 }
@@ -143,7 +154,10 @@ mod tests {
         assert!(stage.contains("COPY observer /observer\n"), "{stage}");
         assert!(stage.contains(r#"ENTRYPOINT ["/observer"]"#), "{stage}");
         assert!(!stage.contains("--from="), "{stage}");
-        assert!(!stage.contains("cargo"), "the build stage leaked in: {stage}");
+        assert!(
+            !stage.contains("cargo"),
+            "the build stage leaked in: {stage}"
+        );
     }
 
     #[test]

@@ -193,10 +193,7 @@ fn test(args: &[String]) -> Result<()> {
         skips.len(),
         total.ignored
     );
-    if unit.is_err()
-        || deploy.is_err()
-        || image.is_err()
-        || integration.is_some_and(|r| r.is_err())
+    if unit.is_err() || deploy.is_err() || image.is_err() || integration.is_some_and(|r| r.is_err())
     {
         bail!("some tests failed");
     }
@@ -256,7 +253,13 @@ mod tests {
             matches!(cli.command, Task::Test { fresh_docker: false, args } if args == ["cpu", "--nocapture"])
         );
         let cli = Cli::try_parse_from(["xtask", "test", "--fresh-docker"]).unwrap();
-        assert!(matches!(cli.command, Task::Test { fresh_docker: true, .. }));
+        assert!(matches!(
+            cli.command,
+            Task::Test {
+                fresh_docker: true,
+                ..
+            }
+        ));
         let cli = Cli::try_parse_from(["xtask", "setup", "--for-tests"]).unwrap();
         assert!(matches!(cli.command, Task::Setup { for_tests: true }));
     }

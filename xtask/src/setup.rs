@@ -81,7 +81,10 @@ pub fn fresh_docker() -> Result<()> {
         let aside = PathBuf::from(format!("/var/lib/docker.aside-{secs}"));
         std::fs::rename(state, &aside)
             .with_context(|| format!("moving {} to {}", state.display(), aside.display()))?;
-        say!("fresh docker: the old state is at {} (delete it when done)", aside.display());
+        say!(
+            "fresh docker: the old state is at {} (delete it when done)",
+            aside.display()
+        );
     }
     if Path::new("/sys/class/net/docker0").exists() {
         sys::run(sys::command("ip").args(["link", "delete", "docker0"]))?;

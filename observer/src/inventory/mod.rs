@@ -26,6 +26,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use cgroup_path::{CgroupIdentity, CgroupKind, Owner};
 pub use sources::{InventoryFuture, InventorySource, NoSource, SourceError};
 
+// Shared with the reports: one model of what a workload and a network mode are.
+pub use crate::snapshot::{NetworkMode, OwnerRef, WorkloadKind};
+
 /// Docker label (ECS task containers) or pod annotation whose value, "service:role,...",
 /// names the Mackerel roles of a task's or pod's host.
 pub const ROLES_LABEL: &str = "mackerel.io/roles";
@@ -75,16 +78,6 @@ pub struct NodeInfo {
     pub agent_version: Option<String>,
 }
 
-/// What kind of group a [`Workload`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WorkloadKind {
-    EcsTask,
-    KubernetesPod,
-    /// Containers sharing a `com.docker.compose.project` label.
-    ComposeProject,
-}
-
 /// An ECS task, a Kubernetes pod or a Compose project, with its containers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Workload {
@@ -113,13 +106,6 @@ pub struct Workload {
     pub cgroup_ids: Vec<u64>,
 }
 
-/// Kind and name of an owning object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct OwnerRef {
-    pub kind: String,
-    pub name: String,
-}
-
 /// One container as the platform lists it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Container {
@@ -145,30 +131,6 @@ pub enum Runtime {
     #[serde(rename = "cri-o")]
     CriO,
     #[serde(rename = "unknown")]
-    Unknown,
-}
-
-/// Whose network namespace a container or workload uses. It decides how traffic may be summed:
-/// containers sharing one namespace must not be counted once each.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case", tag = "mode", content = "target")]
-pub enum NetworkMode {
-    /// Docker's default bridge (`default` or `bridge`).
-    Bridge,
-    /// The host's namespace.
-    Host,
-    /// No network.
-    None,
-    /// Another container's namespace (`container:<id>`; ECS awsvpc app containers).
-    Container(String),
-    /// A user-defined Docker network, by name: a namespace of its own on that network.
-    Network(String),
-    /// ECS awsvpc: one namespace per task, owned by the pause container.
-    Awsvpc,
-    /// A Kubernetes pod's own namespace, shared by its containers.
-    Pod,
-    /// The source did not say.
-    #[default]
     Unknown,
 }
 

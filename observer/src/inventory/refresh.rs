@@ -78,6 +78,7 @@ pub struct Refresher {
     /// Unmatched cgroups that a fetch has already been made for: they do not ask again.
     asked: HashSet<u64>,
     attempts: u64,
+    failures_total: u64,
 }
 
 impl std::fmt::Debug for Refresher {
@@ -106,6 +107,7 @@ impl Refresher {
             wanted: false,
             asked: HashSet::new(),
             attempts: 0,
+            failures_total: 0,
         }
     }
 
@@ -128,6 +130,17 @@ impl Refresher {
     /// Fetches made so far, failed ones included.
     pub fn attempts(&self) -> u64 {
         self.attempts
+    }
+
+    /// Failed fetches since start.
+    pub fn failures_total(&self) -> u64 {
+        self.failures_total
+    }
+
+    /// Attaches `cgroups` to the current inventory again, without asking for a fetch (after a
+    /// walk of the hierarchy found the cgroups of containers the last fetch listed).
+    pub fn attach(&mut self, cgroups: &[(u64, &str)]) -> Vec<Unmatched> {
+        self.inventory.attach_cgroups(cgroups.iter().copied())
     }
 
     /// Asks for a fetch at the next [`Refresher::refresh`], before the interval is up (a new
@@ -220,6 +233,7 @@ impl Refresher {
     }
 
     fn failed(&mut self, now: Instant, reason: String) {
+        self.failures_total += 1;
         let name = self.source.name();
         let delay = self.backoff.failed(now, None);
         match &mut self.inventory.stale {

@@ -1,15 +1,11 @@
 //! Mackerel output: one Mackerel host per ECS task or Kubernetes pod, with the container
 //! agent's metric names, so its dashboards and monitors keep working.
 //!
-//! Each interval the caller hands a [`model::IntervalReport`] (every live task with its
-//! containers' values) to [`sink::MackerelReporter::report`], which never blocks. A tokio task
-//! owns the rest: [`hosts`] decides which host to find, create, update or retire, [`names`]
-//! turns values into metric names, [`buffer`] keeps them until the API has taken them, and
-//! [`client`] makes the calls.
-//!
-//! The inventory (tasks and pods with their containers) feeds it; `run.rs` is to build the
-//! reports from the inventory and the interval's snapshot, since [`crate::snapshot::Snapshot`]
-//! alone knows cgroups, not tasks.
+//! [`sink::MackerelSink`] is the output: each interval [`report`] turns the snapshot's tasks and
+//! pods into a [`model::IntervalReport`] and hands it to [`sink::MackerelReporter::report`],
+//! which never blocks. A tokio task owns the rest: [`hosts`] decides which host to find,
+//! create, update or retire, [`names`] turns values into metric names, [`buffer`] keeps them
+//! until the API has taken them, and [`client`] makes the calls.
 
 pub mod buffer;
 pub mod client;
@@ -27,7 +23,7 @@ pub use client::{ApiError, ApiKey};
 pub use model::{
     CloudMeta, ContainerMetrics, HostIdentity, HostMeta, HostReport, IntervalReport, Roles,
 };
-pub use sink::{MackerelReporter, ShutdownSummary};
+pub use sink::{MackerelReporter, MackerelSink, ShutdownSummary};
 
 /// Everything the reporter needs. [`MackerelConfig::new`] has the defaults; the fields can be
 /// changed before [`MackerelReporter::start`].

@@ -9,7 +9,7 @@ use super::model::{
 use crate::{
     inventory::ecs::LABEL_TASK_ARN,
     snapshot::{per_second, Snapshot},
-    workloads::{ContainerReport, ReportKind, WorkloadReport},
+    snapshot::{ContainerReport, WorkloadKind, WorkloadReport},
 };
 
 pub use crate::inventory::ROLES_LABEL;
@@ -39,7 +39,7 @@ fn host_report(
     snapshot: &Snapshot,
 ) -> Result<Option<HostReport>, super::model::IdentityError> {
     let (identity, cloud) = match w.kind {
-        ReportKind::EcsTask => {
+        WorkloadKind::EcsTask => {
             let Some(arn) = w.labels.get(LABEL_TASK_ARN) else {
                 return Ok(None);
             };
@@ -48,12 +48,12 @@ fn host_report(
                 "task_id": w.id,
                 "task_definition": w.name,
                 "cluster": w.namespace,
-                "network_mode": crate::sink::json::network_mode_name(&w.network_mode),
+                "network_mode": w.network_mode.name(),
                 "containers": w.containers.iter().map(|c| &c.name).collect::<Vec<_>>(),
             }));
             (HostIdentity::ecs(arn)?, cloud)
         }
-        ReportKind::KubernetesPod => {
+        WorkloadKind::KubernetesPod => {
             // Workload names of pods are "<namespace>/<name>"; the host is named by the pod.
             let pod = w.name.rsplit('/').next().unwrap_or(&w.name);
             let cloud = CloudMeta::kubernetes(json!({
@@ -66,7 +66,7 @@ fn host_report(
             }));
             (HostIdentity::kubernetes(pod, &w.id)?, cloud)
         }
-        ReportKind::ComposeProject | ReportKind::Container => return Ok(None),
+        WorkloadKind::ComposeProject | WorkloadKind::Container => return Ok(None),
     };
     Ok(Some(HostReport {
         identity,
@@ -108,9 +108,14 @@ mod tests {
     use observer_common::{Counter, TrafficValue};
 
     use super::*;
-    use crate::{inventory::NetworkMode, snapshot::Health, workloads::Usage};
+    use crate::snapshot::{Health, NetworkMode, Usage};
 
-    fn workload(kind: ReportKind, id: &str, name: &str, labels: &[(&str, &str)]) -> WorkloadReport {
+    fn workload(
+        kind: WorkloadKind,
+        id: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> WorkloadReport {
         let traffic = TrafficValue {
             rx: Counter {
                 bytes: 6000,
@@ -160,6 +165,7 @@ mod tests {
             cgroups: Vec::new(),
             workloads,
             held: Vec::new(),
+            host: Default::default(),
             platform: None,
             health: Health::default(),
         }
@@ -170,19 +176,19 @@ mod tests {
         let arn = "arn:aws:ecs:us-east-1:111122223333:task/prod/8f03e41243824aea923aca126495f665";
         let s = snapshot(vec![
             workload(
-                ReportKind::EcsTask,
+                WorkloadKind::EcsTask,
                 "8f03e41243824aea923aca126495f665",
                 "web:12",
                 &[(LABEL_TASK_ARN, arn), (ROLES_LABEL, "shop:web")],
             ),
             workload(
-                ReportKind::KubernetesPod,
+                WorkloadKind::KubernetesPod,
                 "8712f785-1a3e-41ec-a00b-e2dcc77431cb",
                 "shop/web-7d9c5b8f4-abcde",
                 &[],
             ),
-            workload(ReportKind::ComposeProject, "proj", "proj", &[]),
-            workload(ReportKind::EcsTask, "no-arn", "x:1", &[]),
+            workload(WorkloadKind::ComposeProject, "proj", "proj", &[]),
+            workload(WorkloadKind::EcsTask, "no-arn", "x:1", &[]),
         ]);
         let r = interval_report(&s);
         assert_eq!(r.time, s.time);
@@ -207,7 +213,7 @@ mod tests {
     fn container_metrics_are_rates_with_loopback_apart() {
         let arn = "arn:aws:ecs:us-east-1:111122223333:task/prod/8f03e41243824aea923aca126495f665";
         let s = snapshot(vec![workload(
-            ReportKind::EcsTask,
+            WorkloadKind::EcsTask,
             "t",
             "web:12",
             &[(LABEL_TASK_ARN, arn)],

@@ -1,9 +1,6 @@
-//! [`MackerelReporter`]: the interval loop's handle on a tokio task that owns the API client,
-//! the host table and the delivery buffer.
-//!
-//! It is not a [`crate::sink::Sink`]: a snapshot knows cgroups, not tasks, so `run.rs` builds
-//! an [`IntervalReport`] from the inventory and the snapshot and calls
-//! [`MackerelReporter::report`]; on SIGTERM it calls [`MackerelReporter::shutdown`].
+//! The Mackerel output: [`MackerelSink`] turns each snapshot into an [`IntervalReport`] and
+//! hands it to [`MackerelReporter`], a tokio task that owns the API client, the host table and
+//! the delivery buffer; at shutdown the sink flushes it within the bound.
 //!
 //! Each round the task posts buffered values (oldest first), then registers or updates hosts,
 //! posts again (the values of hosts just registered), posts the graph definitions once, and
@@ -24,12 +21,19 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::{
+    sink::{Sink, SinkError},
+    snapshot::Snapshot,
+};
+
 use super::{
     buffer::{Backoff, Batch, Buffer},
     client::{ApiError, Client, ClientError, HostParam},
     hosts::{Action, HostTable},
     model::{HostReport, IntervalReport, Roles, RolesError},
-    names, MackerelConfig,
+    names,
+    report::interval_report,
+    MackerelConfig,
 };
 
 /// Handle on the Mackerel task. Dropping it stops the task without flushing; call
@@ -125,6 +129,58 @@ impl MackerelReporter {
                 None
             }
         }
+    }
+}
+
+/// The Mackerel output as a [`Sink`]: runs on the sink's thread, hands each interval to the
+/// reporter's task and never waits for the API.
+pub struct MackerelSink {
+    reporter: Option<MackerelReporter>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl MackerelSink {
+    /// Starts the reporter on the current tokio runtime.
+    pub fn start(config: MackerelConfig) -> Result<Self, ClientError> {
+        let runtime = tokio::runtime::Handle::current();
+        Ok(Self {
+            reporter: Some(MackerelReporter::start(config)?),
+            runtime,
+        })
+    }
+}
+
+impl Sink for MackerelSink {
+    fn name(&self) -> &'static str {
+        "mackerel"
+    }
+
+    fn emit(&mut self, snapshot: &Snapshot) -> Result<(), SinkError> {
+        // No platform, no tasks; a stale inventory would make running tasks look gone, so
+        // Mackerel waits for a good one.
+        if snapshot.platform.as_ref().is_some_and(|p| !p.is_stale()) {
+            if let Some(reporter) = &self.reporter {
+                reporter.report(interval_report(snapshot));
+            }
+        }
+        Ok(())
+    }
+
+    fn backlog(&self) -> Option<u64> {
+        self.reporter.as_ref().map(|r| r.queue_depth() as u64)
+    }
+
+    fn flush(&mut self, timeout: Duration) -> Result<(), SinkError> {
+        let Some(reporter) = self.reporter.take() else {
+            return Ok(());
+        };
+        // Hosts stay: the node is stopping, not its tasks.
+        if let Some(left) = self.runtime.block_on(reporter.shutdown(timeout)) {
+            if left.unsent > 0 || left.unregistered > 0 {
+                log::warn!("Mackerel: stopped with data not yet sent: {left:?}");
+            }
+        }
+        Ok(())
     }
 }
 

@@ -7,10 +7,8 @@ use observer_common::TrafficValue;
 use serde::Serialize;
 
 use super::{Sink, SinkError};
-use crate::{
-    inventory::{NetworkMode, OwnerRef},
-    snapshot::{per_second, Snapshot},
-    workloads::{ContainerReport, ReportKind, Usage, WorkloadReport},
+use crate::snapshot::{
+    per_second, ContainerReport, OwnerRef, Snapshot, Usage, WorkloadKind, WorkloadReport,
 };
 
 pub struct JsonSink<W: Write + Send> {
@@ -116,7 +114,7 @@ struct WorkloadLine<'a> {
     head: Head<'a>,
     platform: Option<&'static str>,
     stale: bool,
-    kind: ReportKind,
+    kind: WorkloadKind,
     id: &'a str,
     name: &'a str,
     namespace: Option<&'a str>,
@@ -155,20 +153,6 @@ struct ObserverLine<'a> {
     map_full_drops: u64,
 }
 
-/// "bridge", "host", "awsvpc", "container:<id>", ...
-pub fn network_mode_name(mode: &NetworkMode) -> String {
-    match mode {
-        NetworkMode::Bridge => "bridge".into(),
-        NetworkMode::Host => "host".into(),
-        NetworkMode::None => "none".into(),
-        NetworkMode::Container(target) => format!("container:{target}"),
-        NetworkMode::Network(name) => name.clone(),
-        NetworkMode::Awsvpc => "awsvpc".into(),
-        NetworkMode::Pod => "pod".into(),
-        NetworkMode::Unknown => "unknown".into(),
-    }
-}
-
 impl<W: Write + Send> JsonSink<W> {
     fn line(&mut self, value: &impl Serialize) -> Result<(), SinkError> {
         serde_json::to_writer(&mut self.out, value)?;
@@ -182,7 +166,7 @@ fn container_line<'a>(c: &'a ContainerReport, snapshot: &Snapshot) -> ContainerL
         id: &c.id,
         name: &c.name,
         image: c.image.as_deref(),
-        network_mode: network_mode_name(&c.network_mode),
+        network_mode: c.network_mode.name(),
         cgroup_ids: &c.cgroup_ids,
         traffic: TrafficFields::new(&c.traffic, snapshot),
         usage: (&c.usage).into(),
@@ -211,7 +195,7 @@ fn workload_line<'a>(
         namespace: w.namespace.as_deref(),
         controller: w.controller.as_ref(),
         labels: &w.labels,
-        network_mode: network_mode_name(&w.network_mode),
+        network_mode: w.network_mode.name(),
         cgroup_ids: &w.cgroup_ids,
         traffic: TrafficFields::new(&w.traffic, snapshot),
         usage: (&w.usage).into(),
@@ -223,7 +207,7 @@ fn workload_line<'a>(
     }
 }
 
-impl<W: Write + Send> Sink for JsonSink<W> {
+impl<W: Write + Send + 'static> Sink for JsonSink<W> {
     fn name(&self) -> &'static str {
         "json"
     }
@@ -271,7 +255,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::snapshot::{CgroupTraffic, Health, PlatformStatus};
+    use crate::snapshot::{CgroupTraffic, Health, NetworkMode, PlatformStatus};
 
     fn lines(snapshot: &Snapshot) -> Vec<Value> {
         let mut sink = JsonSink::new(Vec::new());
@@ -304,11 +288,14 @@ mod tests {
             }],
             workloads: Vec::new(),
             held: Vec::new(),
+            host: Default::default(),
             platform: None,
             health: Health {
+                programs_attached: 2,
                 map_entries: 3,
                 map_capacity: 16384,
                 map_full_drops: 0,
+                sinks: Vec::new(),
             },
         }
     }
@@ -350,9 +337,10 @@ mod tests {
         s.platform = Some(PlatformStatus {
             source: "ecs",
             stale_since: Some(UNIX_EPOCH),
+            failures_total: 0,
         });
         s.workloads = vec![WorkloadReport {
-            kind: ReportKind::EcsTask,
+            kind: WorkloadKind::EcsTask,
             id: "8f03e41243824aea923aca126495f665".into(),
             name: "web:12".into(),
             namespace: None,

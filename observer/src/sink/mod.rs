@@ -1,11 +1,13 @@
-//! Outputs. Each sink receives every snapshot, in order, once per interval.
-//!
-//! `emit` must not block for long: a sink that talks to a network service owns a task of its
-//! own and hands the snapshot to it.
+//! Outputs. Each sink formats and delivers what a snapshot holds, nothing else; each runs on a
+//! thread of its own behind a bounded queue ([`fanout`]), so a slow or stuck one (a pipe
+//! nobody reads, an API that hangs) never delays the interval, the probes or another sink.
 
+pub mod fanout;
 pub mod json;
 pub mod prometheus;
 pub mod table;
+
+use std::time::Duration;
 
 use crate::snapshot::Snapshot;
 
@@ -17,8 +19,29 @@ pub enum SinkError {
     Encode(#[from] serde_json::Error),
 }
 
-pub trait Sink: Send {
-    /// Short name for logs ("json", "prometheus", "mackerel").
+impl SinkError {
+    /// The reader is gone for good (EPIPE: `observer | head`): no later write can succeed.
+    pub fn is_closed(&self) -> bool {
+        let kind = match self {
+            Self::Io(e) => Some(e.kind()),
+            Self::Encode(e) => e.io_error_kind(),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// One output. Its methods run on the sink's own thread, so they may block.
+pub trait Sink: Send + 'static {
+    /// Short name for logs and metrics ("json", "table", "prometheus", "mackerel").
     fn name(&self) -> &'static str;
+    /// Formats and delivers one interval.
     fn emit(&mut self, snapshot: &Snapshot) -> Result<(), SinkError>;
+    /// What waits inside the sink for delivery, if it keeps a queue of its own.
+    fn backlog(&self) -> Option<u64> {
+        None
+    }
+    /// Delivers what is still pending, within `timeout`: called once, after the last snapshot.
+    fn flush(&mut self, _timeout: Duration) -> Result<(), SinkError> {
+        Ok(())
+    }
 }

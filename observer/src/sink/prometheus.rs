@@ -24,13 +24,14 @@
 //! | `observer_<what>_spec_memory_limit_bytes` | gauge | L | memory limit, same fallbacks |
 //! | `observer_container_info` | gauge (1) | L, `container_id`, `image`, `network_mode` | facts of a live container |
 //! | `observer_workload_info` | gauge (1) | L, `owner_kind`, `owner_name`, `network_mode` | facts of a live workload (owner: Deployment, ...) |
-//! | `observer_programs_attached` | gauge | | kernel programs attached ([`Handle::set_programs_attached`]) |
+//! | `observer_programs_attached` | gauge | | kernel programs attached during the latest interval |
 //! | `observer_traffic_map_entries` | gauge | | entries of the kernel's traffic map after the latest interval |
 //! | `observer_traffic_map_capacity` | gauge | | entries the map can hold (fill = entries / capacity) |
 //! | `observer_traffic_map_full_drops_total` | counter | | packets not counted because the map was full |
-//! | `observer_metadata_api_errors_total` | counter | | failed metadata API calls ([`Handle::add_metadata_api_errors`]) |
+//! | `observer_metadata_api_errors_total` | counter | | failed metadata API calls |
 //! | `observer_inventory_stale` | gauge | `source` | 1 while the metadata API fails and workloads are its last good answer |
-//! | `observer_mackerel_queue_depth` | gauge | | values waiting for the Mackerel API ([`Handle::set_mackerel_queue_depth`]; absent until set) |
+//! | `observer_mackerel_queue_depth` | gauge | | values waiting for the Mackerel API (absent without the Mackerel output) |
+//! | `observer_sink_dropped_total` | counter | `sink` | intervals an output could not take because it was still delivering earlier ones |
 //! | `observer_cycles_total` | counter | | intervals measured |
 //! | `observer_last_cycle_timestamp_seconds` | gauge | | end of the latest interval, Unix time |
 //!
@@ -105,22 +106,11 @@ pub struct PrometheusSink {
     _stop: oneshot::Sender<()>,
 }
 
-/// The other half, for what no snapshot carries: programs attached, metadata API errors,
-/// Mackerel queue depth. Cheap to clone; its setters never block on I/O.
-#[derive(Debug, Clone)]
-pub struct Handle {
-    state: Arc<Mutex<State>>,
-    addr: SocketAddr,
-}
-
 impl PrometheusSink {
     /// Binds `listen` and serves the endpoint on the current tokio runtime. `interval` is the
     /// configured reporting interval (for /healthz). Port 0 picks a free port: see
     /// [`Self::local_addr`].
-    pub fn start(
-        listen: SocketAddr,
-        interval: Duration,
-    ) -> Result<(Self, Handle), PrometheusError> {
+    pub fn start(listen: SocketAddr, interval: Duration) -> Result<Self, PrometheusError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| PrometheusError::NoRuntime)?;
         let listener = bind(listen)?;
@@ -156,18 +146,11 @@ impl PrometheusSink {
             }
         });
         log::info!("Prometheus endpoint on http://{addr}/metrics (and /healthz, /readyz)");
-        let handle = Handle {
-            state: state.clone(),
+        Ok(Self {
+            state,
             addr,
-        };
-        Ok((
-            Self {
-                state,
-                addr,
-                _stop: stop,
-            },
-            handle,
-        ))
+            _stop: stop,
+        })
     }
 
     /// The address the endpoint listens on (with the port chosen when 0 was asked for).
@@ -201,29 +184,6 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Handle {
-    /// The address the endpoint listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Kernel programs attached now (after attaching: 2; after detaching: 0).
-    pub fn set_programs_attached(&self, programs: usize) {
-        lock(&self.state).own.programs_attached = programs;
-    }
-
-    /// Counts failed calls to the platform's metadata API.
-    pub fn add_metadata_api_errors(&self, errors: u64) {
-        let own = &mut lock(&self.state).own;
-        own.metadata_api_errors = own.metadata_api_errors.saturating_add(errors);
-    }
-
-    /// Values waiting for the Mackerel API now.
-    pub fn set_mackerel_queue_depth(&self, values: usize) {
-        lock(&self.state).own.mackerel_queue_depth = Some(values);
-    }
-}
-
 impl Sink for PrometheusSink {
     fn name(&self) -> &'static str {
         "prometheus"
@@ -244,9 +204,8 @@ mod tests {
 
     const I: Duration = Duration::from_secs(60);
 
-    async fn get(handle: &Handle, path: &str, accept: Option<&str>) -> (u16, String, String) {
-        let mut request =
-            reqwest::Client::new().get(format!("http://{}{path}", handle.local_addr()));
+    async fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> (u16, String, String) {
+        let mut request = reqwest::Client::new().get(format!("http://{addr}{path}"));
         if let Some(accept) = accept {
             request = request.header("accept", accept);
         }
@@ -267,7 +226,8 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_accumulate_and_gone_containers_disappear() {
-        let (mut sink, handle) = PrometheusSink::start("127.0.0.1:0".parse().unwrap(), I).unwrap();
+        let mut sink = PrometheusSink::start("127.0.0.1:0".parse().unwrap(), I).unwrap();
+        let handle = sink.local_addr();
         let t = traffic(1000, 300, 40);
         for _ in 0..3 {
             let s = snapshot(
@@ -276,7 +236,7 @@ mod tests {
             );
             sink.emit(&s).unwrap();
         }
-        let (status, content_type, text) = get(&handle, "/metrics", None).await;
+        let (status, content_type, text) = get(handle, "/metrics", None).await;
         assert_eq!(status, 200);
         assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
         let web = r#"{namespace="shop",pod="web",container="app""#;
@@ -321,30 +281,42 @@ mod tests {
         // db is gone: its series go; web keeps counting.
         sink.emit(&snapshot(vec![pod("web", 7, t, None)], vec![]))
             .unwrap();
-        let (_, _, text) = get(&handle, "/metrics", None).await;
+        let (_, _, text) = get(handle, "/metrics", None).await;
         assert!(!text.contains(r#"pod="db""#), "{text}");
         assert_eq!(sample(&text, &rx), Some("4000"));
 
-        handle.set_mackerel_queue_depth(12);
-        handle.add_metadata_api_errors(2);
-        let (_, _, text) = get(&handle, "/metrics", None).await;
+        let mut s = snapshot(vec![pod("web", 7, t, None)], vec![]);
+        s.health.sinks = vec![crate::snapshot::SinkStatus {
+            name: "mackerel",
+            dropped: 3,
+            backlog: Some(12),
+            ended: false,
+        }];
+        s.platform.as_mut().unwrap().failures_total = 2;
+        sink.emit(&s).unwrap();
+        let (_, _, text) = get(handle, "/metrics", None).await;
         assert_eq!(sample(&text, "observer_mackerel_queue_depth"), Some("12"));
         assert_eq!(
             sample(&text, "observer_metadata_api_errors_total"),
             Some("2")
         );
+        assert_eq!(
+            sample(&text, r#"observer_sink_dropped_total{sink="mackerel"}"#),
+            Some("3")
+        );
     }
 
     #[tokio::test]
     async fn openmetrics_when_asked_for() {
-        let (mut sink, handle) = PrometheusSink::start("127.0.0.1:0".parse().unwrap(), I).unwrap();
+        let mut sink = PrometheusSink::start("127.0.0.1:0".parse().unwrap(), I).unwrap();
+        let handle = sink.local_addr();
         sink.emit(&snapshot(
             vec![pod("web", 7, traffic(5, 5, 5), None)],
             vec![],
         ))
         .unwrap();
         let (status, content_type, text) = get(
-            &handle,
+            handle,
             "/metrics",
             Some("application/openmetrics-text;version=1.0.0"),
         )
@@ -362,38 +334,37 @@ mod tests {
     #[tokio::test]
     async fn probes_say_why() {
         let interval = Duration::from_millis(100);
-        let (mut sink, handle) =
-            PrometheusSink::start("127.0.0.1:0".parse().unwrap(), interval).unwrap();
+        let mut sink = PrometheusSink::start("127.0.0.1:0".parse().unwrap(), interval).unwrap();
+        let handle = sink.local_addr();
         assert_eq!(
-            get(&handle, "/readyz", None).await,
+            get(handle, "/readyz", None).await,
             (
                 503,
                 "text/plain; charset=utf-8".into(),
                 "not ready: no kernel programs attached\n".into()
             )
         );
-        let (status, _, body) = get(&handle, "/healthz", None).await;
+        let (status, _, body) = get(handle, "/healthz", None).await;
         assert_eq!(status, 200, "{body}");
         assert!(body.starts_with("ok: starting"), "{body}");
 
-        handle.set_programs_attached(2);
         sink.emit(&snapshot(vec![], vec![])).unwrap();
-        let (status, _, body) = get(&handle, "/readyz", None).await;
+        let (status, _, body) = get(handle, "/readyz", None).await;
         assert_eq!(
             (status, body.as_str()),
             (200, "ready: 2 programs attached, 1 cycles done\n")
         );
-        let (status, _, body) = get(&handle, "/healthz", None).await;
+        let (status, _, body) = get(handle, "/healthz", None).await;
         assert_eq!(status, 200, "{body}");
         assert!(body.starts_with("ok: last cycle"), "{body}");
 
         // No cycle for more than three intervals: the loop is stuck.
         tokio::time::sleep(interval * 4).await;
-        let (status, _, body) = get(&handle, "/healthz", None).await;
+        let (status, _, body) = get(handle, "/healthz", None).await;
         assert_eq!(status, 503, "{body}");
         assert!(body.starts_with("stuck: last cycle"), "{body}");
         sink.emit(&snapshot(vec![], vec![])).unwrap();
-        assert_eq!(get(&handle, "/healthz", None).await.0, 200);
+        assert_eq!(get(handle, "/healthz", None).await.0, 200);
     }
 
     #[tokio::test]
@@ -422,17 +393,15 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_sink_stops_the_server() {
-        let (sink, handle) = PrometheusSink::start("127.0.0.1:0".parse().unwrap(), I).unwrap();
-        assert_eq!(get(&handle, "/healthz", None).await.0, 200);
+        let sink = PrometheusSink::start("127.0.0.1:0".parse().unwrap(), I).unwrap();
+        let handle = sink.local_addr();
+        assert_eq!(get(handle, "/healthz", None).await.0, 200);
         drop(sink);
         // Graceful shutdown closes the listener once the task sees the signal.
         let mut closed = false;
         for _ in 0..50 {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            if tokio::net::TcpStream::connect(handle.local_addr())
-                .await
-                .is_err()
-            {
+            if tokio::net::TcpStream::connect(handle).await.is_err() {
                 closed = true;
                 break;
             }

@@ -21,7 +21,7 @@ use std::io::Write;
 use super::{Sink, SinkError};
 use crate::{
     snapshot::{per_second, Snapshot},
-    workloads::{ReportKind, WorkloadReport},
+    snapshot::{WorkloadKind, WorkloadReport},
 };
 
 /// Rows shown when the terminal's height is unknown.
@@ -93,7 +93,7 @@ struct Row {
 /// one revision share a name.
 fn workload_name(w: &WorkloadReport) -> String {
     match w.kind {
-        ReportKind::EcsTask => format!("{} ({})", w.name, w.id.get(..8).unwrap_or(&w.id)),
+        WorkloadKind::EcsTask => format!("{} ({})", w.name, w.id.get(..8).unwrap_or(&w.id)),
         _ => w.name.clone(),
     }
 }
@@ -256,7 +256,7 @@ fn render(out: &mut impl Write, snapshot: &Snapshot, max_rows: usize) -> std::io
     writeln!(out)
 }
 
-impl<W: Write + Send> Sink for TableSink<W> {
+impl<W: Write + Send + 'static> Sink for TableSink<W> {
     fn name(&self) -> &'static str {
         "table"
     }
@@ -283,8 +283,8 @@ mod tests {
     use super::*;
     use crate::{
         inventory::NetworkMode,
+        snapshot::Usage,
         snapshot::{CgroupTraffic, Health, PlatformStatus},
-        workloads::Usage,
     };
 
     fn tv(rx: u64, tx: u64) -> TrafficValue {
@@ -306,7 +306,7 @@ mod tests {
         }
     }
 
-    fn workload(kind: ReportKind, name: &str, rx: u64, tx: u64, usage: Usage) -> WorkloadReport {
+    fn workload(kind: WorkloadKind, name: &str, rx: u64, tx: u64, usage: Usage) -> WorkloadReport {
         WorkloadReport {
             kind,
             id: "8f03e41243824aea923aca126495f665".into(),
@@ -329,9 +329,11 @@ mod tests {
             cgroups: vec![],
             workloads,
             held: Vec::new(),
+            host: Default::default(),
             platform: Some(PlatformStatus {
                 source: "ecs",
                 stale_since: None,
+                failures_total: 0,
             }),
             health: Health::default(),
         }
@@ -351,9 +353,15 @@ mod tests {
             ..Default::default()
         };
         let s = snapshot(vec![
-            workload(ReportKind::ComposeProject, "quiet", 0, 0, Usage::default()),
-            workload(ReportKind::EcsTask, "web:12", 2_400_000, 600_000, usage),
-            workload(ReportKind::Container, "redis", 3000, 1000, usage),
+            workload(
+                WorkloadKind::ComposeProject,
+                "quiet",
+                0,
+                0,
+                Usage::default(),
+            ),
+            workload(WorkloadKind::EcsTask, "web:12", 2_400_000, 600_000, usage),
+            workload(WorkloadKind::Container, "redis", 3000, 1000, usage),
         ]);
         assert_eq!(
             table(&s, 20),
@@ -374,7 +382,7 @@ quiet                   0 B/s       0 B/s       -           -
             (0..25)
                 .map(|i| {
                     workload(
-                        ReportKind::Container,
+                        WorkloadKind::Container,
                         &format!("c{i:02}"),
                         i * 100,
                         0,
@@ -426,13 +434,13 @@ cgroup 42                     2.5 kB/s       0 B/s       -           -
         let long = format!("shop/{}", "x".repeat(60));
         let s = snapshot(vec![
             workload(
-                ReportKind::Container,
+                WorkloadKind::Container,
                 "evil\nname\"\\",
                 2,
                 0,
                 Usage::default(),
             ),
-            workload(ReportKind::KubernetesPod, &long, 1, 0, Usage::default()),
+            workload(WorkloadKind::KubernetesPod, &long, 1, 0, Usage::default()),
         ]);
         let out = table(&s, 20);
         let lines: Vec<&str> = out.lines().collect();
@@ -446,7 +454,7 @@ cgroup 42                     2.5 kB/s       0 B/s       -           -
     #[test]
     fn stale_inventory_is_said() {
         let mut s = snapshot(vec![workload(
-            ReportKind::Container,
+            WorkloadKind::Container,
             "a",
             0,
             0,
@@ -455,6 +463,7 @@ cgroup 42                     2.5 kB/s       0 B/s       -           -
         s.platform = Some(PlatformStatus {
             source: "kubernetes",
             stale_since: Some(UNIX_EPOCH + Duration::from_secs(1_794_999_000)),
+            failures_total: 0,
         });
         let out = table(&s, 20);
         assert!(

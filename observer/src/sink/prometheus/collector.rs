@@ -16,7 +16,7 @@ use prometheus_client::{
 };
 
 use super::{
-    labels::{InterfaceClass, SourceLabel},
+    labels::{InterfaceClass, SinkLabel, SourceLabel},
     state::{State, Totals, TrafficTotals},
 };
 
@@ -213,6 +213,15 @@ fn own(e: &mut DescriptorEncoder, state: &State) -> std::fmt::Result {
         "Values waiting to be posted to Mackerel.",
         None,
         own.mackerel_queue_depth.map(ConstGauge::new),
+    )?;
+    family(
+        e,
+        "sink_dropped",
+        "Intervals an output could not take because it was still delivering earlier ones.",
+        None,
+        own.sinks
+            .iter()
+            .map(|s| (SinkLabel { sink: s.name }, ConstCounter::new(s.dropped))),
     )?;
     single(
         e,

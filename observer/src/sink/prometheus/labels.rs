@@ -8,7 +8,7 @@
 
 use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 
-use crate::workloads::{ContainerReport, ReportKind, WorkloadReport};
+use crate::snapshot::{ContainerReport, WorkloadKind, WorkloadReport};
 
 /// Kubernetes: the pod's namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
@@ -76,7 +76,7 @@ impl WorkloadLabels {
     /// a task's "family:revision".
     pub fn of(w: &WorkloadReport) -> Self {
         match w.kind {
-            ReportKind::KubernetesPod => {
+            WorkloadKind::KubernetesPod => {
                 let namespace = w.namespace.clone().unwrap_or_default();
                 let pod = w
                     .name
@@ -86,7 +86,7 @@ impl WorkloadLabels {
                     .to_owned();
                 Self::Pod(PodLabels { namespace, pod })
             }
-            ReportKind::EcsTask => Self::EcsTask(EcsTaskLabels {
+            WorkloadKind::EcsTask => Self::EcsTask(EcsTaskLabels {
                 cluster: Cluster(w.namespace.clone().filter(|c| !c.is_empty())),
                 task_id: w.id.clone(),
                 family: w
@@ -95,10 +95,10 @@ impl WorkloadLabels {
                     .map_or(w.name.as_str(), |(f, _)| f)
                     .to_owned(),
             }),
-            ReportKind::ComposeProject => Self::Compose(ComposeLabels {
+            WorkloadKind::ComposeProject => Self::Compose(ComposeLabels {
                 compose_project: w.name.clone(),
             }),
-            ReportKind::Container => Self::Standalone(StandaloneLabels {
+            WorkloadKind::Container => Self::Standalone(StandaloneLabels {
                 container: w.name.clone(),
             }),
         }
@@ -111,13 +111,13 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
-impl From<ReportKind> for KindLabel {
-    fn from(kind: ReportKind) -> Self {
+impl From<WorkloadKind> for KindLabel {
+    fn from(kind: WorkloadKind) -> Self {
         let kind = match kind {
-            ReportKind::EcsTask => "ecs_task",
-            ReportKind::KubernetesPod => "kubernetes_pod",
-            ReportKind::ComposeProject => "compose_project",
-            ReportKind::Container => "container",
+            WorkloadKind::EcsTask => "ecs_task",
+            WorkloadKind::KubernetesPod => "kubernetes_pod",
+            WorkloadKind::ComposeProject => "compose_project",
+            WorkloadKind::Container => "container",
         };
         Self { kind }
     }
@@ -189,6 +189,12 @@ pub struct SourceLabel {
     pub source: &'static str,
 }
 
+/// `sink` of observer's own output metrics: "json", "table", "prometheus", "mackerel".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: &'static str,
+}
+
 /// The extra facts of `observer_container_info`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ContainerInfo {
@@ -232,9 +238,9 @@ mod tests {
     };
 
     use super::*;
-    use crate::{inventory::NetworkMode, workloads::Usage};
+    use crate::snapshot::{NetworkMode, Usage};
 
-    fn workload(kind: ReportKind, name: &str, namespace: Option<&str>) -> WorkloadReport {
+    fn workload(kind: WorkloadKind, name: &str, namespace: Option<&str>) -> WorkloadReport {
         WorkloadReport {
             kind,
             id: "8f03e41243824aea923aca126495f665".into(),
@@ -279,15 +285,15 @@ mod tests {
     #[test]
     fn each_platform_names_its_workloads_its_own_way() {
         let pod = workload(
-            ReportKind::KubernetesPod,
+            WorkloadKind::KubernetesPod,
             "shop/web-5d9f7-abcde",
             Some("shop"),
         );
-        let task = workload(ReportKind::EcsTask, "web:12", Some("prod"));
-        let mut lone_task = workload(ReportKind::EcsTask, "batch", None);
+        let task = workload(WorkloadKind::EcsTask, "web:12", Some("prod"));
+        let mut lone_task = workload(WorkloadKind::EcsTask, "batch", None);
         lone_task.id = "0123".into();
-        let compose = workload(ReportKind::ComposeProject, "shop", None);
-        let lone = workload(ReportKind::Container, "redis", None);
+        let compose = workload(WorkloadKind::ComposeProject, "shop", None);
+        let lone = workload(WorkloadKind::Container, "redis", None);
         let out = exposition(
             [&pod, &task, &lone_task, &compose, &lone]
                 .into_iter()
@@ -309,8 +315,8 @@ mod tests {
 
     #[test]
     fn containers_add_their_name_once() {
-        let pod = workload(ReportKind::KubernetesPod, "shop/web", Some("shop"));
-        let lone = workload(ReportKind::Container, "redis", None);
+        let pod = workload(WorkloadKind::KubernetesPod, "shop/web", Some("shop"));
+        let lone = workload(WorkloadKind::Container, "redis", None);
         let c = |name: &str| ContainerReport {
             id: "c".repeat(64),
             name: name.into(),

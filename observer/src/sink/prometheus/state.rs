@@ -6,17 +6,16 @@
 //! if it comes back its counters start again from zero, which `rate()` reads as a reset.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     time::{Instant, SystemTime},
 };
 
-use observer_common::{Counter, TrafficValue};
+use observer_common::TrafficValue;
 
 use super::labels::{ContainerInfo, ContainerSeries, Owner, WorkloadInfo, WorkloadSeries};
 use crate::{
-    sink::json::network_mode_name,
     snapshot::Snapshot,
-    workloads::{ContainerReport, Usage, WorkloadReport},
+    snapshot::{ContainerReport, SinkStatus, Usage, WorkloadReport},
 };
 
 /// Bytes and packets since the series began, per direction, loopback apart.
@@ -26,14 +25,7 @@ pub struct TrafficTotals(pub TrafficValue);
 impl TrafficTotals {
     /// Adds one interval's delta. Saturating: a counter never goes backwards.
     pub fn add(&mut self, d: &TrafficValue) {
-        fn add(total: &mut Counter, d: &Counter) {
-            total.bytes = total.bytes.saturating_add(d.bytes);
-            total.packets = total.packets.saturating_add(d.packets);
-        }
-        add(&mut self.0.rx, &d.rx);
-        add(&mut self.0.tx, &d.tx);
-        add(&mut self.0.lo_rx, &d.lo_rx);
-        add(&mut self.0.lo_tx, &d.lo_tx);
+        self.0 = self.0.saturating_plus(*d);
     }
 }
 
@@ -74,10 +66,10 @@ pub struct ContainerEntry {
     pub info: ContainerInfo,
 }
 
-/// observer's own health, from snapshots and from the setters of the handle.
+/// observer's own health, from the snapshots.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Own {
-    /// Kernel programs attached, as the run loop last said.
+    /// Kernel programs attached during the latest interval.
     pub programs_attached: usize,
     /// Traffic map entries and capacity after the latest interval.
     pub map_entries: usize,
@@ -89,7 +81,9 @@ pub struct Own {
     /// `Some((source, stale))` once a platform is known.
     pub inventory: Option<(&'static str, bool)>,
     /// Values waiting for the Mackerel API; None while no Mackerel output says otherwise.
-    pub mackerel_queue_depth: Option<usize>,
+    pub mackerel_queue_depth: Option<u64>,
+    /// Every output's delivery state, as of the latest interval.
+    pub sinks: Vec<SinkStatus>,
     /// Intervals recorded since start.
     pub cycles: u64,
     /// End of the latest interval (wall clock, for the metric).
@@ -115,9 +109,7 @@ impl State {
         let secs = snapshot.interval.as_secs_f64();
         let mut workloads = BTreeMap::new();
         let mut containers = BTreeMap::new();
-        let mut claimed = HashSet::new();
         for w in &snapshot.workloads {
-            claimed.extend(w.cgroup_ids.iter().copied());
             let key = WorkloadSeries::of(w);
             // Two reports with the same labels (which no platform makes) add up.
             let entry = workloads
@@ -132,7 +124,6 @@ impl State {
                 });
             entry.totals.add(&w.traffic, &w.usage, secs);
             for c in &w.containers {
-                claimed.extend(c.cgroup_ids.iter().copied());
                 let key = ContainerSeries::of(w, c);
                 let entry = containers
                     .entry(key.clone())
@@ -149,16 +140,18 @@ impl State {
         }
         self.workloads = workloads;
         self.containers = containers;
-        for c in snapshot
-            .cgroups
-            .iter()
-            // Held traffic goes to its container next interval, not to the host.
-            .filter(|c| !claimed.contains(&c.cgroup_id) && !snapshot.held.contains(&c.cgroup_id))
-        {
-            self.host.add(&c.delta);
-        }
+        self.host.add(&snapshot.host);
 
         let own = &mut self.own;
+        own.programs_attached = snapshot.health.programs_attached;
+        own.metadata_api_errors = snapshot.platform.as_ref().map_or(0, |p| p.failures_total);
+        own.mackerel_queue_depth = snapshot
+            .health
+            .sinks
+            .iter()
+            .find(|s| s.name == "mackerel")
+            .and_then(|s| s.backlog);
+        own.sinks.clone_from(&snapshot.health.sinks);
         own.map_entries = snapshot.health.map_entries;
         own.map_capacity = snapshot.health.map_capacity;
         own.map_full_drops = own
@@ -181,7 +174,7 @@ fn workload_info(w: &WorkloadReport) -> WorkloadInfo {
                 .as_ref()
                 .map(|o| (o.kind.clone(), o.name.clone())),
         ),
-        network_mode: network_mode_name(&w.network_mode),
+        network_mode: w.network_mode.name(),
     }
 }
 
@@ -189,7 +182,7 @@ fn container_info(c: &ContainerReport) -> ContainerInfo {
     ContainerInfo {
         container_id: c.id.clone(),
         image: c.image.clone().unwrap_or_default(),
-        network_mode: network_mode_name(&c.network_mode),
+        network_mode: c.network_mode.name(),
     }
 }
 
@@ -198,11 +191,10 @@ pub(crate) mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::{
-        inventory::NetworkMode,
-        snapshot::{CgroupTraffic, Health, PlatformStatus},
-        workloads::ReportKind,
+    use crate::snapshot::{
+        host_traffic, CgroupTraffic, Health, NetworkMode, PlatformStatus, WorkloadKind,
     };
+    use observer_common::Counter;
 
     pub fn traffic(rx: u64, tx: u64, lo: u64) -> TrafficValue {
         TrafficValue {
@@ -239,7 +231,7 @@ pub(crate) mod tests {
             memory_limit: Some(256 << 20),
         };
         WorkloadReport {
-            kind: ReportKind::KubernetesPod,
+            kind: WorkloadKind::KubernetesPod,
             id: format!("uid-{pod}"),
             name: format!("shop/{pod}"),
             namespace: Some("shop".into()),
@@ -262,27 +254,32 @@ pub(crate) mod tests {
     }
 
     pub fn snapshot(workloads: Vec<WorkloadReport>, cgroups: Vec<(u64, TrafficValue)>) -> Snapshot {
+        let cgroups: Vec<CgroupTraffic> = cgroups
+            .into_iter()
+            .map(|(cgroup_id, delta)| CgroupTraffic {
+                cgroup_id,
+                path: Some(format!("/test/{cgroup_id}")),
+                delta,
+            })
+            .collect();
         Snapshot {
             time: UNIX_EPOCH + Duration::from_secs(1_795_000_000),
             interval: Duration::from_secs(2),
-            cgroups: cgroups
-                .into_iter()
-                .map(|(cgroup_id, delta)| CgroupTraffic {
-                    cgroup_id,
-                    path: Some(format!("/test/{cgroup_id}")),
-                    delta,
-                })
-                .collect(),
+            host: host_traffic(&cgroups, &workloads, &[]),
+            cgroups,
             workloads,
             held: Vec::new(),
             platform: Some(PlatformStatus {
                 source: "kubernetes",
                 stale_since: None,
+                failures_total: 0,
             }),
             health: Health {
+                programs_attached: 2,
                 map_entries: 3,
                 map_capacity: 16384,
                 map_full_drops: 1,
+                sinks: Vec::new(),
             },
         }
     }
@@ -385,6 +382,7 @@ pub(crate) mod tests {
         s.platform = Some(PlatformStatus {
             source: "ecs",
             stale_since: Some(UNIX_EPOCH),
+            failures_total: 0,
         });
         state.record(&s, Instant::now());
         assert_eq!(state.own.inventory, Some(("ecs", true)));

@@ -10,10 +10,12 @@ use anyhow::Context as _;
 use observer::{
     cgroupfs::CgroupIndex,
     collect::Collector,
+    cycle::Cycle,
     inventory::{
         docker::{DockerClient, DockerSource},
-        Container, Inventory, InventorySource, Limits, NetworkMode, Runtime, Workload,
-        WorkloadKind,
+        refresh::{RefreshConfig, Refresher},
+        Container, Inventory, InventoryFuture, InventorySource, Limits, NetworkMode, Runtime,
+        Workload, WorkloadKind,
     },
     programs::Programs,
     resources::{self, CgroupFs},
@@ -165,21 +167,36 @@ impl Drop for SyntheticTasks {
     }
 }
 
-/// One interval as run.rs does it, minus the wait and the platform API: maps, attach (with a
-/// walk of the hierarchy when the inventory has a container it has not seen, and every tenth
-/// cycle), join, JSON.
-fn cycle(
-    collector: &mut Collector,
-    inventory: &mut Inventory,
-    joiner: &mut Joiner,
-) -> anyhow::Result<usize> {
-    let mut snapshot = collector.collect()?;
-    let mut unknown = inventory.attach_cgroups(collector.index().iter());
-    if collector.should_walk(inventory) {
-        collector.rescan()?;
-        unknown = inventory.attach_cgroups(collector.index().iter());
+/// The synthetic tasks as a platform would list them.
+struct Fixed(Inventory);
+
+impl InventorySource for Fixed {
+    fn name(&self) -> &'static str {
+        "bench"
     }
-    joiner.join_into(&mut snapshot, inventory, collector.index(), &unknown);
+    fn fetch(&mut self) -> InventoryFuture<'_> {
+        let inventory = self.0.clone();
+        Box::pin(async move { Ok(inventory) })
+    }
+}
+
+/// The product's own cycle over `source`: maps, the walk and fetch decisions, attach, join,
+/// CPU and memory. A 60 s report interval, so a run of back-to-back cycles fetches once, as
+/// observer does within one interval.
+fn product_cycle(
+    programs: &mut Programs,
+    source: Box<dyn InventorySource>,
+) -> anyhow::Result<Cycle> {
+    let reader = TrafficReader::new(programs.ebpf_mut())?;
+    let collector = Collector::new(reader, CgroupIndex::scan(&testbed::v2_root())?);
+    let refresher = Refresher::new(source, RefreshConfig::for_interval(Duration::from_secs(60)));
+    Ok(Cycle::new(collector, Some(refresher), joiner(), 2))
+}
+
+/// One interval as observer runs it, minus the wait, with the JSON output; returns the
+/// containers joined.
+fn cycle(rt: &tokio::runtime::Runtime, cycle: &mut Cycle) -> anyhow::Result<usize> {
+    let snapshot = rt.block_on(cycle.run(Vec::new()))?;
     JsonSink::new(std::io::sink()).emit(&snapshot)?;
     Ok(snapshot.workloads.iter().map(|w| w.containers.len()).sum())
 }
@@ -212,21 +229,22 @@ pub fn inventory_cost(counts: &[usize]) -> anyhow::Result<()> {
         "cgroups", "containers", "CPU per cycle", "peak RSS"
     );
     let root = testbed::v2_root();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     for &n in counts {
         crate::check_interrupted()?;
-        let mut tasks = SyntheticTasks::create(n)?;
+        let tasks = SyntheticTasks::create(n)?;
         let mut programs = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
-        let reader = TrafficReader::new(programs.ebpf_mut())?;
+        let mut run = product_cycle(&mut programs, Box::new(Fixed(tasks.inventory.clone())))?;
         programs.attach(&root)?;
-        let mut collector = Collector::new(reader, CgroupIndex::scan(&root)?);
-        let mut joiner = joiner();
-        let containers = cycle(&mut collector, &mut tasks.inventory, &mut joiner)?;
+        let containers = cycle(&rt, &mut run)?;
         anyhow::ensure!(containers == n, "{containers} containers joined, {n} made");
         reset_peak_rss();
         let mut cpu = Vec::with_capacity(CYCLES);
         for _ in 0..CYCLES {
             let before = process_cpu();
-            cycle(&mut collector, &mut tasks.inventory, &mut joiner)?;
+            cycle(&rt, &mut run)?;
             cpu.push(process_cpu() - before);
         }
         let fmt = ms(&cpu).map_or("-".into(), |s| {
@@ -234,11 +252,12 @@ pub fn inventory_cost(counts: &[usize]) -> anyhow::Result<()> {
         });
         println!(
             "{:>10} {:>10} {:>28} {:>11} MiB",
-            collector.index().len(),
+            run.collector_mut().index().len(),
             n,
             fmt,
             peak_rss_kib() / 1024
         );
+        drop(tasks);
     }
     docker_side_by_side()
 }
@@ -263,19 +282,24 @@ fn docker_side_by_side() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let client = DockerClient::new("/var/run/docker.sock", Duration::from_secs(10));
-    let mut source = DockerSource::new(client.clone());
     let root = testbed::v2_root();
     let mut programs = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
     let reader = TrafficReader::new(programs.ebpf_mut())?;
+    let collector = Collector::new(reader, CgroupIndex::scan(&root)?);
+    // Fetch every cycle: each collection lists the containers, as Docker stats would need.
+    let every_cycle = RefreshConfig {
+        interval: Duration::ZERO,
+        min_spacing: Duration::ZERO,
+        ..RefreshConfig::for_interval(Duration::from_secs(10))
+    };
+    let refresher = Refresher::new(Box::new(DockerSource::new(client.clone())), every_cycle);
+    let mut run = Cycle::new(collector, Some(refresher), joiner(), 2);
     programs.attach(&root)?;
-    let mut collector = Collector::new(reader, CgroupIndex::scan(&root)?);
-    let mut joiner = joiner();
 
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     // Warm both paths once (inspect cache, Docker's stats collector).
-    let mut inventory = rt.block_on(source.fetch())?;
-    cycle(&mut collector, &mut inventory, &mut joiner)?;
+    cycle(&rt, &mut run)?;
     for id in &ids {
         rt.block_on(client.get_json::<serde_json::Value>(&format!(
             "/containers/{id}/stats?stream=false&one-shot=true"
@@ -283,8 +307,7 @@ fn docker_side_by_side() -> anyhow::Result<()> {
     }
     for _ in 0..CYCLES {
         let (own, daemons) = (process_cpu(), docker_daemons_cpu());
-        let mut inventory = rt.block_on(source.fetch())?;
-        let joined = cycle(&mut collector, &mut inventory, &mut joiner)?;
+        let joined = cycle(&rt, &mut run)?;
         anyhow::ensure!(joined >= REAL_CONTAINERS, "only {joined} containers joined");
         ours.push((process_cpu() - own) + (docker_daemons_cpu() - daemons));
 
