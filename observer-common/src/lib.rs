@@ -171,6 +171,7 @@ pub const STAT_COUNT: u32 = 1;
 mod pod {
     // SAFETY: plain #[repr(C)] integers with no padding.
     unsafe impl aya::Pod for super::TrafficKey {}
+    // SAFETY: as above: four pairs of u64.
     unsafe impl aya::Pod for super::TrafficValue {}
 }
 

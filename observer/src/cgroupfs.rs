@@ -83,6 +83,7 @@ pub fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
     };
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: statfs is plain integers, for which all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is NUL-terminated and st is a valid out-pointer.
     if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {

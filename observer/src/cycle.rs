@@ -131,7 +131,7 @@ impl Cycle {
 
 fn has_container_without_cgroup(inventory: &Inventory) -> bool {
     inventory
-        .tasks
+        .workloads
         .iter()
         .flat_map(|t| t.containers.iter())
         .chain(inventory.standalone.iter())

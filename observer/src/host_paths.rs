@@ -73,7 +73,9 @@ impl HostPaths {
                 cgroup_dir: cgroupfs.clone(),
             })?,
         };
-        let proc = args.proc.map_or_else(|| under(root, PROC_DIR), Path::to_owned);
+        let proc = args
+            .proc
+            .map_or_else(|| under(root, PROC_DIR), Path::to_owned);
         if !proc.join("stat").is_file() {
             return Err(HostPathError::NoProc {
                 root: root.to_owned(),
@@ -131,7 +133,10 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("sys/fs/cgroup holds no cgroup v2 hierarchy"), "{err}");
+        assert!(
+            err.contains("sys/fs/cgroup holds no cgroup v2 hierarchy"),
+            "{err}"
+        );
         assert!(err.contains("-v /sys/fs/cgroup:"), "{err}");
         let _ = fs::remove_dir_all(&dir);
     }

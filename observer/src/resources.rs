@@ -739,6 +739,7 @@ mod tests {
         use std::io::{BufRead as _, Write as _};
         use std::process::{Command, Stdio};
 
+        // SAFETY: geteuid cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("SKIPPED real_v1_cgroup_of_this_machine: needs root to create cgroups");
             return;
@@ -796,9 +797,7 @@ mod tests {
         }
         writeln!(stdin, "go").unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap();
+        io::BufReader::new(stdout).read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready");
 
         let first = fs.read(&rel);

@@ -82,8 +82,9 @@ impl Joiner {
         let traffic = self.with_held(inventory, traffic, unknown);
         let traffic = &traffic;
         let mut seen = Vec::new();
-        let mut reports = Vec::with_capacity(inventory.tasks.len() + inventory.standalone.len());
-        for workload in &inventory.tasks {
+        let mut reports =
+            Vec::with_capacity(inventory.workloads.len() + inventory.standalone.len());
+        for workload in &inventory.workloads {
             let limits = self.workload_limits(workload, paths);
             let usages: Vec<Usage> = workload
                 .containers
@@ -123,7 +124,7 @@ impl Joiner {
         unknown: &[u64],
     ) -> HashMap<u64, TrafficValue> {
         let attached: BTreeSet<u64> = inventory
-            .tasks
+            .workloads
             .iter()
             .flat_map(|t| {
                 t.cgroup_ids
@@ -485,7 +486,9 @@ mod tests {
         assert!(r.is_empty());
         assert_eq!(joiner.held(), vec![11]);
         // Interval 2: listed; its 50 new bytes come with the 700 held ones.
-        inventory.tasks.push(task(vec![container("a", &[11])], &[]));
+        inventory
+            .workloads
+            .push(task(vec![container("a", &[11])], &[]));
         let r = joiner.join(&inventory, &paths, &[(11, tx(50))].into(), &[], now);
         assert_eq!(r[0].traffic.tx.bytes, 750);
         assert_eq!(r[0].containers[0].traffic.tx.bytes, 750);
@@ -531,7 +534,7 @@ mod tests {
         let mut t = task(vec![container("c", &[6])], &[5]);
         t.limits = Limits::default();
         let mut inventory = Inventory::empty("test");
-        inventory.tasks.push(t);
+        inventory.workloads.push(t);
         let paths = |id: u64| {
             Some(if id == 5 {
                 "/ecs/t".to_owned()

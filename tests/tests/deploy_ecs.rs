@@ -541,8 +541,8 @@ const CAP_SYS_RESOURCE: u32 = 24;
 /// gets the engine's own hard limit instead, said loudly. On an ECS container instance dockerd
 /// has every capability and the manifest's value stands. (Since Linux 5.11 BPF memory is
 /// charged to the memory cgroup, not to RLIMIT_MEMLOCK, so observer does not need it there.)
-fn memlock_this_engine_grants(task_def: &Value) -> std::collections::BTreeMap<String, (i64, i64)> {
-    let mut out = std::collections::BTreeMap::new();
+fn memlock_this_engine_grants(task_def: &Value) -> BTreeMap<String, (i64, i64)> {
+    let mut out = BTreeMap::new();
     let wanted = task_def["containerDefinitions"]
         .as_array()
         .into_iter()

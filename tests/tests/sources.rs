@@ -109,7 +109,7 @@ fn cid(c: char) -> String {
 }
 
 fn task_ids(inv: &Inventory) -> Vec<&str> {
-    inv.tasks.iter().map(|t| t.id.as_str()).collect()
+    inv.workloads.iter().map(|t| t.id.as_str()).collect()
 }
 
 fn temp_file(label: &str, content: &str) -> PathBuf {
@@ -149,7 +149,7 @@ async fn ecs_source_lists_tasks_containers_and_cluster() {
         Some("Amazon ECS Agent - v1.30.0 (02ff320c)")
     );
     assert_eq!(task_ids(&inv), [web.as_str(), batch.as_str()]);
-    let t = &inv.tasks[0];
+    let t = &inv.workloads[0];
     assert_eq!(t.kind, WorkloadKind::EcsTask);
     assert_eq!(t.name, "web:12");
     assert_eq!(t.namespace.as_deref(), Some("prod"));
@@ -165,7 +165,7 @@ async fn ecs_source_lists_tasks_containers_and_cluster() {
         [(cid('a').as_str(), "app"), (cid('b').as_str(), "envoy")]
     );
     assert_eq!(
-        inv.tasks[1].network_mode,
+        inv.workloads[1].network_mode,
         NetworkMode::Unknown,
         "v1 says nothing for bridge"
     );
@@ -320,8 +320,12 @@ async fn kubelet_source_sends_the_rotating_token_over_verified_tls() {
     let inv = source.fetch().await.unwrap();
     assert_eq!(inv.source, "kubernetes");
     assert_eq!(inv.node.instance.as_deref(), Some("node-1"));
-    assert_eq!(inv.tasks.len(), 2, "the Succeeded pod has no cgroups left");
-    let web = &inv.tasks[0];
+    assert_eq!(
+        inv.workloads.len(),
+        2,
+        "the Succeeded pod has no cgroups left"
+    );
+    let web = &inv.workloads[0];
     assert_eq!(web.kind, WorkloadKind::KubernetesPod);
     assert_eq!(web.id, "8712f785-1a3e-41ec-a00b-e2dcc77431cb");
     assert_eq!(web.name, "shop/web-7d9c5b8f4-abcde");
@@ -330,7 +334,7 @@ async fn kubelet_source_sends_the_rotating_token_over_verified_tls() {
     assert_eq!(web.limits.cpu_cores, Some(0.75));
     assert_eq!(web.limits.memory_bytes, Some(192 << 20));
     assert_eq!(web.containers[0].id, cid('a'));
-    assert_eq!(inv.tasks[1].network_mode, NetworkMode::Host);
+    assert_eq!(inv.workloads[1].network_mode, NetworkMode::Host);
 
     // The token rotates: the next request reads the new one.
     std::fs::write(&token, "token-two").unwrap();
@@ -388,7 +392,7 @@ async fn kubelet_with_an_unknown_ca_fails_clearly_unless_insecure() {
     config.kubelet_insecure_tls = true;
     config.kubelet_ca_file = "/nonexistent/ca.crt".into();
     let inv = KubeletSource::new(&config).unwrap().fetch().await.unwrap();
-    assert_eq!(inv.tasks.len(), 2);
+    assert_eq!(inv.workloads.len(), 2);
 
     for path in [other_ca, token] {
         std::fs::remove_file(path).unwrap();
@@ -401,7 +405,7 @@ async fn kubelet_read_only_port_gets_no_token() {
     kubelet.set_pods(&pods());
     let token = temp_file("kubelet-token", "secret-token");
     let mut source = KubeletSource::new(&kubelet_config(&kubelet, &token)).unwrap();
-    assert_eq!(source.fetch().await.unwrap().tasks.len(), 2);
+    assert_eq!(source.fetch().await.unwrap().workloads.len(), 2);
     assert_eq!(kubelet.requests()[0].authorization, None);
 
     // Garbage and 500 are errors (the Refresher keeps the last good inventory).
@@ -547,7 +551,7 @@ async fn docker_source_lists_containers_with_compose_groups_and_limits() {
     let inv = source.fetch().await.unwrap();
     assert_eq!(inv.source, "docker");
     let group = inv
-        .tasks
+        .workloads
         .iter()
         .find(|t| t.id == project)
         .expect("the project");
@@ -677,7 +681,7 @@ async fn ecs_falls_back_to_docker_labels_and_fills_in_from_docker() {
     let unmatched = inv.attach_cgroups(paths.iter().copied());
     assert!(unmatched.is_empty(), "{unmatched:?}");
     let t = inv
-        .tasks
+        .workloads
         .iter()
         .find(|t| t.id == awsvpc)
         .expect("awsvpc task");
@@ -686,7 +690,11 @@ async fn ecs_falls_back_to_docker_labels_and_fills_in_from_docker() {
     let mut names: Vec<&str> = t.containers.iter().map(|c| c.name.as_str()).collect();
     names.sort();
     assert_eq!(names, ["app", "~internal~ecs~pause"]);
-    let h = inv.tasks.iter().find(|t| t.id == host).expect("host task");
+    let h = inv
+        .workloads
+        .iter()
+        .find(|t| t.id == host)
+        .expect("host task");
     assert_eq!(h.network_mode, NetworkMode::Host);
     assert_eq!(h.containers[0].cgroup_ids, [3]);
 
@@ -703,7 +711,7 @@ async fn ecs_falls_back_to_docker_labels_and_fills_in_from_docker() {
     let unmatched = inv.attach_cgroups(paths.iter().copied());
     assert!(unmatched.is_empty(), "{unmatched:?}");
     let t = inv
-        .tasks
+        .workloads
         .iter()
         .find(|t| t.id == awsvpc)
         .expect("awsvpc task");
@@ -715,7 +723,11 @@ async fn ecs_falls_back_to_docker_labels_and_fills_in_from_docker() {
         [1],
         "added from its labels"
     );
-    let h = inv.tasks.iter().find(|t| t.id == host).expect("host task");
+    let h = inv
+        .workloads
+        .iter()
+        .find(|t| t.id == host)
+        .expect("host task");
     assert_eq!(
         h.network_mode,
         NetworkMode::Host,

@@ -59,9 +59,8 @@ pub fn static_binary() -> Result<PathBuf> {
     std::fs::copy(&built, &out)
         .with_context(|| format!("copying {} to {}", built.display(), out.display()))?;
     let ldd = sys::output(sys::command("ldd").arg(&out)).unwrap_or_default();
-    if !(ldd.contains("not a dynamic executable") || ldd.contains("statically linked"))
-        && !ldd.is_empty()
-    {
+    let is_static = ldd.contains("not a dynamic executable") || ldd.contains("statically linked");
+    if !is_static && !ldd.is_empty() {
         bail!("{} is not static; ldd says:\n{ldd}", out.display());
     }
     say!(

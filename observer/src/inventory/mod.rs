@@ -43,7 +43,7 @@ pub struct Inventory {
     /// Node-level facts: ECS cluster and container instance, Kubernetes node name.
     pub node: NodeInfo,
     /// ECS tasks, Kubernetes pods or Compose projects.
-    pub tasks: Vec<Workload>,
+    pub workloads: Vec<Workload>,
     /// Containers that belong to no task, pod or project (plain `docker run`).
     pub standalone: Vec<Container>,
     /// Set when the source answered from a fallback (the ECS agent was down, tasks come from
@@ -149,7 +149,7 @@ impl Inventory {
             source,
             fetched_at: SystemTime::now(),
             node: NodeInfo::default(),
-            tasks: Vec::new(),
+            workloads: Vec::new(),
             standalone: Vec::new(),
             degraded: None,
             stale: None,
@@ -167,10 +167,10 @@ impl Inventory {
         &mut self,
         cgroups: impl IntoIterator<Item = (u64, &'a str)>,
     ) -> Vec<Unmatched> {
-        // Indices into self.tasks / containers, so the borrow ends before the updates.
+        // Indices into self.workloads / containers, so the borrow ends before the updates.
         let mut by_container: HashMap<&str, (Option<usize>, usize)> = HashMap::new();
         let mut by_owner: HashMap<(WorkloadKind, &str), usize> = HashMap::new();
-        for (t, task) in self.tasks.iter().enumerate() {
+        for (t, task) in self.workloads.iter().enumerate() {
             by_owner.insert((task.kind, task.id.as_str()), t);
             for (c, container) in task.containers.iter().enumerate() {
                 by_container.insert(container.id.as_str(), (Some(t), c));
@@ -215,7 +215,7 @@ impl Inventory {
             }
         }
 
-        for task in &mut self.tasks {
+        for task in &mut self.workloads {
             task.cgroup_ids.clear();
             task.containers
                 .iter_mut()
@@ -227,10 +227,10 @@ impl Inventory {
         for (cgroup_id, target) in targets {
             match target {
                 Target::Container(Some(t), c) => {
-                    self.tasks[t].containers[c].cgroup_ids.push(cgroup_id)
+                    self.workloads[t].containers[c].cgroup_ids.push(cgroup_id)
                 }
                 Target::Container(None, c) => self.standalone[c].cgroup_ids.push(cgroup_id),
-                Target::Workload(t) => self.tasks[t].cgroup_ids.push(cgroup_id),
+                Target::Workload(t) => self.workloads[t].cgroup_ids.push(cgroup_id),
             }
         }
         unmatched
@@ -279,7 +279,7 @@ mod tests {
 
     fn inventory() -> Inventory {
         let mut inv = Inventory::empty("test");
-        inv.tasks.push(Workload {
+        inv.workloads.push(Workload {
             kind: WorkloadKind::EcsTask,
             id: TASK.into(),
             name: "web:12".into(),
@@ -317,7 +317,7 @@ mod tests {
             (7, "/system.slice/sshd.service"),
             (8, other_task.as_str()),
         ]);
-        let task = &inv.tasks[0];
+        let task = &inv.workloads[0];
         assert_eq!(task.containers[0].cgroup_ids, [1]);
         assert_eq!(task.containers[1].cgroup_ids, [2]);
         assert_eq!(

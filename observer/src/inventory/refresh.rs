@@ -318,7 +318,7 @@ mod tests {
                 match step {
                     Some(Step::Tasks(ids)) => {
                         let mut inv = Inventory::empty("script");
-                        inv.tasks = ids.into_iter().map(task).collect();
+                        inv.workloads = ids.into_iter().map(task).collect();
                         Ok(inv)
                     }
                     Some(Step::Fail) | None => Err(SourceError::Status {
@@ -361,7 +361,7 @@ mod tests {
     }
 
     fn ids(inv: &Inventory) -> Vec<&str> {
-        inv.tasks.iter().map(|t| t.id.as_str()).collect()
+        inv.workloads.iter().map(|t| t.id.as_str()).collect()
     }
 
     fn config() -> RefreshConfig {
@@ -463,7 +463,7 @@ mod tests {
         let script = Script::default();
         let mut r = refresher(&script);
         let inv = r.refresh(Instant::now()).await;
-        assert!(inv.tasks.is_empty());
+        assert!(inv.workloads.is_empty());
         assert_eq!(inv.source, "script");
         assert!(inv.stale.is_some());
     }
@@ -482,7 +482,7 @@ mod tests {
         let unknown = format!("/docker/{}", "c".repeat(64));
 
         let (inv, unmatched) = r.tick(t0, &[(1, a.as_str())]).await;
-        assert_eq!(inv.tasks[0].containers[0].cgroup_ids, [1]);
+        assert_eq!(inv.workloads[0].containers[0].cgroup_ids, [1]);
         assert!(unmatched.is_empty());
 
         // B's container shows up 0.5 s later: wanted, but spacing holds it back.
@@ -493,7 +493,7 @@ mod tests {
         // At 1 s it is fetched and attached, well before the interval.
         let (inv, unmatched) = r.tick(t0 + S, &cgroups).await;
         assert!(unmatched.is_empty());
-        assert_eq!(inv.tasks[1].containers[0].cgroup_ids, [2]);
+        assert_eq!(inv.workloads[1].containers[0].cgroup_ids, [2]);
         assert_eq!(script.calls(), 2);
 
         // A container no source lists asks for one fetch, then waits like the rest.

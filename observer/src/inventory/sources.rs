@@ -413,7 +413,7 @@ mod tests {
         for source in &mut sources {
             let inv = source.fetch().await.unwrap();
             assert_eq!(inv.source, source.name());
-            assert!(inv.tasks.is_empty() && inv.standalone.is_empty());
+            assert!(inv.workloads.is_empty() && inv.standalone.is_empty());
         }
         // The future is Send, so it can be spawned.
         let handle = tokio::spawn(async { NoSource.fetch().await.map(|i| i.source) });

@@ -31,7 +31,7 @@ impl DockerSource {
         let (tasks, standalone) = group_by_compose(containers);
         let mut inventory = Inventory::empty("docker");
         inventory.fetched_at = SystemTime::now();
-        inventory.tasks = tasks;
+        inventory.workloads = tasks;
         inventory.standalone = standalone;
         Ok(inventory)
     }

@@ -172,7 +172,7 @@ pub fn from_agent_answers(metadata: &AgentMetadata, tasks: &TasksResponse) -> In
     let node = metadata.node_info();
     let mut inventory = Inventory::empty("ecs");
     inventory.fetched_at = SystemTime::now();
-    inventory.tasks = tasks
+    inventory.workloads = tasks
         .tasks
         .iter()
         .filter(|t| t.known_status != STOPPED)
@@ -189,7 +189,7 @@ pub fn from_labels(containers: Vec<Container>) -> Inventory {
     inventory.fetched_at = SystemTime::now();
     // Every task container carries the cluster label; take the first.
     inventory.node.cluster = tasks.iter().find_map(|t| t.namespace.clone());
-    inventory.tasks = tasks;
+    inventory.workloads = tasks;
     inventory.standalone = standalone;
     inventory
 }
@@ -199,7 +199,7 @@ pub fn from_labels(containers: Vec<Container>) -> Inventory {
 pub fn enrich(inventory: &mut Inventory, docker: Vec<Container>) {
     let by_id: HashMap<&str, &Container> = docker.iter().map(|c| (c.id.as_str(), c)).collect();
     let listed: HashSet<&str> = inventory
-        .tasks
+        .workloads
         .iter()
         .flat_map(|t| t.containers.iter().map(|c| c.id.as_str()))
         .collect();
@@ -217,7 +217,7 @@ pub fn enrich(inventory: &mut Inventory, docker: Vec<Container>) {
                 .push(container);
         }
     }
-    for task in &mut inventory.tasks {
+    for task in &mut inventory.workloads {
         for container in &mut task.containers {
             let Some(known) = by_id.get(container.id.as_str()) else {
                 continue;
@@ -292,9 +292,9 @@ mod tests {
             .unwrap()
             .contains("container-instance"));
         // The fixture's second task is STOPPED: it has no cgroups, so it is not listed.
-        assert_eq!(inv.tasks.len(), 1);
-        assert_eq!(inv.tasks[0].namespace.as_deref(), Some("cluster_name"));
-        assert_eq!(inv.tasks[0].network_mode, NetworkMode::Awsvpc);
+        assert_eq!(inv.workloads.len(), 1);
+        assert_eq!(inv.workloads[0].namespace.as_deref(), Some("cluster_name"));
+        assert_eq!(inv.workloads[0].network_mode, NetworkMode::Awsvpc);
         assert!(inv.degraded.is_none() && inv.stale.is_none());
     }
 
@@ -328,7 +328,7 @@ mod tests {
                 (4, task_path.as_str()),
             ]);
             assert!(unmatched.is_empty(), "{task_path}: {unmatched:?}");
-            let t = &inv.tasks[0];
+            let t = &inv.workloads[0];
             assert_eq!(t.id, task);
             assert_eq!(t.containers[0].cgroup_ids, [1], "{task_path}");
             assert_eq!(t.containers[1].cgroup_ids, [2], "{task_path}");
@@ -344,7 +344,7 @@ mod tests {
             task_json(TASK, "RUNNING", &[&a]),
             task_json(&other, STOPPED, &[&b]),
         ]);
-        let ids: Vec<&str> = inv.tasks.iter().map(|t| t.id.as_str()).collect();
+        let ids: Vec<&str> = inv.workloads.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(ids, [TASK]);
     }
 
@@ -390,14 +390,17 @@ mod tests {
                 docker_container(&lone, None, "lone", NetworkMode::Bridge),
             ],
         );
-        let awsvpc = &inv.tasks[0];
+        let awsvpc = &inv.workloads[0];
         assert_eq!(awsvpc.network_mode, NetworkMode::Awsvpc);
         let names: Vec<&str> = awsvpc.containers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["app-a", "~internal~ecs~pause"]);
         assert_eq!(awsvpc.containers[0].limits.cpu_cores, Some(0.5));
         assert!(awsvpc.containers[0].labels.contains_key(LABEL_TASK_ARN));
-        assert_eq!(inv.tasks[1].network_mode, NetworkMode::Host);
-        assert_eq!(inv.tasks[1].containers[0].network_mode, NetworkMode::Host);
+        assert_eq!(inv.workloads[1].network_mode, NetworkMode::Host);
+        assert_eq!(
+            inv.workloads[1].containers[0].network_mode,
+            NetworkMode::Host
+        );
         assert!(
             inv.standalone.is_empty(),
             "non-ECS containers are not the agent's"
@@ -413,8 +416,8 @@ mod tests {
             docker_container(&cid('d'), None, "lone", NetworkMode::Bridge),
         ]);
         assert_eq!(inv.node.cluster.as_deref(), Some("prod"));
-        assert_eq!(inv.tasks.len(), 1);
-        assert_eq!(inv.tasks[0].network_mode, NetworkMode::Awsvpc);
+        assert_eq!(inv.workloads.len(), 1);
+        assert_eq!(inv.workloads[0].network_mode, NetworkMode::Awsvpc);
         assert_eq!(inv.standalone.len(), 1);
     }
 

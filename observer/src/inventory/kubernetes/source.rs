@@ -108,7 +108,7 @@ impl KubeletSource {
         let mut inventory = Inventory::empty("kubernetes");
         inventory.fetched_at = SystemTime::now();
         inventory.node.instance = self.node_name.clone();
-        inventory.tasks = list
+        inventory.workloads = list
             .pods
             .iter()
             .filter(|p| {

@@ -150,7 +150,7 @@ impl SyntheticTasks {
                     cgroup_ids: Vec::new(),
                 });
             }
-            this.inventory.tasks.push(task);
+            this.inventory.workloads.push(task);
         }
         Ok(this)
     }
