@@ -62,8 +62,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Output::Json => vec![Box::new(JsonSink::new(io::stdout()))],
             Output::Table => vec![Box::new(TableSink::new(io::stdout(), Rows::Terminal))],
         };
+    let mut prometheus_at = None;
     if let Some(listen) = args.prometheus_listen {
-        sinks.push(Box::new(PrometheusSink::start(listen, args.interval)?));
+        let prometheus = PrometheusSink::start(listen, args.interval)?;
+        prometheus_at = Some(prometheus.local_addr());
+        sinks.push(Box::new(prometheus));
     }
     let mackerel = mackerel::MackerelConfig::from_sources(
         mackerel::Sources {
@@ -105,6 +108,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         humantime::format_duration(args.interval)
     );
 
+    if let Some(addr) = prometheus_at {
+        log::info!("Prometheus metrics at http://{addr}/metrics");
+    }
     let mut cycle = Cycle::new(Collector::new(reader, index), refresher, joiner, ids.len());
     let mut fanout = Fanout::start(sinks).context("starting the output threads")?;
     let mut ticker =

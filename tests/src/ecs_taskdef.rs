@@ -735,6 +735,60 @@ pub fn docker_run(task_def: &Value, container: &str, overrides: &Overrides) -> R
     })
 }
 
+/// CAP_SYS_RESOURCE, which raising a hard rlimit takes.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// The memlock ulimit to run with when the manifest's cannot be had here: a Docker engine
+/// without CAP_SYS_RESOURCE (this machine when it is itself a container) cannot raise the hard
+/// limit, and runc then refuses to start the container ("error setting rlimit type 8"). It
+/// gets the engine's own hard limit instead, said loudly. On an ECS container instance dockerd
+/// has every capability and the manifest's value stands. (Since Linux 5.11 BPF memory is
+/// charged to the memory cgroup, not to RLIMIT_MEMLOCK, so observer does not need it there.)
+pub fn memlock_this_engine_grants(
+    task_def: &Value,
+    container: &str,
+) -> BTreeMap<String, (i64, i64)> {
+    let mut out = BTreeMap::new();
+    let wanted = task_def["containerDefinitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == container)
+        .flat_map(|c| c["ulimits"].as_array().cloned().unwrap_or_default())
+        .find(|u| u["name"] == "memlock");
+    let Some(wanted) = wanted else { return out };
+    let hard = wanted["hardLimit"].as_i64().unwrap_or(0);
+    // The engine's processes share this machine's bounding set and limits: ask about dockerd.
+    let dockerd = crate::sh("pidof", &["dockerd"]).unwrap_or_default();
+    let pid = dockerd.split_whitespace().next().unwrap_or("self");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(u64::MAX);
+    if cap_eff & (1 << CAP_SYS_RESOURCE) != 0 {
+        return out;
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let engine_hard: Option<i64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse().ok());
+    if let Some(engine_hard) = engine_hard {
+        if hard < 0 || hard > engine_hard {
+            eprintln!(
+                "NOTE: dockerd (pid {pid}) lacks CAP_SYS_RESOURCE and its memlock hard limit is \
+                 {engine_hard} bytes: the manifest's memlock ulimit {wanted} cannot be granted \
+                 here; running with memlock={engine_hard}:{engine_hard}"
+            );
+            out.insert("memlock".to_owned(), (engine_hard, engine_hard));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

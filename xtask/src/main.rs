@@ -217,6 +217,8 @@ fn bench(args: &[String]) -> Result<()> {
         "--bins",
     ]))
     .context("building the bench and the binaries it runs")?;
+    // The deploy section runs the image as the ECS task definition says.
+    image::image(false).context("building the image the bench runs")?;
     let bench = cargo::target_dir().join("release").join("observer-bench");
     let mut cmd = sys::command(&bench);
     cmd.current_dir(cargo::workspace_root()).args(args);

@@ -15,6 +15,7 @@
 //! Options: --rounds N (default 10), --seconds S per measurement (default 1),
 //! --cgroups 10,1000,5000, --containers 10,100,1000,5000, --only dataplane|read|inventory.
 
+mod deploy_cost;
 mod inventory_cost;
 
 use std::{
@@ -59,6 +60,7 @@ struct Opts {
     dataplane: bool,
     read: bool,
     inventory: bool,
+    deploy: bool,
     containers: Vec<usize>,
 }
 
@@ -70,6 +72,7 @@ fn parse_opts() -> anyhow::Result<Opts> {
         dataplane: true,
         read: true,
         inventory: true,
+        deploy: true,
         containers: vec![10, 100, 1000, 5000],
     };
     let mut args = std::env::args().skip(1);
@@ -95,12 +98,13 @@ fn parse_opts() -> anyhow::Result<Opts> {
                 opts.dataplane = only == "dataplane";
                 opts.read = only == "read";
                 opts.inventory = only == "inventory";
-                if !(opts.dataplane || opts.read || opts.inventory) {
-                    bail!("--only takes dataplane, read or inventory, not {only}");
+                opts.deploy = only == "deploy";
+                if !(opts.dataplane || opts.read || opts.inventory || opts.deploy) {
+                    bail!("--only takes dataplane, read, inventory or deploy, not {only}");
                 }
             }
             "-h" | "--help" => {
-                println!("observer-bench [--rounds N] [--seconds S] [--cgroups 10,1000,5000] [--containers 10,100,1000,5000] [--only dataplane|read|inventory]");
+                println!("observer-bench [--rounds N] [--seconds S] [--cgroups 10,1000,5000] [--containers 10,100,1000,5000] [--only dataplane|read|inventory|deploy]");
                 std::process::exit(0);
             }
             other => bail!("unknown option {other} (see --help)"),
@@ -150,6 +154,9 @@ fn bench(opts: &Opts) -> anyhow::Result<()> {
     }
     if opts.inventory {
         inventory_cost::inventory_cost(&opts.containers)?;
+    }
+    if opts.deploy {
+        deploy_cost::deploy_cost()?;
     }
     Ok(())
 }
