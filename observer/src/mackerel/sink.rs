@@ -120,8 +120,7 @@ impl MackerelReporter {
             return None;
         }
         // The task keeps to the deadline itself; the margin is for a task that is stuck.
-        let margin = Duration::from_millis(500);
-        match tokio::time::timeout_at((deadline + margin).into(), summary).await {
+        match tokio::time::timeout_at((deadline + SHUTDOWN_MARGIN).into(), summary).await {
             Ok(Ok(summary)) => Some(summary),
             _ => {
                 self.task.abort();
@@ -131,6 +130,9 @@ impl MackerelReporter {
         }
     }
 }
+
+/// How long past its deadline [`MackerelReporter::shutdown`] waits for a stuck task.
+const SHUTDOWN_MARGIN: Duration = Duration::from_millis(500);
 
 /// The Mackerel output as a [`Sink`]: runs on the sink's thread, hands each interval to the
 /// reporter's task and never waits for the API.
@@ -174,7 +176,9 @@ impl Sink for MackerelSink {
         let Some(reporter) = self.reporter.take() else {
             return Ok(());
         };
-        // Hosts stay: the node is stopping, not its tasks.
+        // Hosts stay: the node is stopping, not its tasks. The reporter may overrun its
+        // deadline by a margin; keep that inside ours.
+        let timeout = timeout.saturating_sub(SHUTDOWN_MARGIN);
         if let Some(left) = self.runtime.block_on(reporter.shutdown(timeout)) {
             if left.unsent > 0 || left.unregistered > 0 {
                 log::warn!("Mackerel: stopped with data not yet sent: {left:?}");
