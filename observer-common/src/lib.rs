@@ -6,6 +6,12 @@
 
 /// Name of the per-CPU hash of traffic counters, keyed by [`TrafficKey`].
 pub const TRAFFIC_MAP: &str = "TRAFFIC";
+/// Name of the hash user space keeps its last reported totals in, keyed by [`TrafficKey`], so
+/// that a restart with pinned maps reports the difference. The programs never touch it.
+pub const REPORTED_MAP: &str = "REPORTED";
+/// The [`REPORTED_MAP`] key that holds the last reported map-full count (in `rx.packets`): no
+/// cgroup has id 0.
+pub const REPORTED_MAP_FULL_KEY: TrafficKey = TrafficKey::new(0);
 /// Name of the per-CPU array of the data plane's own event counters, indexed by [`Stat`].
 pub const STATS_MAP: &str = "STATS";
 /// Entries of [`TRAFFIC_MAP`] when the loader does not say otherwise.

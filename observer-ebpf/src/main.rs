@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod state;
 mod traffic;
 
 #[cfg(not(test))]

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_common::{TrafficKey, TrafficValue};
+use observer_common::{Counter, TrafficKey, TrafficValue, REPORTED_MAP_FULL_KEY};
 
 use crate::{
     cgroupfs::{CgroupError, CgroupIndex},
@@ -34,6 +34,20 @@ pub struct Collector {
     unresolved: HashSet<u64>,
     last: Instant,
     last_map_full: u64,
+    /// Pinned: every report is recorded in the reported map, for the next run to resume from.
+    persist: bool,
+    /// Counts an earlier run had not reported, from maps it left in another shape: added to
+    /// the first interval.
+    pending: Vec<(TrafficKey, TrafficValue)>,
+    /// Keys the reported map holds that the next reading may no longer have.
+    stale_reported: HashSet<TrafficKey>,
+}
+
+/// What a run resumes from: the reported map of the run before, and counts it had not
+/// reported from maps that could not be re-opened as they were.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub pending: Vec<(TrafficKey, TrafficValue)>,
 }
 
 /// One interval of the traffic map.
@@ -60,12 +74,41 @@ impl Collector {
             unresolved: HashSet::new(),
             last: Instant::now(),
             last_map_full: 0,
+            persist: false,
+            pending: Vec::new(),
+            stale_reported: HashSet::new(),
         }
+    }
+
+    /// A collector that goes on from pinned state: the deltas start from what the run before
+    /// reported (so the gap between the runs is counted once), and every report is recorded.
+    pub fn resume(
+        reader: TrafficReader,
+        index: CgroupIndex,
+        resume: Resume,
+    ) -> Result<Self, CollectError> {
+        let mut this = Self::new(reader, index);
+        for (key, total) in this.reader.reported()? {
+            if key == REPORTED_MAP_FULL_KEY {
+                this.last_map_full = total.rx.packets;
+            } else {
+                this.deltas.seed(key, total);
+                this.stale_reported.insert(key);
+            }
+        }
+        this.persist = true;
+        this.pending = resume.pending;
+        Ok(this)
     }
 
     /// Walks the cgroup v2 hierarchy again (new containers that have not sent anything yet).
     pub fn rescan(&mut self) -> Result<(), CgroupError> {
         self.index.rescan()
+    }
+
+    /// Entries the traffic map can hold.
+    pub fn capacity(&self) -> u32 {
+        self.reader.capacity()
     }
 
     /// The cgroup v2 hierarchy as last walked.
@@ -97,9 +140,23 @@ impl Collector {
         let mut by_cgroup: BTreeMap<u64, (TrafficValue, Vec<TrafficKey>)> = BTreeMap::new();
         for (key, total) in entries {
             let delta = self.deltas.delta(key, total);
+            if self.persist {
+                self.stale_reported.remove(&key);
+                if !delta.is_zero() {
+                    self.reader.set_reported(key, total)?;
+                }
+            }
             let slot = by_cgroup.entry(key.cgroup_id).or_default();
             slot.0 += delta;
             slot.1.push(key);
+        }
+        // What the run before counted and did not report, once.
+        for (key, unreported) in std::mem::take(&mut self.pending) {
+            by_cgroup.entry(key.cgroup_id).or_default().0 += unreported;
+        }
+        // Keys reported by the run before and gone from the map since.
+        for key in std::mem::take(&mut self.stale_reported) {
+            self.reader.forget_reported(&key)?;
         }
 
         let new_unknown = by_cgroup.keys().any(|id| {
@@ -126,6 +183,9 @@ impl Collector {
                 // outlives its cgroup and sends again would get a fresh entry from zero.
                 for key in &keys {
                     self.reader.remove(key)?;
+                    if self.persist {
+                        self.reader.forget_reported(key)?;
+                    }
                 }
                 self.deltas.retain(|k| k.cgroup_id != cgroup_id);
                 self.unresolved.remove(&cgroup_id);
@@ -148,6 +208,16 @@ impl Collector {
 
         let map_full_drops = map_full.wrapping_sub(self.last_map_full);
         self.last_map_full = map_full;
+        if self.persist && map_full_drops > 0 {
+            let total = TrafficValue {
+                rx: Counter {
+                    bytes: 0,
+                    packets: map_full,
+                },
+                ..TrafficValue::default()
+            };
+            self.reader.set_reported(REPORTED_MAP_FULL_KEY, total)?;
+        }
         if map_full_drops > 0 {
             log::warn!(
                 "{map_full_drops} packets were not counted this interval: the traffic map is full \

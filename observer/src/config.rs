@@ -99,7 +99,7 @@ pub struct Args {
 
     /// Serve Prometheus metrics, /healthz and /readyz at this address (e.g. 0.0.0.0:9435:
     /// in a pod, probes come to the pod's IP, so not 127.0.0.1). Off unless set.
-    #[arg(long, env = "OBSERVER_PROMETHEUS_LISTEN")]
+    #[arg(long, env = "OBSERVER_PROMETHEUS_LISTEN", global = true)]
     pub prometheus_listen: Option<SocketAddr>,
 
     /// Mackerel API. The API key comes from the MACKEREL_APIKEY environment variable or
@@ -119,9 +119,22 @@ pub struct Args {
     /// On SIGTERM or SIGINT, how long the outputs may take to deliver the last interval
     /// (Mackerel's buffer included) before observer exits anyway. Keep it below the
     /// platform's stop timeout (ECS stopTimeout, Kubernetes terminationGracePeriodSeconds).
-    #[arg(long, env = "OBSERVER_SHUTDOWN_TIMEOUT", default_value = "10s",
+    #[arg(long, env = "OBSERVER_SHUTDOWN_TIMEOUT", default_value = defaults::SHUTDOWN_TIMEOUT,
           value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// bpffs directory for observer's pinned state (the traffic maps and the program links),
+    /// so a restart or an upgrade loses no traffic: the programs keep counting while observer
+    /// is down, and the next run reports the gap once. A bpffs is mounted at /sys/fs/bpf if
+    /// none is (that needs CAP_SYS_ADMIN; in a container mount the host's /sys/fs/bpf).
+    /// `observer detach` removes it all.
+    #[arg(long, env = "OBSERVER_BPF_PIN_DIR", default_value = defaults::BPF_PIN_DIR, global = true)]
+    pub bpf_pin_dir: PathBuf,
+
+    /// Pin nothing: the programs are detached when observer stops, and counts of the gap
+    /// until the next start are lost.
+    #[arg(long, env = "OBSERVER_NO_PIN")]
+    pub no_pin: bool,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -137,6 +150,10 @@ pub enum Command {
         #[arg(long, default_value = defaults::HEALTH_TIMEOUT, value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Remove everything observer pinned in --bpf-pin-dir: the links (which detaches the
+    /// programs) and the maps with their counts. For uninstalling; a running observer keeps
+    /// its programs attached until it stops.
+    Detach,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

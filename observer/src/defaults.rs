@@ -47,3 +47,10 @@ pub const HEALTH_TIMEOUT: &str = "3s";
 /// doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// `--bpf-pin-dir`: observer's directory in the bpffs distributions mount at /sys/fs/bpf.
+pub const BPF_PIN_DIR: &str = "/sys/fs/bpf/observer";
+
+/// `--shutdown-timeout`: what the outputs get on SIGTERM, within the platforms' stop timeouts
+/// (ECS 30 s by default, Kubernetes' grace period 30 s).
+pub const SHUTDOWN_TIMEOUT: &str = "10s";

@@ -18,6 +18,11 @@ impl DeltaTracker {
         difference(&previous, &total)
     }
 
+    /// Takes `total` as what `key` last reported (a restart resuming from pinned state).
+    pub fn seed(&mut self, key: TrafficKey, total: TrafficValue) {
+        self.previous.insert(key, total);
+    }
+
     /// Drops keys that `keep` rejects (entries no longer in the map).
     pub fn retain(&mut self, mut keep: impl FnMut(&TrafficKey) -> bool) {
         self.previous.retain(|k, _| keep(k));

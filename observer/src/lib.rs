@@ -16,9 +16,11 @@ pub mod host_paths;
 pub mod inventory;
 pub mod mackerel;
 pub mod mountinfo;
+pub mod pin;
 pub mod preflight;
 pub mod programs;
 pub mod resources;
+pub mod resume;
 pub mod run;
 pub mod sink;
 pub mod snapshot;
@@ -38,6 +40,25 @@ pub fn main() -> std::process::ExitCode {
             Ok(_) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 log::error!("unhealthy: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(config::Command::Detach) = args.command {
+        return match pin::remove_all(&args.bpf_pin_dir) {
+            Ok(removed) if removed.is_empty() => {
+                log::info!("nothing pinned in {}", args.bpf_pin_dir.display());
+                std::process::ExitCode::SUCCESS
+            }
+            Ok(removed) => {
+                for path in &removed {
+                    log::info!("removed {}", path.display());
+                }
+                log::info!("observer is detached: its programs and maps are gone");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                log::error!("{e}");
                 std::process::ExitCode::FAILURE
             }
         };

@@ -1,15 +1,25 @@
 //! Loading observer's kernel programs and attaching them at the cgroup v2 root.
 //!
-//! The links live in the loaded [`aya::Ebpf`]; dropping [`Programs`] detaches and unloads
-//! everything, which is how SIGINT/SIGTERM leave the host clean.
+//! Unpinned, the links live in the loaded [`aya::Ebpf`] and dropping [`Programs`] detaches
+//! everything. Pinned ([`crate::pin`]), the maps and links outlive the process: a restart
+//! re-opens the maps and swaps its programs in behind the links, and the programs keep
+//! counting while no observer runs; `observer detach` removes them.
 
 use std::{fs::File, path::Path};
 
+use std::os::fd::AsFd as _;
+
 use aya::{
-    programs::{cgroup_skb::CgroupSkbLinkId, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+    maps::MapType,
+    programs::{
+        cgroup_skb::CgroupSkbLinkId, links::FdLink, CgroupAttachMode, CgroupSkb,
+        CgroupSkbAttachType,
+    },
     Ebpf, EbpfLoader,
 };
-use observer_common::TRAFFIC_MAP;
+use observer_common::{TrafficKey, TrafficValue, REPORTED_MAP, STATS_MAP, STAT_COUNT, TRAFFIC_MAP};
+
+use crate::pin::{self, Found, PinDir, Shape};
 
 /// observer's programs, built by build.rs from observer-ebpf.
 pub static OBSERVER_OBJECT: &[u8] =
@@ -51,6 +61,14 @@ pub enum ProgramsError {
         cgroup: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
+    #[error("pinning the link of {name} at {path}: {source}")]
+    PinLink {
+        name: &'static str,
+        path: String,
+        source: aya::pin::PinError,
+    },
 }
 
 /// A loaded eBPF object with its cgroup_skb pair attached (or not yet).
@@ -58,6 +76,58 @@ pub struct Programs {
     ebpf: Ebpf,
     names: [(&'static str, CgroupSkbAttachType); 2],
     links: Vec<(&'static str, CgroupSkbLinkId)>,
+    pins: Option<PinDir>,
+    /// Pinned maps of another shape, set aside to be carried over once the new programs run.
+    set_aside: Vec<SetAside>,
+}
+
+/// A pinned map of an earlier build that is not this build's shape, held open.
+#[derive(Debug)]
+pub struct SetAside {
+    pub name: &'static str,
+    pub map: aya::maps::MapData,
+    pub found: Shape,
+    pub want: Shape,
+    /// Keys and values laid out as this build's: its entries can be read.
+    pub readable: bool,
+}
+
+/// How attaching went, per program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link (not pinned, or no pin to take over).
+    New,
+    /// The pinned link of an earlier run now runs this build's program: it never stopped.
+    TakenOver,
+}
+
+/// The shapes this build gives its maps.
+pub fn map_shapes(map_entries: u32) -> [(&'static str, Shape); 3] {
+    let traffic = Shape {
+        map_type: MapType::PerCpuHash,
+        key_size: size_of::<TrafficKey>() as u32,
+        value_size: size_of::<TrafficValue>() as u32,
+        max_entries: map_entries,
+    };
+    [
+        (TRAFFIC_MAP, traffic),
+        (
+            STATS_MAP,
+            Shape {
+                map_type: MapType::PerCpuArray,
+                key_size: 4,
+                value_size: 8,
+                max_entries: STAT_COUNT,
+            },
+        ),
+        (
+            REPORTED_MAP,
+            Shape {
+                map_type: MapType::Hash,
+                ..traffic
+            },
+        ),
+    ]
 }
 
 /// A program's cumulative run statistics (kept by the kernel while kernel.bpf_stats_enabled=1).
@@ -69,12 +139,57 @@ pub struct RunStats {
 }
 
 impl Programs {
-    /// observer's counting programs with a traffic map of `map_entries` entries.
+    /// observer's counting programs with a traffic map of `map_entries` entries, not pinned.
     pub fn load_observer(map_entries: u32) -> Result<Self, ProgramsError> {
-        let ebpf = EbpfLoader::new()
+        Self::load_observer_pinned(map_entries, None)
+    }
+
+    /// The same with the maps pinned in `pins`: pins of this build's shape are re-opened with
+    /// their counts; others are set aside ([`Programs::set_aside`]) and new ones made.
+    pub fn load_observer_pinned(
+        map_entries: u32,
+        pins: Option<&PinDir>,
+    ) -> Result<Self, ProgramsError> {
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(TRAFFIC_MAP, map_entries)
-            .load(OBSERVER_OBJECT)?;
-        Self::with(ebpf, OBSERVER_PROGRAMS)
+            .map_max_entries(REPORTED_MAP, map_entries);
+        let mut set_aside = Vec::new();
+        if let Some(pins) = pins {
+            for (name, want) in map_shapes(map_entries) {
+                match pins.check_map(name, want)? {
+                    Found::Absent | Found::Same => {}
+                    Found::Other {
+                        found,
+                        map,
+                        readable,
+                    } => set_aside.push(SetAside {
+                        name,
+                        map,
+                        found,
+                        want,
+                        readable,
+                    }),
+                }
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let ebpf = loader.load(OBSERVER_OBJECT)?;
+        let mut programs = Self::with(ebpf, OBSERVER_PROGRAMS)?;
+        programs.pins = pins.cloned();
+        programs.set_aside = set_aside;
+        Ok(programs)
+    }
+
+    /// Pinned maps of earlier builds that this one could not use as they were: taken, to be
+    /// read once and closed.
+    pub fn take_set_aside(&mut self) -> Vec<SetAside> {
+        std::mem::take(&mut self.set_aside)
+    }
+
+    /// Where the state is pinned, if it is.
+    pub fn pins(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
     }
 
     /// The empty pair, for the benchmark's floor.
@@ -90,6 +205,8 @@ impl Programs {
             ebpf,
             names,
             links: Vec::new(),
+            pins: None,
+            set_aside: Vec::new(),
         };
         for (name, _) in names {
             programs
@@ -101,14 +218,41 @@ impl Programs {
     }
 
     /// Attaches both programs to `cgroup` (normally the v2 root, where they see every socket).
-    /// Links stack with other programs already attached there.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), ProgramsError> {
+    /// Links stack with other programs already attached there. Pinned, a link an earlier run
+    /// pinned is taken over (its program swapped for this one) instead, and a new link is
+    /// pinned.
+    pub fn attach(
+        &mut self,
+        cgroup: &Path,
+    ) -> Result<Vec<(&'static str, Attached)>, ProgramsError> {
         let cgroup_name = cgroup.display().to_string();
         let dir = File::open(cgroup).map_err(|source| ProgramsError::OpenCgroup {
             cgroup: cgroup_name.clone(),
             source,
         })?;
+        let mut outcome = Vec::with_capacity(self.names.len());
         for (name, attach_type) in self.names {
+            let pins = self.pins.clone();
+            if let Some(pins) = &pins {
+                let path = pins.link(name);
+                if path.exists() {
+                    let program = self.program_mut(name)?;
+                    let fd = program
+                        .fd()
+                        .map_err(|source| ProgramsError::Program { name, source })?;
+                    match pin::update_link(&path, fd.as_fd()) {
+                        Ok(()) => {
+                            outcome.push((name, Attached::TakenOver));
+                            continue;
+                        }
+                        // A defunct link (its cgroup gone) or one of another kind: replace it.
+                        Err(e) => {
+                            log::warn!("{e}; attaching anew");
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+            }
             let program = self.program_mut(name)?;
             let link = program
                 .attach(&dir, attach_type, CgroupAttachMode::Single)
@@ -123,9 +267,32 @@ impl Programs {
                     }
                     _ => ProgramsError::Program { name, source },
                 })?;
-            self.links.push((name, link));
+            match &pins {
+                None => self.links.push((name, link)),
+                Some(pins) => {
+                    let path = pins.link(name);
+                    let owned = program
+                        .take_link(link)
+                        .map_err(|source| ProgramsError::Program { name, source })?;
+                    let fd_link = FdLink::try_from(owned).map_err(|e| ProgramsError::Program {
+                        name,
+                        source: aya::programs::ProgramError::IOError(std::io::Error::other(
+                            e.to_string(),
+                        )),
+                    })?;
+                    // The pin holds the link; dropping our fd leaves it attached.
+                    fd_link
+                        .pin(&path)
+                        .map_err(|source| ProgramsError::PinLink {
+                            name,
+                            path: path.display().to_string(),
+                            source,
+                        })?;
+                }
+            }
+            outcome.push((name, Attached::New));
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// Detaches what [`Programs::attach`] attached; the programs stay loaded. (Dropping

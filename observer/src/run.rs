@@ -26,9 +26,11 @@ use crate::{
         sources::{self, Platform, PlatformEnv, SourceConfig},
     },
     mackerel::{self, MackerelSink},
+    pin::PinDir,
     preflight,
-    programs::Programs,
+    programs::{Attached, Programs},
     resources::{self, CgroupFs},
+    resume,
     sink::{
         fanout::Fanout,
         json::JsonSink,
@@ -88,12 +90,45 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .then(|| Refresher::new(selected.source, RefreshConfig::for_interval(args.interval)));
     let joiner = Joiner::new(cgroupfs_for_resources(&host), host_facts(&host));
 
-    let mut programs = Programs::load_observer(args.map_entries)?;
+    let pins = if args.no_pin {
+        None
+    } else {
+        match PinDir::prepare(&args.bpf_pin_dir, args.host_root.is_none()) {
+            Ok(pins) => Some(pins),
+            // Measuring unpinned beats not measuring: a restart then loses its gap.
+            Err(e) => {
+                log::warn!("{e}; running without pinned state");
+                None
+            }
+        }
+    };
+    let mut programs = Programs::load_observer_pinned(args.map_entries, pins.as_ref())?;
     spawn_kernel_logger(&mut programs);
     let reader = TrafficReader::new(programs.ebpf_mut())?;
-    programs
+    let mut reader = reader;
+    let attached = programs
         .attach(&root)
         .with_context(|| format!("attaching at {}", root.display()))?;
+    let collector = match programs.pins().cloned() {
+        None => Collector::new(reader, index),
+        Some(pins) => {
+            let resume = resume::take_over(&mut programs, &mut reader)?;
+            let taken = attached
+                .iter()
+                .filter(|(_, a)| *a == Attached::TakenOver)
+                .count();
+            log::info!(
+                "state pinned in {}: {}",
+                pins.dir().display(),
+                if taken > 0 {
+                    "took over the programs of the run before, which never stopped counting"
+                } else {
+                    "new programs attached"
+                }
+            );
+            Collector::resume(reader, index, resume)?
+        }
+    };
     let ids: Vec<String> = programs
         .program_ids()
         .iter()
@@ -103,15 +138,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "attached {} at {}; {} cgroups in the hierarchy; traffic map of {} entries; reporting every {}",
         ids.join(", "),
         root.display(),
-        index.len(),
-        reader.capacity(),
+        collector.index().len(),
+        collector.capacity(),
         humantime::format_duration(args.interval)
     );
 
     if let Some(addr) = prometheus_at {
         log::info!("Prometheus metrics at http://{addr}/metrics");
     }
-    let mut cycle = Cycle::new(Collector::new(reader, index), refresher, joiner, ids.len());
+    let mut cycle = Cycle::new(collector, refresher, joiner, ids.len());
     let mut fanout = Fanout::start(sinks).context("starting the output threads")?;
     let mut ticker =
         tokio::time::interval_at(tokio::time::Instant::now() + args.interval, args.interval);
@@ -139,9 +174,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     fanout.close(args.shutdown_timeout).await;
+    let pinned = programs.pins().map(|p| p.dir().to_owned());
     drop(cycle);
     drop(programs);
-    log::info!("programs detached");
+    match pinned {
+        None => log::info!("programs detached"),
+        Some(dir) => log::info!(
+            "programs stay attached and counting (pinned in {}) for the next observer to take              over; `observer detach` removes them",
+            dir.display()
+        ),
+    }
     Ok(())
 }
 

@@ -7,10 +7,10 @@ use std::{
 };
 
 use aya::{
-    maps::{Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
     Ebpf,
 };
-use observer_common::{Stat, TrafficKey, TrafficValue, STATS_MAP, TRAFFIC_MAP};
+use observer_common::{Stat, TrafficKey, TrafficValue, REPORTED_MAP, STATS_MAP, TRAFFIC_MAP};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrafficError {
@@ -39,11 +39,13 @@ pub struct Reading {
     pub map_full: u64,
 }
 
-/// Owns the traffic and stats maps, taken out of the loaded object.
+/// Owns the traffic, stats and reported maps, taken out of the loaded object.
 pub struct TrafficReader {
     traffic: PerCpuHashMap<MapData, TrafficKey, TrafficValue>,
     traffic_fd: OwnedFd,
     stats: PerCpuArray<MapData, u64>,
+    /// What was last reported per key: kept in the kernel so a restart finds it (pinned).
+    reported: HashMap<MapData, TrafficKey, TrafficValue>,
     capacity: u32,
     cpus: usize,
     batch_supported: bool,
@@ -80,6 +82,10 @@ impl TrafficReader {
             .take_map(STATS_MAP)
             .ok_or(TrafficError::MissingMap(STATS_MAP))?;
         let stats = PerCpuArray::try_from(stats).map_err(map_err(STATS_MAP))?;
+        let reported = ebpf
+            .take_map(REPORTED_MAP)
+            .ok_or(TrafficError::MissingMap(REPORTED_MAP))?;
+        let reported = HashMap::try_from(reported).map_err(map_err(REPORTED_MAP))?;
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| TrafficError::Read {
             name: TRAFFIC_MAP,
             source,
@@ -88,6 +94,7 @@ impl TrafficReader {
             traffic,
             traffic_fd,
             stats,
+            reported,
             capacity,
             cpus,
             batch_supported: true,
@@ -146,6 +153,49 @@ impl TrafficReader {
             }
         }
         Ok(entries)
+    }
+
+    /// Every entry of the reported map: what the last run reported per key.
+    pub fn reported(&self) -> Result<Vec<(TrafficKey, TrafficValue)>, TrafficError> {
+        let mut out = Vec::new();
+        for item in self.reported.iter() {
+            match item {
+                Ok(entry) => out.push(entry),
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => {
+                    return Err(TrafficError::Map {
+                        name: REPORTED_MAP,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that `total` has been reported for `key`.
+    pub fn set_reported(
+        &mut self,
+        key: TrafficKey,
+        total: TrafficValue,
+    ) -> Result<(), TrafficError> {
+        self.reported
+            .insert(key, total, 0)
+            .map_err(|source| TrafficError::Map {
+                name: REPORTED_MAP,
+                source,
+            })
+    }
+
+    /// Forgets what was reported for `key` (its entry is gone).
+    pub fn forget_reported(&mut self, key: &TrafficKey) -> Result<(), TrafficError> {
+        match self.reported.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(TrafficError::Map {
+                name: REPORTED_MAP,
+                source,
+            }),
+        }
     }
 
     /// Removes an entry (of a cgroup that no longer exists, after its last counts were read).

@@ -21,6 +21,8 @@ pub struct ObserverCmd {
     stderr: Receiver<String>,
     /// Every stderr line read so far.
     pub log: Vec<String>,
+    /// stdout lines [`ObserverCmd::wait_stdout`] read (they are part of what finish returns).
+    seen: Vec<String>,
 }
 
 impl ObserverCmd {
@@ -49,6 +51,14 @@ impl ObserverCmd {
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary);
+        // Unpinned unless a test asks for pinning: tests run side by side, and each wants its
+        // own fresh counters and programs that go when it ends.
+        if !env
+            .iter()
+            .any(|(k, _)| *k == "OBSERVER_BPF_PIN_DIR" || *k == "OBSERVER_NO_PIN")
+        {
+            cmd.env("OBSERVER_NO_PIN", "true");
+        }
         cmd.envs(env.iter().copied());
         cmd.args(args)
             .env("RUST_LOG", "info")
@@ -65,6 +75,7 @@ impl ObserverCmd {
             stdout,
             stderr,
             log: Vec::new(),
+            seen: Vec::new(),
         })
     }
 
@@ -88,6 +99,23 @@ impl ObserverCmd {
         }
     }
 
+    /// Waits for a stdout line containing `needle`; returns it.
+    pub fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => anyhow::bail!("no stdout line with {needle:?} within {timeout:?}"),
+            }
+        }
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
@@ -107,7 +135,8 @@ impl ObserverCmd {
             std::thread::sleep(Duration::from_millis(10));
         };
         // The reader threads end at EOF, which follows exit.
-        let stdout: Vec<String> = self.stdout.iter().collect();
+        let mut stdout = std::mem::take(&mut self.seen);
+        stdout.extend(self.stdout.iter());
         self.log.extend(self.stderr.iter());
         Ok(Finished {
             status,

@@ -249,6 +249,7 @@ impl Stalled {
         let mut child = Command::new(OBSERVER)
             .args(args)
             .envs(env.iter().copied())
+            .env("OBSERVER_NO_PIN", "true")
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(write))
             .stderr(Stdio::piped())
@@ -415,6 +416,7 @@ fn observer_piped_into_head_ends_promptly() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let mut child = Command::new("bash")
+        .env("OBSERVER_NO_PIN", "true")
         .args([
             "-c",
             r#""$0" --platform none --interval 1s --output json | head -n 1; echo "observer=${PIPESTATUS[0]}""#,
