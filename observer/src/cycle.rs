@@ -64,7 +64,24 @@ impl Cycle {
             .collect();
 
         let (workloads, held, platform) = match &mut self.refresher {
-            None => (Vec::new(), Vec::new(), None),
+            None => {
+                // Cgroups only: walk now and then so that entries of removed cgroups are
+                // freed, and every interval while the map is (nearly) full, so it recovers as
+                // soon as they go.
+                self.since_walk += 1;
+                let nearly_full = collected.map_entries as u64 * 10
+                    >= u64::from(collected.map_capacity) * 9;
+                if self.since_walk >= WALK_AT_LEAST_EVERY
+                    || collected.map_full_drops > 0
+                    || nearly_full
+                {
+                    self.since_walk = 0;
+                    if let Err(e) = self.collector.rescan() {
+                        log::warn!("walking the cgroup hierarchy: {e}");
+                    }
+                }
+                (Vec::new(), Vec::new(), None)
+            }
             Some(refresher) => {
                 let unknown =
                     Self::inventory(&mut self.collector, refresher, &mut self.since_walk).await;

@@ -71,14 +71,16 @@ pub struct Shape {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    /// BPF_F_* creation flags (preallocation).
+    pub map_flags: u32,
 }
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:?}, {} B keys, {} B values, {} entries",
-            self.map_type, self.key_size, self.value_size, self.max_entries
+            "{:?}, {} B keys, {} B values, {} entries, flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.map_flags
         )
     }
 }
@@ -150,6 +152,7 @@ impl PinDir {
             key_size: info.key_size(),
             value_size: info.value_size(),
             max_entries: info.max_entries(),
+            map_flags: info.map_flags(),
         };
         if found == want {
             return Ok(Found::Same);

@@ -108,6 +108,8 @@ pub fn map_shapes(map_entries: u32) -> [(&'static str, Shape); 3] {
         key_size: size_of::<TrafficKey>() as u32,
         value_size: size_of::<TrafficValue>() as u32,
         max_entries: map_entries,
+        // BPF_F_NO_PREALLOC, as observer-ebpf declares them.
+        map_flags: 1,
     };
     [
         (TRAFFIC_MAP, traffic),
@@ -118,6 +120,7 @@ pub fn map_shapes(map_entries: u32) -> [(&'static str, Shape); 3] {
                 key_size: 4,
                 value_size: 8,
                 max_entries: STAT_COUNT,
+                map_flags: 0,
             },
         ),
         (

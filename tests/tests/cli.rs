@@ -186,6 +186,57 @@ fn a_full_map_is_reported_once_per_interval() {
 }
 
 #[test]
+fn a_full_map_recovers_once_its_cgroups_are_gone() {
+    if skip_unless_root("a_full_map_recovers_once_its_cgroups_are_gone") {
+        return;
+    }
+    const ENTRIES: usize = 64;
+    let mut observer = ObserverCmd::start(
+        OBSERVER,
+        &["--platform", "none", "--interval", "500ms", "--map-entries", "64"],
+    )
+    .unwrap();
+    observer
+        .wait_log(ATTACHED, Duration::from_secs(20))
+        .unwrap();
+    let sink = TestCgroup::new("cli-recover-rx").unwrap();
+    // More cgroups than the map holds: it fills up.
+    let filling: Vec<TestCgroup> = (0..ENTRIES + 8)
+        .map(|i| TestCgroup::new(&format!("cli-recover-{i}")).unwrap())
+        .collect();
+    for c in &filling {
+        udp_exchange(at(c), at(&sink), "127.0.0.1:0", 1, 10);
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    drop(filling);
+    // Their entries go within a couple of intervals; then a new cgroup is counted again.
+    std::thread::sleep(Duration::from_secs(2));
+    let late = TestCgroup::new("cli-recover-late").unwrap();
+    udp_exchange(at(&late), at(&sink), "127.0.0.1:0", 5, 10);
+    std::thread::sleep(Duration::from_millis(1200));
+    observer.signal(libc::SIGTERM);
+    let done = observer.finish(Duration::from_secs(20)).unwrap();
+    assert!(done.status.success(), "{}", done.log);
+    let lines = lines(&done.stdout);
+    let drops: u64 = lines
+        .iter()
+        .filter(|l| l["type"] == "observer")
+        .map(|l| l["map_full_drops"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(drops > 0, "the map never filled");
+    let late_tx: u64 = lines
+        .iter()
+        .filter(|l| l["type"] == "cgroup" && l["cgroup_id"] == late.id())
+        .map(|l| l["lo_tx_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        late_tx,
+        udp(5, 10).bytes,
+        "a cgroup made after the full map's cgroups went is counted exactly"
+    );
+}
+
+#[test]
 fn without_privileges_it_says_what_it_needs() {
     if skip_unless_root("without_privileges_it_says_what_it_needs") {
         return;
