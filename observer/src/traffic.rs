@@ -106,6 +106,18 @@ impl TrafficReader {
         self.capacity
     }
 
+    /// Kernel memory the traffic map takes now, as the kernel accounts it (`memlock` in its
+    /// fdinfo): grows with live entries, since the map is not preallocated.
+    pub fn kernel_memory(&self) -> Option<u64> {
+        let fdinfo =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.traffic_fd.as_raw_fd()))
+                .ok()?;
+        fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     pub fn read(&mut self) -> Result<Reading, TrafficError> {
         let entries = if self.batch_supported {
             match lookup_batch(&self.traffic_fd, self.cpus) {

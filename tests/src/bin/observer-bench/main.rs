@@ -402,8 +402,8 @@ fn read_cost(opts: &Opts) -> anyhow::Result<()> {
         "Reading the counters: user-space time of one read, ms (median [min..max] of {READS})"
     );
     println!(
-        "{:>8} {:>8} {:>24} {:>24} {:>24}",
-        "cgroups", "entries", "batch lookup", "key by key", "whole cycle"
+        "{:>8} {:>8} {:>24} {:>24} {:>24} {:>12}",
+        "cgroups", "entries", "batch lookup", "key by key", "whole cycle", "map memory"
     );
     let root = testbed::v2_root();
     for &n in &opts.cgroups {
@@ -449,13 +449,18 @@ fn read_cost(opts: &Opts) -> anyhow::Result<()> {
             collector.collect()?;
             Ok(())
         })?;
+        let memory = collector
+            .reader_mut()
+            .kernel_memory()
+            .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)));
         println!(
-            "{:>8} {:>8} {:>24} {:>24} {:>24}",
+            "{:>8} {:>8} {:>24} {:>24} {:>24} {:>12}",
             n,
             entries,
             fmt(batch, 1.0, 3),
             fmt(key_by_key, 1.0, 3),
-            fmt(cycle, 1.0, 3)
+            fmt(cycle, 1.0, 3),
+            memory
         );
     }
     Ok(())
