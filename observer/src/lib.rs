@@ -5,6 +5,7 @@
 //! [`sink`]. docs/architecture.md has the map.
 
 pub mod backoff;
+pub mod body;
 pub mod cgroupfs;
 pub mod collect;
 pub mod config;

@@ -347,7 +347,10 @@ impl Pod {
             .map(|c| limits(&c.resources))
             .collect();
         let sum_cpu = each.iter().map(|l| l.cpu_cores).sum::<Option<f64>>();
-        let sum_memory = each.iter().map(|l| l.memory_bytes).sum::<Option<u64>>();
+        // Checked: two `8Ei` limits overflow a u64, and no sum means no limit to report.
+        let sum_memory = each
+            .iter()
+            .try_fold(0u64, |sum, l| sum.checked_add(l.memory_bytes?));
         let any = !each.is_empty();
         Limits {
             cpu_cores: sum_cpu.filter(|_| any),
@@ -381,7 +384,12 @@ fn scaled_up(quantity: &str, per_unit: i128) -> Option<u64> {
     if nanos < 0 {
         return None;
     }
-    u64::try_from((nanos + per_unit - 1) / per_unit).ok()
+    u64::try_from(div_ceil(nanos, per_unit)).ok()
+}
+
+/// `n / d` rounded up, for `n >= 0` and `d > 0`; `n + d - 1` would overflow near `i128::MAX`.
+fn div_ceil(n: i128, d: i128) -> i128 {
+    n / d + i128::from(n % d != 0)
 }
 
 /// A Kubernetes quantity (`<sign><digits>[.<digits>]<suffix>`, suffix binary Ki..Ei, decimal
@@ -440,7 +448,7 @@ pub fn quantity_nanos(quantity: &str) -> Option<i128> {
     } else {
         let div = 10i128.checked_pow(exp10.unsigned_abs());
         value = match div {
-            Some(div) => (value + div - 1) / div,
+            Some(div) => div_ceil(value, div),
             // Smaller than a billionth: rounds up to one unless zero.
             None => i128::from(value > 0),
         };
@@ -699,6 +707,48 @@ mod tests {
         for (q, want) in rows {
             assert_eq!(memory_bytes(q), want, "{q:?}");
         }
+    }
+
+    /// Found by the quantity property below: `nanos + per_unit - 1` overflowed i128.
+    #[test]
+    fn quantities_near_the_i128_limit_do_not_overflow() {
+        // 30 digits, times 10^9: just under i128::MAX.
+        let q = "170141183460469231731687303715";
+        assert_eq!(
+            quantity_nanos(q),
+            Some(170141183460469231731687303715 * 1_000_000_000)
+        );
+        assert_eq!(memory_bytes(q), None, "more bytes than a u64 holds");
+        assert_eq!(cpu_millicores(q), None);
+        assert_eq!(memory_bytes("170141183460469231731687303715n"), None);
+        assert_eq!(memory_bytes("9223372036854775807999999999n"), Some(1 << 63));
+    }
+
+    /// Two `8Ei` limits are 2^64 bytes: the pod's sum is unknown, not a wrapped number.
+    #[test]
+    fn limit_sums_that_overflow_are_unknown() {
+        let container = |name: &str| ContainerSpec {
+            name: name.into(),
+            resources: Resources {
+                limits: BTreeMap::from([
+                    ("cpu".to_owned(), "1".to_owned()),
+                    ("memory".to_owned(), "8Ei".to_owned()),
+                ]),
+                ..Resources::default()
+            },
+            ..ContainerSpec::default()
+        };
+        let mut pod = Pod::default();
+        pod.spec.containers = vec![container("a"), container("b")];
+        assert_eq!(
+            pod.limits(),
+            Limits {
+                cpu_cores: Some(2.0),
+                memory_bytes: None
+            }
+        );
+        pod.spec.containers.pop();
+        assert_eq!(pod.limits().memory_bytes, Some(8 << 60));
     }
 
     #[test]

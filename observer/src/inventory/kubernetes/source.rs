@@ -13,7 +13,7 @@ use std::{
 
 use super::decode::{KubeletError, PodList};
 use crate::inventory::{
-    http::{base_url, error_chain},
+    http::{base_url, error_chain, read_body, KUBELET},
     sources::{BuildError, SourceConfig},
     Inventory, InventoryFuture, InventorySource, SourceError,
 };
@@ -168,13 +168,7 @@ impl KubeletSource {
                 })
             }
         }
-        response
-            .bytes()
-            .await
-            .map_err(|e| SourceError::Unreachable {
-                url: url.clone(),
-                reason: error_chain(&e),
-            })
+        read_body(KUBELET, response, url, self.timeout).await
     }
 }
 
@@ -270,6 +264,27 @@ mod tests {
     fn other_schemes_are_refused() {
         let err = KubeletSource::new(&config("node-1:10250")).unwrap_err();
         assert!(matches!(err, BuildError::KubeletScheme { .. }));
+    }
+
+    /// A kubelet that streams without end costs at most the cap, and the error says so.
+    #[tokio::test]
+    async fn an_endless_pods_answer_stops_at_the_cap() {
+        let (addr, written) = crate::body::tests::flood(usize::MAX).await;
+        let mut config = config(&format!("http://{addr}"));
+        config.timeout = Duration::from_secs(30);
+        let mut source = KubeletSource::new(&config).unwrap();
+        let err = source.fetch().await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the kubelet at http://{addr}/pods answered more than 16 MiB (observer reads no more)"
+            )
+        );
+        let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            sent < crate::body::KUBELET_PODS_MAX * 2,
+            "{sent} bytes sent"
+        );
     }
 
     #[test]
