@@ -79,7 +79,8 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_KUBELET_CA_FILE", default_value = defaults::KUBELET_CA_FILE)]
     pub kubelet_ca_file: PathBuf,
 
-    /// Do not verify the kubelet's certificate (self-signed serving certificates).
+    /// Do not verify the kubelet's certificate (self-signed serving certificates). The
+    /// service-account token then goes to an unverified peer; observer warns at start.
     #[arg(long, env = "OBSERVER_KUBELET_INSECURE_TLS")]
     pub kubelet_insecure_tls: bool,
 

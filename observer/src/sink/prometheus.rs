@@ -430,12 +430,18 @@ mod tests {
         // The cap at work: the oldest idle ones were let go, at most 64 stay open.
         let mut closed = 0;
         for stream in &mut idle {
-            if closed_within(stream, Duration::from_millis(20)).await.is_ok() {
+            if closed_within(stream, Duration::from_millis(20))
+                .await
+                .is_ok()
+            {
                 closed += 1;
             }
         }
         assert!(closed >= 100 - server::MAX_CONNECTIONS, "{closed} closed");
-        assert!(closed < 100, "the newest idle connections wait for their timeout");
+        assert!(
+            closed < 100,
+            "the newest idle connections wait for their timeout"
+        );
     }
 
     #[tokio::test]

@@ -57,6 +57,10 @@ impl KubeletSource {
             // Node-local APIs: never through an HTTP(S)_PROXY from the environment.
             .no_proxy()
             .connect_timeout(config.timeout);
+        if let Some(warning) = insecure_warning(url, tls, config.kubelet_insecure_tls) {
+            // Built once, at start: said once.
+            log::warn!("{warning}");
+        }
         if tls && config.kubelet_insecure_tls {
             builder = builder.danger_accept_invalid_certs(true);
         } else if tls {
@@ -182,6 +186,18 @@ impl InventorySource for KubeletSource {
     }
 }
 
+/// What `--kubelet-insecure-tls` costs, for the start-up log: the token goes to whoever
+/// answers. None when the flag is off or the URL is plain HTTP (no token is sent there).
+fn insecure_warning(url: &str, tls: bool, insecure: bool) -> Option<String> {
+    (tls && insecure).then(|| {
+        format!(
+            "--kubelet-insecure-tls: the kubelet's certificate at {url} is not verified, so the \
+             service-account bearer token is sent to whatever peer answers there; give the \
+             cluster CA with --kubelet-ca-file instead where you can"
+        )
+    })
+}
+
 /// The CA bundle's certificates; at least one.
 fn read_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, BuildError> {
     let pem = std::fs::read(path).map_err(|source| BuildError::CaFile {
@@ -247,6 +263,21 @@ mod tests {
             source.token_file.as_deref(),
             Some(Path::new(crate::defaults::KUBELET_TOKEN_FILE))
         );
+    }
+
+    #[test]
+    fn insecure_tls_says_where_the_token_goes() {
+        let url = "https://10.0.0.7:10250";
+        let warning = insecure_warning(url, true, true).unwrap();
+        assert!(
+            warning.contains(url)
+                && warning.contains("bearer token")
+                && warning.contains("not verified"),
+            "{warning}"
+        );
+        assert_eq!(insecure_warning(url, true, false), None);
+        // The read-only port never gets the token.
+        assert_eq!(insecure_warning("http://10.0.0.7:10255", false, true), None);
     }
 
     #[test]
