@@ -363,7 +363,10 @@ mod tests {
         assert!(message.len() < 2000, "{} bytes", message.len());
         assert!(message.contains(r#""$(re\nboot)" (no ':'"#), "{message}");
         assert!(message.ends_with("and 91 more"), "{message}");
-        assert!(!message.contains('\n'), "a newline never starts a fake log line");
+        assert!(
+            !message.contains('\n'),
+            "a newline never starts a fake log line"
+        );
     }
 
     #[test]
