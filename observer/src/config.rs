@@ -390,4 +390,72 @@ mod tests {
             "{health}"
         );
     }
+
+    /// Fuzzing: any duration text is taken or refused, and what is taken is within bounds.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fuzz;
+
+        const PARTS: &[&str] = &[
+            "0",
+            "1",
+            "9",
+            "60",
+            "100",
+            "18446744073709551615",
+            "99999999999999999999",
+            " ",
+            ".",
+            "-",
+            "+",
+            "ns",
+            "us",
+            "ms",
+            "s",
+            "m",
+            "h",
+            "d",
+            "w",
+            "M",
+            "y",
+            "min",
+            "sec",
+        ];
+
+        fn check(s: &str) -> Result<(), TestCaseError> {
+            if let Ok(d) = parse_interval(s) {
+                prop_assert!((MIN_INTERVAL..=MAX_INTERVAL).contains(&d), "{:?}", s);
+                // What run.rs and the probes derive from it cannot overflow.
+                prop_assert!(d.checked_mul(MAX_RETIRE_AFTER_INTERVALS).is_some());
+            }
+            if let Ok(d) = parse_shutdown_timeout(s) {
+                prop_assert!(d <= MAX_SHUTDOWN_TIMEOUT);
+            }
+            if let Ok(d) = parse_health_timeout(s) {
+                prop_assert!(d <= MAX_HEALTH_TIMEOUT);
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(1000))]
+
+            #[test]
+            fn any_text(s in ".{0,40}") {
+                check(&s)?;
+            }
+
+            #[test]
+            fn mutated_durations(s in fuzz::mutated_text(fuzz::line_seeds("durations"), 4)) {
+                check(&s)?;
+            }
+
+            #[test]
+            fn durations_from_their_parts(s in fuzz::words(PARTS, 8)) {
+                check(&s)?;
+            }
+        }
+    }
 }

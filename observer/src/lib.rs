@@ -12,6 +12,8 @@ pub mod config;
 pub mod cycle;
 pub mod defaults;
 pub mod delta;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod host_paths;
 pub mod inventory;

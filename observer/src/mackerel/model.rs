@@ -380,4 +380,63 @@ mod tests {
             ["base:common", "base:node", "web:app"]
         );
     }
+
+    /// Fuzzing: any roles value gives only roles Mackerel takes, each once, at most
+    /// [`MAX_ROLE_ENTRIES`]; identities and metric names never panic.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::{fuzz, mackerel::names::sanitize};
+
+        const PARTS: &[&str] = &[
+            "svc", "web", "a", "-", "_", ":", ",", " ", "$(", ")", "`", "\n", "é", "ab:cd",
+        ];
+
+        fn check(s: &str) -> Result<(), TestCaseError> {
+            let (roles, bad) = Roles::parse_lenient(s);
+            prop_assert!(roles.as_slice().len() <= MAX_ROLE_ENTRIES);
+            for role in roles.as_slice() {
+                prop_assert!(check_role(role).is_ok(), "{:?}", role);
+            }
+            let mut unique = roles.as_slice().to_vec();
+            unique.sort();
+            unique.dedup();
+            prop_assert_eq!(unique.len(), roles.as_slice().len());
+            // Printed and read back, the good ones are the same list.
+            prop_assert_eq!(Roles::parse(&roles.to_string()), Ok(roles));
+            prop_assert!(RolesError(bad).to_string().len() < 20_000);
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(700))]
+
+            #[test]
+            fn any_text(s in ".{0,80}") {
+                check(&s)?;
+            }
+
+            #[test]
+            fn mutated_roles(s in fuzz::mutated_text(fuzz::line_seeds("roles"), 6)) {
+                check(&s)?;
+            }
+
+            #[test]
+            fn roles_from_their_parts(s in fuzz::words(PARTS, 30)) {
+                check(&s)?;
+            }
+
+            #[test]
+            fn identities_and_names(s in ".{0,60}") {
+                if let Ok(id) = HostIdentity::ecs(&s) {
+                    prop_assert!(!id.name.is_empty() && s.ends_with(&id.name));
+                }
+                let _ = HostIdentity::kubernetes(&s, &s);
+                let name = sanitize(&s);
+                prop_assert!(!name.is_empty());
+                prop_assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+            }
+        }
+    }
 }

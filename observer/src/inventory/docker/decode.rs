@@ -352,4 +352,98 @@ mod tests {
             );
         }
     }
+
+    /// Fuzzing: no list or inspect answer makes the decoders, the limits or the Compose
+    /// grouping panic, and grouping keeps every container.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fuzz;
+
+        const KEYS: &[&str] = &[
+            "Id",
+            "Names",
+            "Name",
+            "Image",
+            "Labels",
+            "State",
+            "Status",
+            "Running",
+            "Pid",
+            "HostConfig",
+            "NetworkMode",
+            "CgroupParent",
+            "NanoCpus",
+            "CpuQuota",
+            "CpuPeriod",
+            "Memory",
+            "Config",
+            COMPOSE_PROJECT,
+            COMPOSE_SERVICE,
+            "running",
+            "host",
+            "container:",
+            "bridge",
+        ];
+
+        fn decode_everything(body: &[u8]) {
+            if let Ok(list) = serde_json::from_slice::<Vec<ContainerSummary>>(body) {
+                let containers: Vec<Container> =
+                    list.iter().map(ContainerSummary::to_container).collect();
+                let count = containers.len();
+                let (projects, rest) = group_by_compose(containers);
+                let grouped: usize = projects.iter().map(|p| p.containers.len()).sum();
+                assert_eq!(grouped + rest.len(), count);
+            }
+            if let Ok(inspect) = serde_json::from_slice::<ContainerInspect>(body) {
+                let c = inspect.to_container();
+                check_limits(&c.limits);
+            }
+        }
+
+        fn check_limits(l: &Limits) {
+            if let Some(cpu) = l.cpu_cores {
+                assert!(cpu.is_finite() && cpu > 0.0, "{cpu}");
+            }
+            assert_ne!(l.memory_bytes, Some(0));
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(500))]
+
+            #[test]
+            fn any_bytes(body in prop::collection::vec(any::<u8>(), 0..256)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn mutated_fixtures(body in fuzz::mutated(fuzz::json_seeds("docker"), 8)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn documents_of_engine_fields(doc in fuzz::json_value(KEYS)) {
+                decode_everything(&serde_json::to_vec(&doc).unwrap());
+                let list = serde_json::Value::Array(vec![doc]);
+                decode_everything(&serde_json::to_vec(&list).unwrap());
+            }
+
+            #[test]
+            fn any_limits(
+                nano_cpus in any::<Option<i64>>(),
+                cpu_quota in any::<Option<i64>>(),
+                cpu_period in any::<Option<i64>>(),
+                memory in any::<Option<i64>>(),
+            ) {
+                let host = HostConfig { nano_cpus, cpu_quota, cpu_period, memory, ..HostConfig::default() };
+                check_limits(&host.limits());
+            }
+
+            #[test]
+            fn any_network_mode(mode in ".{0,30}") {
+                let _ = network_mode(&mode);
+            }
+        }
+    }
 }

@@ -626,4 +626,153 @@ mod tests {
             NetworkMode::Network("my-net".into())
         );
     }
+
+    /// Fuzzing: no body the agent (or whatever answers in its place) sends makes the decoders
+    /// or the task building panic, and the label fallback keeps every container.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::{fuzz, inventory::ecs::source::from_agent_answers};
+
+        const KEYS: &[&str] = &[
+            "Cluster",
+            "ContainerInstanceArn",
+            "Version",
+            "Tasks",
+            "Arn",
+            "DesiredStatus",
+            "KnownStatus",
+            "Family",
+            "Containers",
+            "DockerId",
+            "DockerName",
+            "Name",
+            "Image",
+            "ImageID",
+            "CreatedAt",
+            "StartedAt",
+            "Ports",
+            "ContainerPort",
+            "Protocol",
+            "HostPort",
+            "HostIp",
+            "Networks",
+            "NetworkMode",
+            "IPv4Addresses",
+            "IPv6Addresses",
+            "Volumes",
+            "Source",
+            "Destination",
+            "RestartCount",
+        ];
+
+        fn decode_everything(body: &[u8]) {
+            let metadata = serde_json::from_slice::<AgentMetadata>(body).unwrap_or_default();
+            if let Ok(tasks) = serde_json::from_slice::<TasksResponse>(body) {
+                let inventory = from_agent_answers(&metadata, &tasks);
+                assert!(inventory.workloads.len() <= tasks.tasks.len());
+            }
+            if let Ok(task) = serde_json::from_slice::<TaskResponse>(body) {
+                if let Some(w) = task.to_workload(Some("c")) {
+                    assert!(task.arn.ends_with(&w.id));
+                }
+            }
+        }
+
+        fn arn() -> impl Strategy<Value = String> {
+            prop_oneof![
+                ".{0,40}",
+                fuzz::words(
+                    &[
+                        "arn:",
+                        "aws:",
+                        "ecs:",
+                        ":",
+                        "/",
+                        "task/",
+                        "prod",
+                        "8f03e41243824aea923aca126495f665"
+                    ],
+                    8
+                ),
+            ]
+        }
+
+        fn labelled_container() -> impl Strategy<Value = Container> {
+            let labels = prop::collection::btree_map(
+                prop::sample::select(vec![
+                    LABEL_TASK_ARN,
+                    LABEL_CONTAINER_NAME,
+                    LABEL_CLUSTER,
+                    LABEL_FAMILY,
+                    LABEL_VERSION,
+                    "other",
+                ])
+                .prop_map(str::to_owned),
+                arn(),
+                0..6,
+            );
+            (labels, "[0-9a-f]{64}", ".{0,8}").prop_map(|(labels, id, name)| Container {
+                id,
+                name,
+                runtime: Runtime::Docker,
+                image: None,
+                network_mode: NetworkMode::Unknown,
+                limits: Limits::default(),
+                labels,
+                cgroup_ids: Vec::new(),
+            })
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(500))]
+
+            #[test]
+            fn any_bytes(body in prop::collection::vec(any::<u8>(), 0..256)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn mutated_fixtures(body in fuzz::mutated(fuzz::json_seeds("ecs"), 8)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn documents_of_agent_fields(doc in fuzz::json_value(KEYS)) {
+                decode_everything(&serde_json::to_vec(&doc).unwrap());
+                let tasks = serde_json::json!({ "Tasks": [doc] });
+                decode_everything(&serde_json::to_vec(&tasks).unwrap());
+            }
+
+            #[test]
+            fn task_ids_are_the_end_of_the_arn(arn in arn()) {
+                if let Some(id) = task_id_from_arn(&arn) {
+                    prop_assert!(arn.ends_with(id) && !id.is_empty() && !id.contains('/'));
+                }
+            }
+
+        }
+
+        proptest! {
+            // Building label maps is the costly part: fewer cases, each with many containers.
+            #![proptest_config(fuzz::config(150))]
+
+            #[test]
+            fn the_label_fallback_keeps_every_container(
+                containers in prop::collection::vec(labelled_container(), 0..12)
+            ) {
+                let count = containers.len();
+                let (tasks, rest) = workloads_from_labels(containers);
+                let in_tasks: usize = tasks.iter().map(|t| t.containers.len()).sum();
+                prop_assert_eq!(in_tasks + rest.len(), count);
+                for task in &tasks {
+                    for c in &task.containers {
+                        let labels = EcsLabels::from_labels(&c.labels).unwrap();
+                        prop_assert_eq!(labels.task_id(), task.id.as_str());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -801,4 +801,178 @@ mod tests {
         );
         assert_eq!(Pod::default().controller(), None);
     }
+
+    /// Fuzzing: no `/pods` body makes the decoder or the pod building panic, and quantities
+    /// parse without overflow and agree with their units.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fuzz;
+
+        const KEYS: &[&str] = &[
+            "kind",
+            "PodList",
+            "items",
+            "metadata",
+            "name",
+            "namespace",
+            "uid",
+            "labels",
+            "annotations",
+            "ownerReferences",
+            "controller",
+            "spec",
+            "nodeName",
+            "hostNetwork",
+            "containers",
+            "initContainers",
+            "image",
+            "resources",
+            "limits",
+            "requests",
+            "cpu",
+            "memory",
+            "status",
+            "phase",
+            "qosClass",
+            "podIP",
+            "hostIP",
+            "containerStatuses",
+            "initContainerStatuses",
+            "ephemeralContainerStatuses",
+            "containerID",
+            "imageID",
+            "ready",
+            "restartCount",
+            "state",
+            "running",
+            "waiting",
+            "terminated",
+            "startedAt",
+            "reason",
+            "exitCode",
+            "pod-template-hash",
+            "mackerel.io/roles",
+            "ReplicaSet",
+            "Running",
+            "Succeeded",
+        ];
+
+        const QUANTITY_PARTS: &[&str] = &[
+            "0",
+            "1",
+            "5",
+            "9",
+            "99999",
+            "170141183460469231731687303715",
+            ".",
+            "+",
+            "-",
+            "e",
+            "E",
+            "e-",
+            "e+",
+            "n",
+            "u",
+            "m",
+            "k",
+            "M",
+            "G",
+            "T",
+            "P",
+            "E",
+            "Ki",
+            "Mi",
+            "Gi",
+            "Ti",
+            "Pi",
+            "Ei",
+            " ",
+        ];
+
+        fn decode_everything(body: &[u8]) {
+            let Ok(list) = PodList::decode(body) else {
+                return;
+            };
+            for pod in &list.pods {
+                if let Some(w) = pod.to_workload() {
+                    assert_eq!(w.id, pod.metadata.uid);
+                    assert!(
+                        w.containers.len()
+                            <= pod.status.container_statuses.len()
+                                + pod.status.init_container_statuses.len()
+                                + pod.status.ephemeral_container_statuses.len()
+                    );
+                }
+            }
+        }
+
+        fn check_quantity(q: &str) -> Result<(), TestCaseError> {
+            let nanos = quantity_nanos(q);
+            for scaled in [cpu_millicores(q), memory_bytes(q)] {
+                if scaled.is_some() {
+                    prop_assert!(nanos.is_some_and(|n| n >= 0), "{:?}", q);
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(500))]
+
+            #[test]
+            fn any_bytes(body in prop::collection::vec(any::<u8>(), 0..256)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn mutated_fixtures(body in fuzz::mutated(fuzz::json_seeds("kubernetes"), 8)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn documents_of_pod_fields(doc in fuzz::json_value(KEYS)) {
+                decode_everything(&serde_json::to_vec(&doc).unwrap());
+                let list = serde_json::json!({ "kind": "PodList", "items": [doc] });
+                decode_everything(&serde_json::to_vec(&list).unwrap());
+            }
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(1500))]
+
+            #[test]
+            fn any_quantity_text(q in ".{0,40}") {
+                check_quantity(&q)?;
+            }
+
+            #[test]
+            fn mutated_quantities(q in fuzz::mutated_text(fuzz::line_seeds("quantities"), 4)) {
+                check_quantity(&q)?;
+            }
+
+            #[test]
+            fn quantities_from_their_parts(q in fuzz::words(QUANTITY_PARTS, 8)) {
+                check_quantity(&q)?;
+            }
+
+            #[test]
+            fn units_agree(n in any::<u32>()) {
+                let n64 = u64::from(n);
+                prop_assert_eq!(memory_bytes(&format!("{n}Ki")), Some(n64 * 1024));
+                prop_assert_eq!(memory_bytes(&format!("{n}k")), Some(n64 * 1000));
+                prop_assert_eq!(cpu_millicores(&format!("{n}m")), Some(n64));
+                prop_assert_eq!(cpu_millicores(&format!("{n}u")), Some(n64.div_ceil(1000)));
+                prop_assert_eq!(memory_bytes(&format!("{n}e-3")), Some(n64.div_ceil(1000)));
+            }
+
+            #[test]
+            fn container_ids_are_the_end(s in fuzz::words(&["docker", "cri-o", "containerd", "://", ":", "/", "x"], 6)) {
+                if let Some((_, id)) = parse_container_id(&s) {
+                    prop_assert!(s.ends_with(id) && !id.is_empty());
+                }
+            }
+        }
+    }
 }
