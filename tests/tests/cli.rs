@@ -250,6 +250,22 @@ fn bad_flags_are_rejected_before_anything_loads() {
     );
 }
 
+/// Durations past their ceiling are refused at start with the ceiling named: later arithmetic
+/// on them (deadlines, retire-after x interval) could overflow.
+#[test]
+fn huge_durations_are_refused_with_their_ceiling() {
+    for (flags, ceiling) in [
+        (&["--interval", "100000000000000s"][..], "the longest interval is 1h"),
+        (&["--shutdown-timeout", "1000000h"][..], "the longest shutdown timeout is 10m"),
+        (&["--retire-after", "4294967295"][..], "1..=10000"),
+    ] {
+        let done = run(ObserverCmd::start(OBSERVER, flags));
+        assert_eq!(done.status.code(), Some(2), "{flags:?}: clap's usage error");
+        assert!(done.stdout.is_empty());
+        assert!(done.log.contains(ceiling), "{flags:?}: {}", done.log);
+    }
+}
+
 #[test]
 fn help_shows_every_flag_with_its_default() {
     let done = run(ObserverCmd::start(OBSERVER, &["--help"]));
