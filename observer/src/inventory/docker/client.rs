@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use super::decode::{ContainerInspect, ContainerSummary};
+use super::decode::{ContainerInspect, ContainerList, ContainerSummary};
 use crate::{
     body::{self, Size},
     inventory::{cgroup_path::is_container_id, Container, SourceError},
@@ -129,9 +129,12 @@ impl DockerClient {
         self.get("/_ping").await.map(drop)
     }
 
-    /// `GET /containers/json`: the running containers.
+    /// `GET /containers/json`: the running containers, at most
+    /// [`crate::inventory::MAX_ITEMS`].
     pub async fn list(&self) -> Result<Vec<ContainerSummary>, DockerError> {
-        self.get_json("/containers/json").await
+        self.get_json::<ContainerList>("/containers/json")
+            .await
+            .map(|l| l.0)
     }
 
     /// `GET /containers/<id>/json`.

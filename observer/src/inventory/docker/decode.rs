@@ -9,13 +9,24 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::inventory::{
-    null_as_default, Container, Limits, NetworkMode, Runtime, Workload, WorkloadKind,
+    at_most_max_items, nested_map, nested_seq, null_as_default, Container, Limits, NetworkMode,
+    Runtime, Workload, WorkloadKind,
 };
 
 /// The label Docker Compose puts the project name in.
 pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 /// The label Docker Compose puts the service name in.
 pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
+
+/// The body of `GET /containers/json`: at most [`crate::inventory::MAX_ITEMS`] items.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerList(pub Vec<ContainerSummary>);
+
+impl<'de> Deserialize<'de> for ContainerList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        at_most_max_items(d).map(Self)
+    }
+}
 
 /// One item of `GET /containers/json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -24,10 +35,10 @@ pub struct ContainerSummary {
     #[serde(deserialize_with = "null_as_default")]
     pub id: String,
     /// With a leading `/`.
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub names: Vec<String>,
     pub image: Option<String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_map")]
     pub labels: BTreeMap<String, String>,
     /// "created", "running", "paused", "restarting", "exited", "removing", "dead".
     pub state: Option<String>,
@@ -64,7 +75,7 @@ pub struct ContainerInspect {
 #[serde(rename_all = "PascalCase", default)]
 pub struct InspectConfig {
     pub image: Option<String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_map")]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -353,6 +364,23 @@ mod tests {
         }
     }
 
+    /// More than 10000 containers is refused; a container's labels keep 1000.
+    #[test]
+    fn floods_of_containers_and_labels_are_bounded() {
+        let flood = format!("[{}]", vec!["{}"; 10_001].join(","));
+        assert!(serde_json::from_str::<ContainerList>(&flood).is_err());
+        let list: ContainerList =
+            serde_json::from_str(&format!("[{}]", vec!["{}"; 10_000].join(","))).unwrap();
+        assert_eq!(list.0.len(), 10_000);
+        let labels: Vec<String> = (0..3000).map(|i| format!(r#""l{i}":"v""#)).collect();
+        let one: ContainerSummary = serde_json::from_str(&format!(
+            r#"{{"Id":"a","Labels":{{{}}}}}"#,
+            labels.join(",")
+        ))
+        .unwrap();
+        assert_eq!(one.labels.len(), crate::inventory::MAX_NESTED);
+    }
+
     /// Fuzzing: no list or inspect answer makes the decoders, the limits or the Compose
     /// grouping panic, and grouping keeps every container.
     mod fuzz {
@@ -388,7 +416,7 @@ mod tests {
         ];
 
         fn decode_everything(body: &[u8]) {
-            if let Ok(list) = serde_json::from_slice::<Vec<ContainerSummary>>(body) {
+            if let Ok(ContainerList(list)) = serde_json::from_slice(body) {
                 let containers: Vec<Container> =
                     list.iter().map(ContainerSummary::to_container).collect();
                 let count = containers.len();

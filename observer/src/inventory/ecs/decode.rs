@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::inventory::{
-    null_as_default, Container, Limits, NetworkMode, NodeInfo, Runtime, Workload, WorkloadKind,
+    at_most_max_items, nested_seq, null_as_default, Container, Limits, NetworkMode, NodeInfo,
+    Runtime, Workload, WorkloadKind,
 };
 
 /// `GET /v1/metadata`.
@@ -32,7 +33,8 @@ pub struct AgentMetadata {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct TasksResponse {
-    #[serde(deserialize_with = "null_as_default")]
+    /// At most [`crate::inventory::MAX_ITEMS`]: more is not an instance's answer.
+    #[serde(deserialize_with = "at_most_max_items")]
     pub tasks: Vec<TaskResponse>,
 }
 
@@ -51,7 +53,7 @@ pub struct TaskResponse {
     #[serde(deserialize_with = "null_as_default")]
     pub version: String,
     /// Internal containers (the awsvpc pause container) are never listed.
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub containers: Vec<ContainerResponse>,
 }
 
@@ -72,12 +74,12 @@ pub struct ContainerResponse {
     /// RFC 3339, kept as text: only reported, never computed with.
     pub created_at: Option<String>,
     pub started_at: Option<String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub ports: Vec<PortResponse>,
     /// Only filled for awsvpc tasks (from the task's ENI).
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub networks: Vec<Network>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub volumes: Vec<VolumeResponse>,
     pub restart_count: Option<i64>,
 }
@@ -96,9 +98,9 @@ pub struct PortResponse {
 pub struct Network {
     #[serde(rename = "NetworkMode", deserialize_with = "null_as_default")]
     pub network_mode: String,
-    #[serde(rename = "IPv4Addresses", deserialize_with = "null_as_default")]
+    #[serde(rename = "IPv4Addresses", deserialize_with = "nested_seq")]
     pub ipv4_addresses: Vec<String>,
-    #[serde(rename = "IPv6Addresses", deserialize_with = "null_as_default")]
+    #[serde(rename = "IPv6Addresses", deserialize_with = "nested_seq")]
     pub ipv6_addresses: Vec<String>,
 }
 
@@ -625,6 +627,20 @@ mod tests {
             network_mode("my-net"),
             NetworkMode::Network("my-net".into())
         );
+    }
+
+    /// More than 10000 tasks is not an instance's answer; a task's containers keep 1000.
+    #[test]
+    fn floods_of_tasks_and_containers_are_bounded() {
+        let flood = format!(r#"{{"Tasks":[{}]}}"#, vec!["{}"; 10_001].join(","));
+        let err = serde_json::from_str::<TasksResponse>(&flood).unwrap_err();
+        assert!(err.to_string().contains("more than 10000 items"), "{err}");
+        let containers = vec![r#"{"DockerId":"x"}"#; 50_000].join(",");
+        let task: TaskResponse = serde_json::from_str(&format!(
+            r#"{{"Arn":"arn:aws:ecs:r:1:task/c/abc","Containers":[{containers}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(task.containers.len(), crate::inventory::MAX_NESTED);
     }
 
     /// Fuzzing: no body the agent (or whatever answers in its place) sends makes the decoders

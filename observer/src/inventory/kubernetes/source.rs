@@ -100,13 +100,18 @@ impl KubeletSource {
             },
             e => SourceError::Other(format!("{}: {e}", self.pods_url)),
         })?;
-        let skipped_before = std::mem::replace(&mut self.skipped, list.skipped.len());
-        if skipped_before != list.skipped.len() && !list.skipped.is_empty() {
+        let skipped_before = std::mem::replace(&mut self.skipped, list.skipped);
+        if skipped_before != list.skipped && list.skipped > 0 {
             log::warn!(
-                "kubelet {}: {} pods skipped as malformed: {}",
+                "kubelet {}: {} pods skipped as malformed: {}{}",
                 self.pods_url,
-                list.skipped.len(),
-                list.skipped.join("; ")
+                list.skipped,
+                list.skip_reasons.join("; "),
+                if list.skipped > list.skip_reasons.len() {
+                    "; ..."
+                } else {
+                    ""
+                }
             );
         }
         let mut inventory = Inventory::empty("kubernetes");
