@@ -39,6 +39,19 @@ impl fmt::Display for Size {
     }
 }
 
+/// Longest error text quoted from a decoder: serde quotes the value it could not take, and
+/// that value is the sender's to choose.
+pub const MAX_ERROR_CHARS: usize = 300;
+
+/// `error` as text, cut to [`MAX_ERROR_CHARS`] characters.
+pub fn clip(error: &impl fmt::Display) -> String {
+    let text = error.to_string();
+    match text.char_indices().nth(MAX_ERROR_CHARS) {
+        Some((cut, _)) => format!("{}... ({} bytes in all)", &text[..cut], text.len()),
+        None => text,
+    }
+}
+
 /// The body of `response`, or [`BodyError::TooLarge`] as soon as it passes `limit`: a
 /// Content-Length over the cap is refused before reading, a longer stream is cut at the cap.
 pub async fn read_capped(
@@ -112,6 +125,17 @@ pub(crate) mod tests {
             most.fetch_max(sent, Ordering::Relaxed);
         }
         let _ = stream.write_all(b"0\r\n\r\n").await;
+    }
+
+    #[test]
+    fn decoder_errors_are_clipped() {
+        let long = format!(r#"{{"a": 1, "b": "{}"}}"#, "x".repeat(100_000));
+        let err =
+            serde_json::from_str::<std::collections::BTreeMap<String, u8>>(&long).unwrap_err();
+        let text = clip(&err);
+        assert!(text.len() < MAX_ERROR_CHARS + 40, "{}", text.len());
+        assert!(text.starts_with("invalid type: string \"xxx"), "{text}");
+        assert_eq!(clip(&"short"), "short");
     }
 
     #[test]

@@ -27,7 +27,10 @@ pub enum SourceError {
         url: String,
         limit: usize,
     },
-    #[error("{url} returned a body that does not decode: {source}")]
+    #[error(
+        "{url} returned a body that does not decode: {}",
+        crate::body::clip(source)
+    )]
     Decode {
         url: String,
         #[source]

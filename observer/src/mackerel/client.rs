@@ -346,7 +346,7 @@ impl Client {
             }
             return serde_json::from_slice(&bytes).map_err(|e| ApiError::Decode {
                 call,
-                reason: format!("{e} in {:?}", text()),
+                reason: format!("{} in {:?}", body::clip(&e), text()),
             });
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {

@@ -49,7 +49,10 @@ pub enum DockerError {
     TooLarge { path: String, limit: usize },
     #[error("Docker API path {path:?} is not a valid request target")]
     BadPath { path: String },
-    #[error("Docker API {path} returned a body that does not decode: {source}")]
+    #[error(
+        "Docker API {path} returned a body that does not decode: {}",
+        body::clip(source)
+    )]
     Decode {
         path: String,
         #[source]
