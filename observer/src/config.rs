@@ -18,7 +18,7 @@ use crate::{defaults, inventory::sources::Platform};
 #[derive(Debug, Parser)]
 #[command(name = "observer", version, about, long_about)]
 pub struct Args {
-    /// How often to report: "60s", "5s", "1m", "500ms".
+    /// How often to report: "60s", "5s", "1m", "500ms"; from 100ms to 1h.
     #[arg(long, env = "OBSERVER_INTERVAL", default_value = defaults::INTERVAL,
           value_parser = parse_interval)]
     pub interval: Duration,
@@ -79,7 +79,8 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_KUBELET_CA_FILE", default_value = defaults::KUBELET_CA_FILE)]
     pub kubelet_ca_file: PathBuf,
 
-    /// Do not verify the kubelet's certificate (self-signed serving certificates).
+    /// Do not verify the kubelet's certificate (self-signed serving certificates). The
+    /// service-account token then goes to an unverified peer; observer warns at start.
     #[arg(long, env = "OBSERVER_KUBELET_INSECURE_TLS")]
     pub kubelet_insecure_tls: bool,
 
@@ -111,16 +112,18 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_MACKEREL_API_KEY_FILE")]
     pub mackerel_api_key_file: Option<PathBuf>,
 
-    /// Retire a task's Mackerel host once the task has been gone this many intervals.
+    /// Retire a task's Mackerel host once the task has been gone this many intervals (at most
+    /// 10000, and at most 7 days in all).
     #[arg(long, env = "OBSERVER_RETIRE_AFTER", default_value_t = defaults::RETIRE_AFTER_INTERVALS,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=MAX_RETIRE_AFTER_INTERVALS as i64))]
     pub retire_after: u32,
 
     /// On SIGTERM or SIGINT, how long the outputs may take to deliver the last interval
     /// (Mackerel's buffer included) before observer exits anyway. Keep it below the
-    /// platform's stop timeout (ECS stopTimeout, Kubernetes terminationGracePeriodSeconds).
+    /// platform's stop timeout (ECS stopTimeout, Kubernetes terminationGracePeriodSeconds);
+    /// at most 10m.
     #[arg(long, env = "OBSERVER_SHUTDOWN_TIMEOUT", default_value = defaults::SHUTDOWN_TIMEOUT,
-          value_parser = humantime::parse_duration)]
+          value_parser = parse_shutdown_timeout)]
     pub shutdown_timeout: Duration,
 
     /// bpffs directory for observer's pinned state (the traffic maps and the program links),
@@ -146,8 +149,8 @@ pub enum Command {
     /// 127.0.0.1) and exit 0 if it is healthy, 1 if not: a health check for images without a
     /// shell (ECS healthCheck ["CMD", "/observer", "health"]).
     Health {
-        /// How long to wait for the answer.
-        #[arg(long, default_value = defaults::HEALTH_TIMEOUT, value_parser = humantime::parse_duration)]
+        /// How long to wait for the answer (at most 1m).
+        #[arg(long, default_value = defaults::HEALTH_TIMEOUT, value_parser = parse_health_timeout)]
         timeout: Duration,
     },
     /// Remove everything observer pinned in --bpf-pin-dir: the links (which detaches the
@@ -177,12 +180,50 @@ impl Output {
 
 /// Shortest interval accepted: below it the reading itself becomes the load.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest interval accepted: past it a report says little, and the durations derived from
+/// the interval (health staleness, host retirement) stay far from overflowing.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+/// Most `--retire-after` intervals: with [`MAX_INTERVAL`] the product still fits easily.
+pub const MAX_RETIRE_AFTER_INTERVALS: u32 = 10_000;
+/// Longest `--retire-after` x `--interval`: a week of keeping a gone task's host.
+pub const MAX_RETIRE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest `--shutdown-timeout`: longer than any platform waits for a stop.
+pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest `observer health --timeout`: health checks run every few seconds.
+pub const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (expected a duration such as 60s, 5s, 1m or 500ms)"))?;
+    let d = parse_duration(s)?;
     if d < MIN_INTERVAL {
         return Err(format!("{s} is too short: the shortest interval is 100ms"));
+    }
+    at_most(s, d, MAX_INTERVAL, "interval")
+}
+
+pub fn parse_shutdown_timeout(s: &str) -> Result<Duration, String> {
+    at_most(
+        s,
+        parse_duration(s)?,
+        MAX_SHUTDOWN_TIMEOUT,
+        "shutdown timeout",
+    )
+}
+
+pub fn parse_health_timeout(s: &str) -> Result<Duration, String> {
+    at_most(s, parse_duration(s)?, MAX_HEALTH_TIMEOUT, "health timeout")
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected a duration such as 60s, 5s, 1m or 500ms)"))
+}
+
+fn at_most(s: &str, d: Duration, max: Duration, what: &str) -> Result<Duration, String> {
+    if d > max {
+        return Err(format!(
+            "{s} is too long: the longest {what} is {}",
+            humantime::format_duration(max)
+        ));
     }
     Ok(d)
 }
@@ -199,6 +240,43 @@ mod tests {
         assert!(parse_interval("10ms").is_err());
         assert!(parse_interval("fast").is_err());
         assert!(parse_interval("").is_err());
+    }
+
+    /// `--interval 100000000000000s` used to be taken, and later arithmetic overflowed.
+    #[test]
+    fn durations_have_a_ceiling() {
+        assert_eq!(parse_interval("1h"), Ok(MAX_INTERVAL));
+        let err = parse_interval("100000000000000s").unwrap_err();
+        assert_eq!(
+            err,
+            "100000000000000s is too long: the longest interval is 1h"
+        );
+        assert!(parse_interval("61m").is_err());
+        // Past what humantime holds: its own error, not a panic.
+        assert!(parse_interval("99999999999999999999999999s").is_err());
+        assert!(parse_shutdown_timeout("10m").is_ok());
+        assert!(parse_shutdown_timeout("11m")
+            .unwrap_err()
+            .contains("the longest shutdown timeout is 10m"));
+        assert!(parse_health_timeout("2m").is_err());
+        for flags in [
+            ["--interval", "2h"],
+            ["--shutdown-timeout", "1000000000s"],
+            ["--retire-after", "10001"],
+        ] {
+            let mut argv = vec!["observer"];
+            argv.extend(flags);
+            assert!(Args::try_parse_from(&argv).is_err(), "{flags:?}");
+        }
+        let args =
+            Args::try_parse_from(["observer", "--interval", "1h", "--retire-after", "10000"])
+                .unwrap();
+        // The product run.rs takes stays far inside a Duration.
+        assert_eq!(
+            args.interval.checked_mul(args.retire_after),
+            Some(Duration::from_secs(36_000_000))
+        );
+        assert!(Args::try_parse_from(["observer", "health", "--timeout", "5m"]).is_err());
     }
 
     #[test]
@@ -328,5 +406,73 @@ mod tests {
             health.contains(&format!("[default: {}]", defaults::HEALTH_TIMEOUT)),
             "{health}"
         );
+    }
+
+    /// Fuzzing: any duration text is taken or refused, and what is taken is within bounds.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fuzz;
+
+        const PARTS: &[&str] = &[
+            "0",
+            "1",
+            "9",
+            "60",
+            "100",
+            "18446744073709551615",
+            "99999999999999999999",
+            " ",
+            ".",
+            "-",
+            "+",
+            "ns",
+            "us",
+            "ms",
+            "s",
+            "m",
+            "h",
+            "d",
+            "w",
+            "M",
+            "y",
+            "min",
+            "sec",
+        ];
+
+        fn check(s: &str) -> Result<(), TestCaseError> {
+            if let Ok(d) = parse_interval(s) {
+                prop_assert!((MIN_INTERVAL..=MAX_INTERVAL).contains(&d), "{:?}", s);
+                // What run.rs and the probes derive from it cannot overflow.
+                prop_assert!(d.checked_mul(MAX_RETIRE_AFTER_INTERVALS).is_some());
+            }
+            if let Ok(d) = parse_shutdown_timeout(s) {
+                prop_assert!(d <= MAX_SHUTDOWN_TIMEOUT);
+            }
+            if let Ok(d) = parse_health_timeout(s) {
+                prop_assert!(d <= MAX_HEALTH_TIMEOUT);
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(1000))]
+
+            #[test]
+            fn any_text(s in ".{0,40}") {
+                check(&s)?;
+            }
+
+            #[test]
+            fn mutated_durations(s in fuzz::mutated_text(fuzz::line_seeds("durations"), 4)) {
+                check(&s)?;
+            }
+
+            #[test]
+            fn durations_from_their_parts(s in fuzz::words(PARTS, 8)) {
+                check(&s)?;
+            }
+        }
     }
 }

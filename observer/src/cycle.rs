@@ -69,8 +69,8 @@ impl Cycle {
                 // freed, and every interval while the map is (nearly) full, so it recovers as
                 // soon as they go.
                 self.since_walk += 1;
-                let nearly_full = collected.map_entries as u64 * 10
-                    >= u64::from(collected.map_capacity) * 9;
+                let nearly_full =
+                    collected.map_entries as u64 * 10 >= u64::from(collected.map_capacity) * 9;
                 if self.since_walk >= WALK_AT_LEAST_EVERY
                     || collected.map_full_drops > 0
                     || nearly_full

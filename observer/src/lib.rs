@@ -5,12 +5,15 @@
 //! [`sink`]. docs/architecture.md has the map.
 
 pub mod backoff;
+pub mod body;
 pub mod cgroupfs;
 pub mod collect;
 pub mod config;
 pub mod cycle;
 pub mod defaults;
 pub mod delta;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod host_paths;
 pub mod inventory;

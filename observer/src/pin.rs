@@ -342,10 +342,11 @@ mod tests {
             key_size: 8,
             value_size: 64,
             max_entries: 16384,
+            map_flags: 1,
         };
         assert_eq!(
             s.to_string(),
-            "PerCpuHash, 8 B keys, 64 B values, 16384 entries"
+            "PerCpuHash, 8 B keys, 64 B values, 16384 entries, flags 0x1"
         );
     }
 }

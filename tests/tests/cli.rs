@@ -193,7 +193,14 @@ fn a_full_map_recovers_once_its_cgroups_are_gone() {
     const ENTRIES: usize = 64;
     let mut observer = ObserverCmd::start(
         OBSERVER,
-        &["--platform", "none", "--interval", "500ms", "--map-entries", "64"],
+        &[
+            "--platform",
+            "none",
+            "--interval",
+            "500ms",
+            "--map-entries",
+            "64",
+        ],
     )
     .unwrap();
     observer
@@ -299,6 +306,28 @@ fn bad_flags_are_rejected_before_anything_loads() {
         "{}",
         done.log
     );
+}
+
+/// Durations past their ceiling are refused at start with the ceiling named: later arithmetic
+/// on them (deadlines, retire-after x interval) could overflow.
+#[test]
+fn huge_durations_are_refused_with_their_ceiling() {
+    for (flags, ceiling) in [
+        (
+            &["--interval", "100000000000000s"][..],
+            "the longest interval is 1h",
+        ),
+        (
+            &["--shutdown-timeout", "1000000h"][..],
+            "the longest shutdown timeout is 10m",
+        ),
+        (&["--retire-after", "4294967295"][..], "1..=10000"),
+    ] {
+        let done = run(ObserverCmd::start(OBSERVER, flags));
+        assert_eq!(done.status.code(), Some(2), "{flags:?}: clap's usage error");
+        assert!(done.stdout.is_empty());
+        assert!(done.log.contains(ceiling), "{flags:?}: {}", done.log);
+    }
 }
 
 #[test]

@@ -849,4 +849,90 @@ mod tests {
             CgroupIdentity::parse(&real[i..]);
         }
     }
+
+    /// Fuzzing: any path parses, and what it finds is really in the path.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fuzz;
+
+        const PARTS: &[&str] = &[
+            "/",
+            "/",
+            "/",
+            ".",
+            "..",
+            ":",
+            "-",
+            "_",
+            ".slice",
+            ".scope",
+            "docker",
+            "docker-",
+            "ecs",
+            "ecstasks-",
+            "ecstasks.slice",
+            "kubepods",
+            "kubepods-",
+            "kubepods.slice",
+            "burstable",
+            "besteffort",
+            "pod",
+            "cri-containerd",
+            "cri-containerd-",
+            "crio-",
+            "crio-conmon-",
+            "container",
+            ID,
+            TASK32,
+            TASK_UUID,
+            UID,
+            UID_SD,
+            STATIC_UID,
+        ];
+
+        fn check(path: &str) -> Result<(), TestCaseError> {
+            let identity = CgroupIdentity::parse(path);
+            match &identity.kind {
+                CgroupKind::Container { id, .. } | CgroupKind::Monitor { id, .. } => {
+                    prop_assert!(is_container_id(id) && path.contains(id.as_str()));
+                }
+                CgroupKind::Owner => prop_assert!(identity.owner.is_some()),
+                CgroupKind::Plain => {}
+            }
+            match &identity.owner {
+                Some(Owner::EcsTask { task_id }) => {
+                    prop_assert!(is_task_id(task_id) && path.contains(task_id.as_str()));
+                }
+                Some(Owner::KubernetesPod { uid, .. }) => {
+                    prop_assert!(is_hex_id(uid));
+                    prop_assert!(
+                        path.contains(uid.as_str()) || path.contains(&uid.replace('-', "_"))
+                    );
+                }
+                None => {}
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(1000))]
+
+            #[test]
+            fn any_text(path in ".{0,300}") {
+                check(&path)?;
+            }
+
+            #[test]
+            fn mutated_layouts(path in fuzz::mutated_text(fuzz::line_seeds("cgroup_paths"), 6)) {
+                check(&path)?;
+            }
+
+            #[test]
+            fn built_from_layout_words(path in fuzz::words(PARTS, 24)) {
+                check(&path)?;
+            }
+        }
+    }
 }

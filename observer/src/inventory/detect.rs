@@ -100,7 +100,10 @@ async fn ecs_agent_answers(agent: &str, timeout: Duration) -> Option<String> {
     if !response.status().is_success() {
         return None;
     }
-    let metadata: AgentMetadata = serde_json::from_slice(&response.bytes().await.ok()?).ok()?;
+    let body = crate::body::read_capped(response, crate::body::ECS_AGENT_MAX)
+        .await
+        .ok()?;
+    let metadata: AgentMetadata = serde_json::from_slice(&body).ok()?;
     Some(metadata.cluster)
 }
 

@@ -4,17 +4,38 @@
 use std::time::Duration;
 
 use super::SourceError;
+use crate::body::{self, BodyError};
 
 /// `url` without trailing slashes, so paths can be appended.
 pub(super) fn base_url(url: &str) -> &str {
     url.trim_end_matches('/')
 }
 
-/// `GET url` with an optional bearer token; the body of a 2xx answer.
+/// An API and the most observer reads of one answer from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Api {
+    /// For errors: "the ECS agent", "the kubelet".
+    pub name: &'static str,
+    pub max_body: usize,
+}
+
+pub(crate) const ECS_AGENT: Api = Api {
+    name: "the ECS agent",
+    max_body: body::ECS_AGENT_MAX,
+};
+
+pub(crate) const KUBELET: Api = Api {
+    name: "the kubelet",
+    max_body: body::KUBELET_PODS_MAX,
+};
+
+/// `GET url` with an optional bearer token; the body of a 2xx answer, at most
+/// `api.max_body` bytes of it.
 ///
 /// Errors name the URL, never the token (reqwest marks a bearer header sensitive and does not
 /// put headers in its errors).
 pub(super) async fn get(
+    api: Api,
     client: &reqwest::Client,
     url: &str,
     timeout: Duration,
@@ -35,10 +56,26 @@ pub(super) async fn get(
             status: status.as_u16(),
         });
     }
-    response
-        .bytes()
+    read_body(api, response, url, timeout).await
+}
+
+/// The body of `response`, capped at `api.max_body`.
+pub(super) async fn read_body(
+    api: Api,
+    response: reqwest::Response,
+    url: &str,
+    timeout: Duration,
+) -> Result<hyper::body::Bytes, SourceError> {
+    body::read_capped(response, api.max_body)
         .await
-        .map_err(|e| request_error(url, timeout, &e))
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => SourceError::TooLarge {
+                api: api.name,
+                url: url.to_owned(),
+                limit,
+            },
+            BodyError::Read(e) => request_error(url, timeout, &e),
+        })
 }
 
 /// A reqwest error as a [`SourceError`], with the underlying cause (connection refused, TLS
@@ -82,6 +119,24 @@ pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn oversized_answers_name_the_api() {
+        let (addr, _) = body::tests::flood(usize::MAX).await;
+        let url = format!("http://{addr}/v1/tasks");
+        let api = Api {
+            max_body: 64 << 10,
+            ..ECS_AGENT
+        };
+        let client = reqwest::Client::new();
+        let err = get(api, &client, &url, Duration::from_secs(10), None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("the ECS agent at {url} answered more than 64 KiB (observer reads no more)")
+        );
+    }
 
     #[test]
     fn base_urls() {

@@ -253,6 +253,159 @@ where
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
+/// Most pods, tasks or containers one answer may list. A node runs a few hundred at most
+/// (the kubelet's `--max-pods` defaults to 110); an answer with more is refused before the rest
+/// is decoded, so a flood of tiny items cannot multiply into much more memory than the body.
+pub const MAX_ITEMS: usize = 10_000;
+
+/// Most entries kept of a list or map inside one item (a task's containers, a pod's labels):
+/// far more than any workload has. The rest are skipped unread rather than refused, so one
+/// workload's spec cannot fail the node's inventory.
+pub const MAX_NESTED: usize = 1_000;
+
+/// What to do with the entries past a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Past {
+    Refuse,
+    Skip,
+}
+
+/// A JSON array (or `null`, as empty) of at most `limit` elements.
+struct BoundedSeq<T> {
+    limit: usize,
+    past: Past,
+    item: std::marker::PhantomData<T>,
+}
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for BoundedSeq<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "an array of at most {} items", self.limit)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Vec<T>, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Vec<T>, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        // The size hint is the sender's to choose: never trusted for the allocation.
+        let mut items = Vec::new();
+        while items.len() < self.limit {
+            match seq.next_element()? {
+                Some(item) => items.push(item),
+                None => return Ok(items),
+            }
+        }
+        match self.past {
+            Past::Refuse if seq.next_element::<serde::de::IgnoredAny>()?.is_some() => {
+                Err(serde::de::Error::custom(format_args!(
+                    "more than {} items in one list",
+                    self.limit
+                )))
+            }
+            Past::Refuse => Ok(items),
+            Past::Skip => {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(items)
+            }
+        }
+    }
+}
+
+/// Deserializes a JSON array (or `null`, as empty) of at most `limit` elements; past that, an
+/// error that says so, before the rest is decoded.
+pub(crate) fn bounded_seq<'de, D, T>(deserializer: D, limit: usize) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    deserializer.deserialize_option(BoundedSeq {
+        limit,
+        past: Past::Refuse,
+        item: std::marker::PhantomData,
+    })
+}
+
+/// [`bounded_seq`] with [`MAX_ITEMS`], for `deserialize_with`: a whole answer's list.
+pub(crate) fn at_most_max_items<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    bounded_seq(deserializer, MAX_ITEMS)
+}
+
+/// A list inside one item (or `null`, as empty): its first [`MAX_NESTED`] elements.
+pub(crate) fn nested_seq<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    deserializer.deserialize_option(BoundedSeq {
+        limit: MAX_NESTED,
+        past: Past::Skip,
+        item: std::marker::PhantomData,
+    })
+}
+
+/// A map inside one item, labels say (or `null`, as empty): its first [`MAX_NESTED`] entries.
+pub(crate) fn nested_map<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Bounded<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<V> {
+        type Value = BTreeMap<String, V>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while out.len() < MAX_NESTED {
+                match map.next_entry()? {
+                    Some((k, v)) => {
+                        out.insert(k, v);
+                    }
+                    None => return Ok(out),
+                }
+            }
+            while map
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_option(Bounded(std::marker::PhantomData))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +485,56 @@ mod tests {
             [6, 8],
             "unknown containers and tasks ask for a refresh; plain ones do not"
         );
+    }
+
+    #[test]
+    fn lists_are_bounded() {
+        #[derive(Debug, Deserialize)]
+        struct List {
+            #[serde(deserialize_with = "at_most_max_items")]
+            items: Vec<u8>,
+        }
+        let list = |n: usize| format!(r#"{{"items":[{}]}}"#, vec!["1"; n].join(","));
+        assert_eq!(
+            serde_json::from_str::<List>(&list(MAX_ITEMS))
+                .unwrap()
+                .items
+                .len(),
+            MAX_ITEMS
+        );
+        let err = serde_json::from_str::<List>(&list(MAX_ITEMS + 1)).unwrap_err();
+        assert!(err.to_string().contains("more than 10000 items"), "{err}");
+        let null: List = serde_json::from_str(r#"{"items":null}"#).unwrap();
+        assert!(null.items.is_empty());
+        assert!(serde_json::from_str::<List>(r#"{"items":{}}"#).is_err());
+    }
+
+    /// A workload's own lists and maps keep their first entries; the rest are skipped unread.
+    #[test]
+    fn nested_lists_and_maps_are_cut() {
+        #[derive(Debug, Deserialize)]
+        struct Item {
+            #[serde(deserialize_with = "nested_seq")]
+            list: Vec<u32>,
+            #[serde(deserialize_with = "nested_map")]
+            labels: BTreeMap<String, String>,
+        }
+        let n = MAX_NESTED + 500;
+        let list = (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        let labels = (0..n)
+            .map(|i| format!(r#""k{i}":"v""#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let body = format!(r#"{{"list":[{list}],"labels":{{{labels}}},"after":[1]}}"#);
+        let item: Item = serde_json::from_str(&body).unwrap();
+        assert_eq!(item.list.len(), MAX_NESTED);
+        assert_eq!(item.list[MAX_NESTED - 1], MAX_NESTED as u32 - 1);
+        assert_eq!(item.labels.len(), MAX_NESTED);
+        let null: Item = serde_json::from_str(r#"{"list":null,"labels":null}"#).unwrap();
+        assert!(null.list.is_empty() && null.labels.is_empty());
+        // Still checked for syntax past the cut.
+        let bad = format!(r#"{{"list":[{list},],"labels":{{}}}}"#);
+        assert!(serde_json::from_str::<Item>(&bad).is_err());
     }
 
     #[test]

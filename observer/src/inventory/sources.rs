@@ -21,7 +21,16 @@ pub enum SourceError {
     Timeout { url: String, after: Duration },
     #[error("{url} answered HTTP {status}")]
     Status { url: String, status: u16 },
-    #[error("{url} returned a body that does not decode: {source}")]
+    #[error("{api} at {url} answered more than {} (observer reads no more)", crate::body::Size(*limit))]
+    TooLarge {
+        api: &'static str,
+        url: String,
+        limit: usize,
+    },
+    #[error(
+        "{url} returned a body that does not decode: {}",
+        crate::body::clip(source)
+    )]
     Decode {
         url: String,
         #[source]

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use hyper::body::Bytes;
 use reqwest::{
     header::{HeaderMap, HeaderValue, RETRY_AFTER},
     Method, StatusCode, Url,
@@ -16,6 +17,7 @@ use reqwest::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::model::HostMeta;
+use crate::body::{self, BodyError};
 
 /// Longest Retry-After honoured as given; a longer one is treated as this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -178,6 +180,8 @@ pub struct Client {
     /// Always ends in '/', so relative joins keep a base path.
     base: Url,
     key: ApiKey,
+    /// The most read of one answer.
+    max_body: usize,
 }
 
 impl fmt::Debug for Client {
@@ -220,7 +224,12 @@ impl Client {
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .build()
             .map_err(|e| ClientError::Http(error_chain(&e)))?;
-        Ok(Self { http, base, key })
+        Ok(Self {
+            http,
+            base,
+            key,
+            max_body: body::MACKEREL_MAX,
+        })
     }
 
     /// The base URL requests go to.
@@ -318,12 +327,26 @@ impl Client {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let bytes = response.bytes().await.map_err(transport)?;
-        let text = || self.key.redact(&truncate(&String::from_utf8_lossy(&bytes)));
+        let (bytes, too_large) = match body::read_capped(response, self.max_body).await {
+            Ok(bytes) => (bytes, None),
+            Err(BodyError::Read(e)) => return Err(transport(e)),
+            Err(e @ BodyError::TooLarge { .. }) => (Bytes::new(), Some(e.to_string())),
+        };
+        // An error status is still sorted by its status; only a success needs the body.
+        let text = || match &too_large {
+            Some(reason) => format!("<{reason}>"),
+            None => self.key.redact(&truncate(&String::from_utf8_lossy(&bytes))),
+        };
         if status.is_success() {
+            if let Some(reason) = &too_large {
+                return Err(ApiError::Decode {
+                    call,
+                    reason: format!("HTTP {}, but {reason}", status.as_u16()),
+                });
+            }
             return serde_json::from_slice(&bytes).map_err(|e| ApiError::Decode {
                 call,
-                reason: format!("{e} in {:?}", text()),
+                reason: format!("{} in {:?}", body::clip(&e), text()),
             });
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
@@ -453,6 +476,24 @@ mod tests {
         assert_eq!(parse_retry_after("86400", now), Some(MAX_RETRY_AFTER));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    /// An API (or a proxy in front of it) that streams without end costs at most the cap.
+    #[tokio::test]
+    async fn an_endless_answer_stops_at_the_cap() {
+        let (addr, written) = body::tests::flood(usize::MAX).await;
+        let key = ApiKey::new("k").unwrap();
+        let client = Client::new(key, &format!("http://{addr}"), Duration::from_secs(30)).unwrap();
+        let err = client.find_hosts("x").await.unwrap_err();
+        assert_eq!(
+            err,
+            ApiError::Decode {
+                call: "finding host",
+                reason: "HTTP 200, but the answer is larger than 1 MiB".into()
+            }
+        );
+        let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sent < body::MACKEREL_MAX * 16, "{sent} bytes sent");
     }
 
     #[test]

@@ -83,6 +83,12 @@ pub enum ConfigError {
     Key(#[from] client::KeyError),
     #[error("MACKEREL_ROLES: {0}")]
     Roles(#[from] model::RolesError),
+    #[error(
+        "--retire-after x --interval is {}, longer than {}: retire hosts sooner",
+        humantime::format_duration(*.0),
+        humantime::format_duration(crate::config::MAX_RETIRE_AFTER)
+    )]
+    RetireAfter(Duration),
 }
 
 impl MackerelConfig {
@@ -130,6 +136,10 @@ impl MackerelConfig {
             config.roles = Roles::parse(&roles)?;
         }
         if let Some(after) = sources.retire_after {
+            // The host table keeps a gone task for this long: a bound on what churn leaves.
+            if after > crate::config::MAX_RETIRE_AFTER {
+                return Err(ConfigError::RetireAfter(after));
+            }
             config.retire_after = after;
         }
         Ok(Some(config))
@@ -192,6 +202,27 @@ mod tests {
         let c = MackerelConfig::from_sources(sources, I).unwrap().unwrap();
         assert_eq!(c.api_base, "http://127.0.0.1:9");
         assert_eq!(c.retire_after, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn retirement_is_at_most_a_week() {
+        let week = crate::config::MAX_RETIRE_AFTER;
+        let with = |after| Sources {
+            api_key: Some("k".into()),
+            retire_after: Some(after),
+            ..Sources::default()
+        };
+        let c = MackerelConfig::from_sources(with(week), I)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.retire_after, week);
+        let err = MackerelConfig::from_sources(with(week + Duration::from_secs(1)), I)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "--retire-after x --interval is 7days 1s, longer than 7days: retire hosts sooner"
+        );
     }
 
     #[test]

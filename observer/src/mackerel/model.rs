@@ -160,11 +160,30 @@ pub struct BadRole {
 #[error("bad role entries (expected service:role,service2:role2 with names of 2 or more of A-Z a-z 0-9 _ -, starting with a letter or digit): {}", list(.0))]
 pub struct RolesError(pub Vec<BadRole>);
 
+/// Most role entries read from one list: far more than a host needs, and it keeps a hostile
+/// label from costing a quadratic de-duplication every interval.
+pub const MAX_ROLE_ENTRIES: usize = 100;
+/// Most bad entries named in one message; the rest are counted.
+const MAX_BAD_NAMED: usize = 10;
+
 fn list(bad: &[BadRole]) -> String {
-    bad.iter()
-        .map(|b| format!("{:?} ({})", b.entry, b.reason))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut out: Vec<String> = bad
+        .iter()
+        .take(MAX_BAD_NAMED)
+        .map(|b| format!("{:?} ({})", truncated(&b.entry), b.reason))
+        .collect();
+    if bad.len() > MAX_BAD_NAMED {
+        out.push(format!("and {} more", bad.len() - MAX_BAD_NAMED));
+    }
+    out.join(", ")
+}
+
+/// An entry as quoted in a log line: at most 100 characters of it.
+fn truncated(entry: &str) -> String {
+    match entry.char_indices().nth(100) {
+        Some((cut, _)) => format!("{}...", &entry[..cut]),
+        None => entry.to_string(),
+    }
 }
 
 impl Roles {
@@ -183,7 +202,8 @@ impl Roles {
     pub fn parse_lenient(s: &str) -> (Self, Vec<BadRole>) {
         let mut roles = Self::default();
         let mut bad = Vec::new();
-        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let mut entries = s.split(',').map(str::trim).filter(|e| !e.is_empty());
+        for entry in entries.by_ref().take(MAX_ROLE_ENTRIES) {
             match check_role(entry) {
                 Ok(()) => roles.push(entry),
                 Err(reason) => bad.push(BadRole {
@@ -191,6 +211,13 @@ impl Roles {
                     reason,
                 }),
             }
+        }
+        let rest = entries.count();
+        if rest > 0 {
+            bad.push(BadRole {
+                entry: format!("{rest} entries after the first {MAX_ROLE_ENTRIES}"),
+                reason: "too many entries",
+            });
         }
         (roles, bad)
     }
@@ -323,6 +350,25 @@ mod tests {
         assert!(msg.contains("\"svc:r\" (bad role name)"), "{msg}");
     }
 
+    /// A label of a million entries costs one pass, keeps 100, and says so in one short line.
+    #[test]
+    fn huge_role_lists_are_cut() {
+        let label: String = (0..1_000_000).map(|i| format!("s{i}:r{i},")).collect();
+        let (roles, bad) = Roles::parse_lenient(&label);
+        assert_eq!(roles.as_slice().len(), MAX_ROLE_ENTRIES);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].entry, "999900 entries after the first 100");
+        let junk: String = (0..5000).map(|_| "$(re\nboot),").collect();
+        let message = RolesError(Roles::parse_lenient(&junk).1).to_string();
+        assert!(message.len() < 2000, "{} bytes", message.len());
+        assert!(message.contains(r#""$(re\nboot)" (no ':'"#), "{message}");
+        assert!(message.ends_with("and 91 more"), "{message}");
+        assert!(
+            !message.contains('\n'),
+            "a newline never starts a fake log line"
+        );
+    }
+
     #[test]
     fn lenient_keeps_the_good_ones_and_merge_dedups() {
         let (label, bad) = Roles::parse_lenient("web:app,bad,base:common");
@@ -333,5 +379,64 @@ mod tests {
             global.merged(&label).as_slice(),
             ["base:common", "base:node", "web:app"]
         );
+    }
+
+    /// Fuzzing: any roles value gives only roles Mackerel takes, each once, at most
+    /// [`MAX_ROLE_ENTRIES`]; identities and metric names never panic.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::{fuzz, mackerel::names::sanitize};
+
+        const PARTS: &[&str] = &[
+            "svc", "web", "a", "-", "_", ":", ",", " ", "$(", ")", "`", "\n", "é", "ab:cd",
+        ];
+
+        fn check(s: &str) -> Result<(), TestCaseError> {
+            let (roles, bad) = Roles::parse_lenient(s);
+            prop_assert!(roles.as_slice().len() <= MAX_ROLE_ENTRIES);
+            for role in roles.as_slice() {
+                prop_assert!(check_role(role).is_ok(), "{:?}", role);
+            }
+            let mut unique = roles.as_slice().to_vec();
+            unique.sort();
+            unique.dedup();
+            prop_assert_eq!(unique.len(), roles.as_slice().len());
+            // Printed and read back, the good ones are the same list.
+            prop_assert_eq!(Roles::parse(&roles.to_string()), Ok(roles));
+            prop_assert!(RolesError(bad).to_string().len() < 20_000);
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(700))]
+
+            #[test]
+            fn any_text(s in ".{0,80}") {
+                check(&s)?;
+            }
+
+            #[test]
+            fn mutated_roles(s in fuzz::mutated_text(fuzz::line_seeds("roles"), 6)) {
+                check(&s)?;
+            }
+
+            #[test]
+            fn roles_from_their_parts(s in fuzz::words(PARTS, 30)) {
+                check(&s)?;
+            }
+
+            #[test]
+            fn identities_and_names(s in ".{0,60}") {
+                if let Ok(id) = HostIdentity::ecs(&s) {
+                    prop_assert!(!id.name.is_empty() && s.ends_with(&id.name));
+                }
+                let _ = HostIdentity::kubernetes(&s, &s);
+                let name = sanitize(&s);
+                prop_assert!(!name.is_empty());
+                prop_assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+            }
+        }
     }
 }

@@ -198,13 +198,25 @@ struct Worker {
     failures: u32,
     graph_defs_due: bool,
     config: MackerelConfig,
-    /// roles label values already warned about.
-    warned_labels: HashSet<String>,
+    /// Hashes of the roles label values already warned about (at most
+    /// [`MAX_WARNED_LABELS`]: labels are the workloads' to choose).
+    warned_labels: HashSet<u64>,
     rx: mpsc::UnboundedReceiver<Command>,
     /// Set by [`MackerelReporter::shutdown`]; every call gives up when it passes.
     deadline: watch::Receiver<Option<Instant>>,
     stop: Option<(Instant, oneshot::Sender<ShutdownSummary>)>,
     queued: Arc<AtomicUsize>,
+}
+
+/// Most distinct bad roles labels remembered, so each is warned about once.
+const MAX_WARNED_LABELS: usize = 1024;
+
+/// A label value as the warned set keeps it: a hash, whatever the value's length.
+fn label_key(label: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    label.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Worker {
@@ -326,12 +338,18 @@ impl Worker {
             return self.config.roles.as_slice().to_vec();
         };
         let (own, bad) = Roles::parse_lenient(label);
-        if !bad.is_empty() && self.warned_labels.insert(label.clone()) {
-            log::warn!(
-                "Mackerel: mackerel.io/roles of {}: ignoring {}",
-                host.identity.name,
-                RolesError(bad)
-            );
+        if !bad.is_empty() {
+            if self.warned_labels.len() >= MAX_WARNED_LABELS {
+                // Forgetting costs a repeated warning, never memory.
+                self.warned_labels.clear();
+            }
+            if self.warned_labels.insert(label_key(label)) {
+                log::warn!(
+                    "Mackerel: mackerel.io/roles of {:?}: ignoring {}",
+                    host.identity.name,
+                    RolesError(bad)
+                );
+            }
         }
         self.config.roles.merged(&own).as_slice().to_vec()
     }
@@ -718,8 +736,19 @@ mod tests {
             })
             .collect();
         assert_eq!(roles, [vec!["base:node", "web:app"], vec!["base:node"]]);
-        assert!(w.warned_labels.contains("web:app,bad"));
+        assert!(w.warned_labels.contains(&label_key("web:app,bad")));
         assert!(w.has_work(Instant::now()));
+    }
+
+    /// Each pod may carry a bad label of its own: what is remembered to warn once stays small.
+    #[test]
+    fn warned_labels_stay_bounded() {
+        let mut w = worker(false);
+        for i in 0..3 * MAX_WARNED_LABELS {
+            let label = format!("bad-{i}-{}", "x".repeat(1000));
+            w.roles_of(&host("a", Some(&label)));
+            assert!(w.warned_labels.len() <= MAX_WARNED_LABELS);
+        }
     }
 
     #[test]

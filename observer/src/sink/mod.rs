@@ -7,6 +7,9 @@ pub mod json;
 pub mod prometheus;
 pub mod table;
 
+#[cfg(test)]
+mod hostile;
+
 use std::time::Duration;
 
 use crate::snapshot::Snapshot;

@@ -111,6 +111,15 @@ impl PrometheusSink {
     /// configured reporting interval (for /healthz). Port 0 picks a free port: see
     /// [`Self::local_addr`].
     pub fn start(listen: SocketAddr, interval: Duration) -> Result<Self, PrometheusError> {
+        Self::start_with(listen, interval, server::Limits::default())
+    }
+
+    /// [`Self::start`] with other limits on what a client may cost.
+    fn start_with(
+        listen: SocketAddr,
+        interval: Duration,
+        limits: server::Limits,
+    ) -> Result<Self, PrometheusError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| PrometheusError::NoRuntime)?;
         let listener = bind(listen)?;
@@ -136,15 +145,12 @@ impl PrometheusSink {
             interval,
         });
         let (stop, stopped) = oneshot::channel::<()>();
-        runtime.spawn(async move {
-            let serve =
-                axum::serve(listener, server::router(shared)).with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                });
-            if let Err(e) = serve.await {
-                log::error!("Prometheus endpoint on {addr} stopped: {e}");
-            }
-        });
+        runtime.spawn(server::serve(
+            listener,
+            server::router(shared),
+            limits,
+            stopped,
+        ));
         log::info!("Prometheus endpoint on http://{addr}/metrics (and /healthz, /readyz)");
         Ok(Self {
             state,
@@ -365,6 +371,77 @@ mod tests {
         assert!(body.starts_with("stuck: last cycle"), "{body}");
         sink.emit(&snapshot(vec![], vec![])).unwrap();
         assert_eq!(get(handle, "/healthz", None).await.0, 200);
+    }
+
+    /// Reads until the server closes the connection; Err if it is still open after `within`.
+    async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Result<(), ()> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(within, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .map_err(drop)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_nothing_is_closed_after_the_timeout() {
+        let limits = server::Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..server::Limits::default()
+        };
+        let sink = PrometheusSink::start_with("127.0.0.1:0".parse().unwrap(), I, limits).unwrap();
+        let addr = sink.local_addr();
+        let started = Instant::now();
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        closed_within(&mut idle, Duration::from_secs(5))
+            .await
+            .expect("an idle connection is closed");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        // Half a request line is no better.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET /metr")
+            .await
+            .unwrap();
+        closed_within(&mut slow, Duration::from_secs(5))
+            .await
+            .expect("a slow request is closed");
+        assert_eq!(get(addr, "/healthz", None).await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn probes_answer_while_a_hundred_idle_connections_are_open() {
+        // The default limits: 64 connections, 10 s to send headers.
+        let sink = PrometheusSink::start("127.0.0.1:0".parse().unwrap(), I).unwrap();
+        let addr = sink.local_addr();
+        let mut idle = Vec::new();
+        for _ in 0..100 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        for _ in 0..3 {
+            let answer = tokio::time::timeout(Duration::from_secs(2), get(addr, "/healthz", None));
+            assert_eq!(answer.await.expect("/healthz answers at once").0, 200);
+        }
+        // The cap at work: the oldest idle ones were let go, at most 64 stay open.
+        let mut closed = 0;
+        for stream in &mut idle {
+            if closed_within(stream, Duration::from_millis(20))
+                .await
+                .is_ok()
+            {
+                closed += 1;
+            }
+        }
+        assert!(closed >= 100 - server::MAX_CONNECTIONS, "{closed} closed");
+        assert!(
+            closed < 100,
+            "the newest idle connections wait for their timeout"
+        );
     }
 
     #[tokio::test]

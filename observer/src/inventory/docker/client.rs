@@ -10,14 +10,17 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::{body::Bytes, header, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use super::decode::{ContainerInspect, ContainerSummary};
-use crate::inventory::{Container, SourceError};
+use super::decode::{ContainerInspect, ContainerList, ContainerSummary};
+use crate::{
+    body::{self, Size},
+    inventory::{cgroup_path::is_container_id, Container, SourceError},
+};
 
 /// Why a Docker API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +45,14 @@ pub enum DockerError {
         status: u16,
         message: String,
     },
-    #[error("Docker API {path} returned a body that does not decode: {source}")]
+    #[error("Docker API {path} answered more than {} (observer reads no more)", Size(*limit))]
+    TooLarge { path: String, limit: usize },
+    #[error("Docker API path {path:?} is not a valid request target")]
+    BadPath { path: String },
+    #[error(
+        "Docker API {path} returned a body that does not decode: {}",
+        body::clip(source)
+    )]
     Decode {
         path: String,
         #[source]
@@ -76,7 +86,12 @@ impl DockerError {
                 url: format!("{url}{path}"),
                 source,
             },
-            e @ Self::Http { .. } => SourceError::Unreachable {
+            Self::TooLarge { path, limit } => SourceError::TooLarge {
+                api: "the Docker daemon",
+                url: format!("{url}{path}"),
+                limit,
+            },
+            e @ (Self::Http { .. } | Self::BadPath { .. }) => SourceError::Unreachable {
                 url,
                 reason: e.to_string(),
             },
@@ -89,6 +104,7 @@ impl DockerError {
 pub struct DockerClient {
     socket: PathBuf,
     timeout: Duration,
+    max_body: usize,
 }
 
 impl DockerClient {
@@ -97,7 +113,14 @@ impl DockerClient {
         Self {
             socket: socket.into(),
             timeout,
+            max_body: body::DOCKER_MAX,
         }
+    }
+
+    /// The most read of one answer (default [`body::DOCKER_MAX`]).
+    pub fn with_max_body(mut self, max_body: usize) -> Self {
+        self.max_body = max_body;
+        self
     }
 
     pub fn socket(&self) -> &Path {
@@ -109,9 +132,12 @@ impl DockerClient {
         self.get("/_ping").await.map(drop)
     }
 
-    /// `GET /containers/json`: the running containers.
+    /// `GET /containers/json`: the running containers, at most
+    /// [`crate::inventory::MAX_ITEMS`].
     pub async fn list(&self) -> Result<Vec<ContainerSummary>, DockerError> {
-        self.get_json("/containers/json").await
+        self.get_json::<ContainerList>("/containers/json")
+            .await
+            .map(|l| l.0)
     }
 
     /// `GET /containers/<id>/json`.
@@ -168,14 +194,27 @@ impl DockerClient {
                 log::debug!("Docker socket connection: {e}");
             }
         });
+        // Paths carry ids from the daemon's own answers: a bad one is an error, not a panic.
         let request = Request::get(path)
             // HTTP/1.1 wants a Host; the daemon ignores it.
             .header(header::HOST, "docker")
             .body(Empty::<Bytes>::new())
-            .expect("a GET with a path is a valid request");
+            .map_err(|_| DockerError::BadPath {
+                path: path.to_owned(),
+            })?;
         let response = sender.send_request(request).await.map_err(http)?;
         let status = response.status();
-        let body = response.into_body().collect().await.map_err(http)?;
+        let body = Limited::new(response.into_body(), self.max_body)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => http(*e),
+                // The only other error Limited gives.
+                Err(_) => DockerError::TooLarge {
+                    path: path.to_owned(),
+                    limit: self.max_body,
+                },
+            })?;
         let body = body.to_bytes();
         if !status.is_success() {
             return Err(DockerError::Status {
@@ -199,6 +238,11 @@ impl DockerClient {
         for summary in &list {
             if let Some(known) = cache.get(&summary.id) {
                 containers.push(known);
+                continue;
+            }
+            // The id goes into a request path: only a real container id is asked about.
+            if !is_container_id(&summary.id) {
+                containers.push(summary.to_container());
                 continue;
             }
             match self.inspect(&summary.id).await {
@@ -286,6 +330,111 @@ mod tests {
                 .starts_with("cannot reach unix:///nonexistent/docker.sock:"),
             "{err}"
         );
+    }
+
+    /// A daemon stand-in on a fresh socket: `serve` gets each accepted connection.
+    fn fake_daemon<F, Fut>(name: &str, serve: F) -> (PathBuf, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let dir = std::env::temp_dir().join(format!("observer-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("docker.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream));
+            }
+        });
+        (socket, server)
+    }
+
+    /// A daemon that streams without end costs at most the cap, and the error says so.
+    #[tokio::test]
+    async fn an_endless_answer_stops_at_the_cap() {
+        use std::sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let written = Arc::new(AtomicUsize::new(0));
+        let most = written.clone();
+        let (socket, server) = fake_daemon("docker-flood", move |mut stream| {
+            let most = most.clone();
+            async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+                let chunk = [b"10000\r\n".as_slice(), &[b'x'; 1 << 16], b"\r\n"].concat();
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut sent = 0;
+                while stream.write_all(&chunk).await.is_ok() {
+                    sent += 1 << 16;
+                    most.fetch_max(sent, Ordering::Relaxed);
+                }
+            }
+        });
+        let client = DockerClient::new(&socket, Duration::from_secs(30));
+        let err = client.list().await.unwrap_err();
+        assert!(matches!(err, DockerError::TooLarge { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "Docker API /containers/json answered more than 4 MiB (observer reads no more)"
+        );
+        let sent = written.load(Ordering::Relaxed);
+        assert!(sent < body::DOCKER_MAX * 2, "{sent} bytes sent");
+        let err = err.into_source_error(&socket).to_string();
+        assert!(err.starts_with("the Docker daemon at unix://"), "{err}");
+        server.abort();
+        std::fs::remove_dir_all(socket.parent().unwrap()).unwrap();
+    }
+
+    /// Ids from the list go into request paths: one that is not a container id is never
+    /// asked about (the list entry stands), and a path that is no URI is an error.
+    #[tokio::test]
+    async fn hostile_ids_never_reach_a_request() {
+        use std::sync::{Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let paths = Arc::new(Mutex::new(Vec::new()));
+        let seen = paths.clone();
+        let (socket, server) = fake_daemon("docker-ids", move |mut stream| {
+            let seen = seen.clone();
+            async move {
+                let mut buf = vec![0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+                seen.lock()
+                    .unwrap()
+                    .push(request.lines().next().unwrap_or("").to_owned());
+                let body =
+                    r#"[{"Id":"../../images/json?x= y","Names":["/evil"]},{"Id":"a b\r\nc"}]"#;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            }
+        });
+        let client = DockerClient::new(&socket, Duration::from_secs(5));
+        let containers = client
+            .containers(&mut InspectCache::default())
+            .await
+            .unwrap();
+        let names: Vec<&str> = containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["evil", ""]);
+        assert_eq!(
+            *paths.lock().unwrap(),
+            ["GET /containers/json HTTP/1.1"],
+            "no inspect of a non-id"
+        );
+        let err = client.inspect("a b\r\nc").await.unwrap_err();
+        assert!(matches!(err, DockerError::BadPath { .. }), "{err}");
+        server.abort();
+        std::fs::remove_dir_all(socket.parent().unwrap()).unwrap();
     }
 
     #[tokio::test]

@@ -9,13 +9,24 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::inventory::{
-    null_as_default, Container, Limits, NetworkMode, Runtime, Workload, WorkloadKind,
+    at_most_max_items, nested_map, nested_seq, null_as_default, Container, Limits, NetworkMode,
+    Runtime, Workload, WorkloadKind,
 };
 
 /// The label Docker Compose puts the project name in.
 pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 /// The label Docker Compose puts the service name in.
 pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
+
+/// The body of `GET /containers/json`: at most [`crate::inventory::MAX_ITEMS`] items.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerList(pub Vec<ContainerSummary>);
+
+impl<'de> Deserialize<'de> for ContainerList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        at_most_max_items(d).map(Self)
+    }
+}
 
 /// One item of `GET /containers/json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -24,10 +35,10 @@ pub struct ContainerSummary {
     #[serde(deserialize_with = "null_as_default")]
     pub id: String,
     /// With a leading `/`.
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub names: Vec<String>,
     pub image: Option<String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_map")]
     pub labels: BTreeMap<String, String>,
     /// "created", "running", "paused", "restarting", "exited", "removing", "dead".
     pub state: Option<String>,
@@ -64,7 +75,7 @@ pub struct ContainerInspect {
 #[serde(rename_all = "PascalCase", default)]
 pub struct InspectConfig {
     pub image: Option<String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_map")]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -350,6 +361,117 @@ mod tests {
                     && serde_json::from_str::<ContainerInspect>(garbage).is_err(),
                 "{garbage:?}"
             );
+        }
+    }
+
+    /// More than 10000 containers is refused; a container's labels keep 1000.
+    #[test]
+    fn floods_of_containers_and_labels_are_bounded() {
+        let flood = format!("[{}]", vec!["{}"; 10_001].join(","));
+        assert!(serde_json::from_str::<ContainerList>(&flood).is_err());
+        let list: ContainerList =
+            serde_json::from_str(&format!("[{}]", vec!["{}"; 10_000].join(","))).unwrap();
+        assert_eq!(list.0.len(), 10_000);
+        let labels: Vec<String> = (0..3000).map(|i| format!(r#""l{i}":"v""#)).collect();
+        let one: ContainerSummary = serde_json::from_str(&format!(
+            r#"{{"Id":"a","Labels":{{{}}}}}"#,
+            labels.join(",")
+        ))
+        .unwrap();
+        assert_eq!(one.labels.len(), crate::inventory::MAX_NESTED);
+    }
+
+    /// Fuzzing: no list or inspect answer makes the decoders, the limits or the Compose
+    /// grouping panic, and grouping keeps every container.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fuzz;
+
+        const KEYS: &[&str] = &[
+            "Id",
+            "Names",
+            "Name",
+            "Image",
+            "Labels",
+            "State",
+            "Status",
+            "Running",
+            "Pid",
+            "HostConfig",
+            "NetworkMode",
+            "CgroupParent",
+            "NanoCpus",
+            "CpuQuota",
+            "CpuPeriod",
+            "Memory",
+            "Config",
+            COMPOSE_PROJECT,
+            COMPOSE_SERVICE,
+            "running",
+            "host",
+            "container:",
+            "bridge",
+        ];
+
+        fn decode_everything(body: &[u8]) {
+            if let Ok(ContainerList(list)) = serde_json::from_slice(body) {
+                let containers: Vec<Container> =
+                    list.iter().map(ContainerSummary::to_container).collect();
+                let count = containers.len();
+                let (projects, rest) = group_by_compose(containers);
+                let grouped: usize = projects.iter().map(|p| p.containers.len()).sum();
+                assert_eq!(grouped + rest.len(), count);
+            }
+            if let Ok(inspect) = serde_json::from_slice::<ContainerInspect>(body) {
+                let c = inspect.to_container();
+                check_limits(&c.limits);
+            }
+        }
+
+        fn check_limits(l: &Limits) {
+            if let Some(cpu) = l.cpu_cores {
+                assert!(cpu.is_finite() && cpu > 0.0, "{cpu}");
+            }
+            assert_ne!(l.memory_bytes, Some(0));
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(500))]
+
+            #[test]
+            fn any_bytes(body in prop::collection::vec(any::<u8>(), 0..256)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn mutated_fixtures(body in fuzz::mutated(fuzz::json_seeds("docker"), 8)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn documents_of_engine_fields(doc in fuzz::json_value(KEYS)) {
+                decode_everything(&serde_json::to_vec(&doc).unwrap());
+                let list = serde_json::Value::Array(vec![doc]);
+                decode_everything(&serde_json::to_vec(&list).unwrap());
+            }
+
+            #[test]
+            fn any_limits(
+                nano_cpus in any::<Option<i64>>(),
+                cpu_quota in any::<Option<i64>>(),
+                cpu_period in any::<Option<i64>>(),
+                memory in any::<Option<i64>>(),
+            ) {
+                let host = HostConfig { nano_cpus, cpu_quota, cpu_period, memory, ..HostConfig::default() };
+                check_limits(&host.limits());
+            }
+
+            #[test]
+            fn any_network_mode(mode in ".{0,30}") {
+                let _ = network_mode(&mode);
+            }
         }
     }
 }

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::inventory::{
-    null_as_default, Container, Limits, NetworkMode, NodeInfo, Runtime, Workload, WorkloadKind,
+    at_most_max_items, nested_seq, null_as_default, Container, Limits, NetworkMode, NodeInfo,
+    Runtime, Workload, WorkloadKind,
 };
 
 /// `GET /v1/metadata`.
@@ -32,7 +33,8 @@ pub struct AgentMetadata {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct TasksResponse {
-    #[serde(deserialize_with = "null_as_default")]
+    /// At most [`crate::inventory::MAX_ITEMS`]: more is not an instance's answer.
+    #[serde(deserialize_with = "at_most_max_items")]
     pub tasks: Vec<TaskResponse>,
 }
 
@@ -51,7 +53,7 @@ pub struct TaskResponse {
     #[serde(deserialize_with = "null_as_default")]
     pub version: String,
     /// Internal containers (the awsvpc pause container) are never listed.
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub containers: Vec<ContainerResponse>,
 }
 
@@ -72,12 +74,12 @@ pub struct ContainerResponse {
     /// RFC 3339, kept as text: only reported, never computed with.
     pub created_at: Option<String>,
     pub started_at: Option<String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub ports: Vec<PortResponse>,
     /// Only filled for awsvpc tasks (from the task's ENI).
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub networks: Vec<Network>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub volumes: Vec<VolumeResponse>,
     pub restart_count: Option<i64>,
 }
@@ -96,9 +98,9 @@ pub struct PortResponse {
 pub struct Network {
     #[serde(rename = "NetworkMode", deserialize_with = "null_as_default")]
     pub network_mode: String,
-    #[serde(rename = "IPv4Addresses", deserialize_with = "null_as_default")]
+    #[serde(rename = "IPv4Addresses", deserialize_with = "nested_seq")]
     pub ipv4_addresses: Vec<String>,
-    #[serde(rename = "IPv6Addresses", deserialize_with = "null_as_default")]
+    #[serde(rename = "IPv6Addresses", deserialize_with = "nested_seq")]
     pub ipv6_addresses: Vec<String>,
 }
 
@@ -625,5 +627,168 @@ mod tests {
             network_mode("my-net"),
             NetworkMode::Network("my-net".into())
         );
+    }
+
+    /// More than 10000 tasks is not an instance's answer; a task's containers keep 1000.
+    #[test]
+    fn floods_of_tasks_and_containers_are_bounded() {
+        let flood = format!(r#"{{"Tasks":[{}]}}"#, vec!["{}"; 10_001].join(","));
+        let err = serde_json::from_str::<TasksResponse>(&flood).unwrap_err();
+        assert!(err.to_string().contains("more than 10000 items"), "{err}");
+        let containers = vec![r#"{"DockerId":"x"}"#; 50_000].join(",");
+        let task: TaskResponse = serde_json::from_str(&format!(
+            r#"{{"Arn":"arn:aws:ecs:r:1:task/c/abc","Containers":[{containers}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(task.containers.len(), crate::inventory::MAX_NESTED);
+    }
+
+    /// Fuzzing: no body the agent (or whatever answers in its place) sends makes the decoders
+    /// or the task building panic, and the label fallback keeps every container.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::{fuzz, inventory::ecs::source::from_agent_answers};
+
+        const KEYS: &[&str] = &[
+            "Cluster",
+            "ContainerInstanceArn",
+            "Version",
+            "Tasks",
+            "Arn",
+            "DesiredStatus",
+            "KnownStatus",
+            "Family",
+            "Containers",
+            "DockerId",
+            "DockerName",
+            "Name",
+            "Image",
+            "ImageID",
+            "CreatedAt",
+            "StartedAt",
+            "Ports",
+            "ContainerPort",
+            "Protocol",
+            "HostPort",
+            "HostIp",
+            "Networks",
+            "NetworkMode",
+            "IPv4Addresses",
+            "IPv6Addresses",
+            "Volumes",
+            "Source",
+            "Destination",
+            "RestartCount",
+        ];
+
+        fn decode_everything(body: &[u8]) {
+            let metadata = serde_json::from_slice::<AgentMetadata>(body).unwrap_or_default();
+            if let Ok(tasks) = serde_json::from_slice::<TasksResponse>(body) {
+                let inventory = from_agent_answers(&metadata, &tasks);
+                assert!(inventory.workloads.len() <= tasks.tasks.len());
+            }
+            if let Ok(task) = serde_json::from_slice::<TaskResponse>(body) {
+                if let Some(w) = task.to_workload(Some("c")) {
+                    assert!(task.arn.ends_with(&w.id));
+                }
+            }
+        }
+
+        fn arn() -> impl Strategy<Value = String> {
+            prop_oneof![
+                ".{0,40}",
+                fuzz::words(
+                    &[
+                        "arn:",
+                        "aws:",
+                        "ecs:",
+                        ":",
+                        "/",
+                        "task/",
+                        "prod",
+                        "8f03e41243824aea923aca126495f665"
+                    ],
+                    8
+                ),
+            ]
+        }
+
+        fn labelled_container() -> impl Strategy<Value = Container> {
+            let labels = prop::collection::btree_map(
+                prop::sample::select(vec![
+                    LABEL_TASK_ARN,
+                    LABEL_CONTAINER_NAME,
+                    LABEL_CLUSTER,
+                    LABEL_FAMILY,
+                    LABEL_VERSION,
+                    "other",
+                ])
+                .prop_map(str::to_owned),
+                arn(),
+                0..6,
+            );
+            (labels, "[0-9a-f]{64}", ".{0,8}").prop_map(|(labels, id, name)| Container {
+                id,
+                name,
+                runtime: Runtime::Docker,
+                image: None,
+                network_mode: NetworkMode::Unknown,
+                limits: Limits::default(),
+                labels,
+                cgroup_ids: Vec::new(),
+            })
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(500))]
+
+            #[test]
+            fn any_bytes(body in prop::collection::vec(any::<u8>(), 0..256)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn mutated_fixtures(body in fuzz::mutated(fuzz::json_seeds("ecs"), 8)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn documents_of_agent_fields(doc in fuzz::json_value(KEYS)) {
+                decode_everything(&serde_json::to_vec(&doc).unwrap());
+                let tasks = serde_json::json!({ "Tasks": [doc] });
+                decode_everything(&serde_json::to_vec(&tasks).unwrap());
+            }
+
+            #[test]
+            fn task_ids_are_the_end_of_the_arn(arn in arn()) {
+                if let Some(id) = task_id_from_arn(&arn) {
+                    prop_assert!(arn.ends_with(id) && !id.is_empty() && !id.contains('/'));
+                }
+            }
+
+        }
+
+        proptest! {
+            // Building label maps is the costly part: fewer cases, each with many containers.
+            #![proptest_config(fuzz::config(150))]
+
+            #[test]
+            fn the_label_fallback_keeps_every_container(
+                containers in prop::collection::vec(labelled_container(), 0..12)
+            ) {
+                let count = containers.len();
+                let (tasks, rest) = workloads_from_labels(containers);
+                let in_tasks: usize = tasks.iter().map(|t| t.containers.len()).sum();
+                prop_assert_eq!(in_tasks + rest.len(), count);
+                for task in &tasks {
+                    for c in &task.containers {
+                        let labels = EcsLabels::from_labels(&c.labels).unwrap();
+                        prop_assert_eq!(labels.task_id(), task.id.as_str());
+                    }
+                }
+            }
+        }
     }
 }

@@ -22,7 +22,7 @@ use crate::{
     defaults,
     inventory::{
         docker::{DockerClient, InspectCache},
-        http::{base_url, get},
+        http::{base_url, get, ECS_AGENT},
         sources::{BuildError, SourceConfig},
         Container, Inventory, InventoryFuture, InventorySource, NetworkMode, SourceError,
     },
@@ -134,8 +134,8 @@ impl EcsSource {
         let metadata_url = format!("{}/v1/metadata", self.agent_url);
         let tasks_url = format!("{}/v1/tasks", self.agent_url);
         let (metadata, tasks) = tokio::join!(
-            get(&self.http, &metadata_url, self.timeout, None),
-            get(&self.http, &tasks_url, self.timeout, None),
+            get(ECS_AGENT, &self.http, &metadata_url, self.timeout, None),
+            get(ECS_AGENT, &self.http, &tasks_url, self.timeout, None),
         );
         let metadata: AgentMetadata =
             serde_json::from_slice(&metadata?).map_err(|source| SourceError::Decode {
@@ -419,6 +419,25 @@ mod tests {
         assert_eq!(inv.workloads.len(), 1);
         assert_eq!(inv.workloads[0].network_mode, NetworkMode::Awsvpc);
         assert_eq!(inv.standalone.len(), 1);
+    }
+
+    /// An agent that streams without end costs at most the cap, and the error says so.
+    #[tokio::test]
+    async fn an_endless_agent_answer_stops_at_the_cap() {
+        let (addr, written) = crate::body::tests::flood(usize::MAX).await;
+        let mut config = SourceConfig::new(Default::default());
+        config.ecs_agent_url = format!("http://{addr}");
+        config.timeout = Duration::from_secs(30);
+        let mut source = EcsSource::with_docker(&config, None).unwrap();
+        let err = source.fetch().await.unwrap_err();
+        assert!(matches!(err, SourceError::TooLarge { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with("the ECS agent at http://")
+                && err.to_string().contains("answered more than 8 MiB"),
+            "{err}"
+        );
+        let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sent < crate::body::ECS_AGENT_MAX * 3, "{sent} bytes sent");
     }
 
     #[test]

@@ -7,9 +7,11 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 
 use crate::inventory::{
-    null_as_default, Container, Limits, NetworkMode, OwnerRef, Runtime, Workload, WorkloadKind,
+    bounded_seq, nested_map, nested_seq, null_as_default, Container, Limits, NetworkMode, OwnerRef,
+    Runtime, Workload, WorkloadKind, MAX_ITEMS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -20,40 +22,56 @@ pub enum KubeletError {
     NotPodList { kind: Option<String> },
 }
 
+/// Reasons kept for skipped pods, for the log; the rest are counted.
+const MAX_SKIP_REASONS: usize = 5;
+/// Longest reason kept: serde quotes the offending value, which may be long.
+const MAX_SKIP_REASON_CHARS: usize = 200;
+
 /// The pods of one `/pods` answer, and why any were skipped.
 #[derive(Debug, Default)]
 pub struct PodList {
     pub pods: Vec<Pod>,
-    /// One message per item that did not decode as a pod.
-    pub skipped: Vec<String>,
+    /// Items that did not decode as a pod.
+    pub skipped: usize,
+    /// Why, for the first few of them.
+    pub skip_reasons: Vec<String>,
 }
 
 impl PodList {
     /// Decodes a `/pods` body. The body must be a PodList (an `items` key, `kind` PodList if
-    /// given): an error object must not read as "no pods on this node".
+    /// given): an error object must not read as "no pods on this node". At most
+    /// [`MAX_ITEMS`] items.
     pub fn decode(body: &[u8]) -> Result<Self, KubeletError> {
-        // Option<Option<..>> tells a missing `items` (not a PodList) from `"items": null`.
+        // None for a missing `items` (not a PodList); `"items": null` is an empty list.
+        // Items stay slices of the body until each is decoded on its own.
         #[derive(Deserialize)]
-        struct Raw {
+        struct Raw<'a> {
             kind: Option<String>,
-            #[serde(default, deserialize_with = "present")]
-            items: Option<Option<Vec<serde_json::Value>>>,
+            #[serde(default, deserialize_with = "present", borrow)]
+            items: Option<Vec<&'a RawValue>>,
         }
         fn present<'de, D: Deserializer<'de>>(
             d: D,
-        ) -> Result<Option<Option<Vec<serde_json::Value>>>, D::Error> {
-            Ok(Some(Option::deserialize(d)?))
+        ) -> Result<Option<Vec<&'de RawValue>>, D::Error> {
+            bounded_seq(d, MAX_ITEMS).map(Some)
         }
-        let raw: Raw = serde_json::from_slice(body)?;
+        let raw: Raw<'_> = serde_json::from_slice(body)?;
         let kind_ok = raw.kind.as_deref().is_none_or(|k| k == "PodList");
         let (true, Some(items)) = (kind_ok, raw.items) else {
             return Err(KubeletError::NotPodList { kind: raw.kind });
         };
         let mut list = PodList::default();
-        for (i, item) in items.unwrap_or_default().into_iter().enumerate() {
-            match Pod::deserialize(item) {
+        for (i, item) in items.into_iter().enumerate() {
+            match serde_json::from_str::<Pod>(item.get()) {
                 Ok(pod) => list.pods.push(pod),
-                Err(e) => list.skipped.push(format!("item {i}: {e}")),
+                Err(e) => {
+                    list.skipped += 1;
+                    if list.skip_reasons.len() < MAX_SKIP_REASONS {
+                        let reason: String =
+                            e.to_string().chars().take(MAX_SKIP_REASON_CHARS).collect();
+                        list.skip_reasons.push(format!("item {i}: {reason}"));
+                    }
+                }
             }
         }
         Ok(list)
@@ -78,11 +96,11 @@ pub struct ObjectMeta {
     /// Dashed UUID; 32 hex digits (a config hash) for static pods.
     #[serde(deserialize_with = "null_as_default")]
     pub uid: String,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_map")]
     pub labels: BTreeMap<String, String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_map")]
     pub annotations: BTreeMap<String, String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub owner_references: Vec<OwnerReference>,
 }
 
@@ -102,9 +120,9 @@ pub struct PodSpec {
     pub node_name: Option<String>,
     #[serde(deserialize_with = "null_as_default")]
     pub host_network: bool,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub containers: Vec<ContainerSpec>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub init_containers: Vec<ContainerSpec>,
     /// Pod-level resources (Kubernetes 1.32+, PodLevelResources).
     pub resources: Option<Resources>,
@@ -141,11 +159,11 @@ pub struct PodStatus {
     pub pod_ip: Option<String>,
     #[serde(rename = "hostIP")]
     pub host_ip: Option<String>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub container_statuses: Vec<ContainerStatus>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub init_container_statuses: Vec<ContainerStatus>,
-    #[serde(deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "nested_seq")]
     pub ephemeral_container_statuses: Vec<ContainerStatus>,
 }
 
@@ -196,16 +214,66 @@ pub struct StateTerminated {
 
 /// Quantities are strings, but a hand-written manifest may reach us as a number.
 fn quantity_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
-    let raw: Option<BTreeMap<String, serde_json::Value>> = Option::deserialize(d)?;
+    let raw: BTreeMap<String, Quantity> = nested_map(d)?;
     Ok(raw
-        .unwrap_or_default()
         .into_iter()
-        .filter_map(|(k, v)| match v {
-            serde_json::Value::String(s) => Some((k, s)),
-            serde_json::Value::Number(n) => Some((k, n.to_string())),
-            _ => None,
-        })
+        .filter_map(|(k, Quantity(v))| Some((k, v?)))
         .collect())
+}
+
+/// A quantity as written: a string, or a number as text; anything else is skipped unread
+/// (a `serde_json::Value` would hold a nested value whole).
+struct Quantity(Option<String>);
+
+impl<'de> Deserialize<'de> for Quantity {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Text;
+        impl<'de> Visitor<'de> for Text {
+            type Value = Quantity;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a quantity")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Quantity, E> {
+                Ok(Quantity(Some(v.to_owned())))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Quantity, E> {
+                Ok(Quantity(Some(v.to_string())))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Quantity, E> {
+                Ok(Quantity(Some(v.to_string())))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Quantity, E> {
+                Ok(Quantity(
+                    serde_json::Number::from_f64(v).map(|n| n.to_string()),
+                ))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Quantity, E> {
+                Ok(Quantity(None))
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Quantity, E> {
+                Ok(Quantity(None))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Quantity, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Quantity(None))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Quantity, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Quantity(None))
+            }
+        }
+        d.deserialize_any(Text)
+    }
 }
 
 /// The runtime and id in a status `containerID`: `containerd://<id>`, `cri-o://<id>`,
@@ -347,7 +415,10 @@ impl Pod {
             .map(|c| limits(&c.resources))
             .collect();
         let sum_cpu = each.iter().map(|l| l.cpu_cores).sum::<Option<f64>>();
-        let sum_memory = each.iter().map(|l| l.memory_bytes).sum::<Option<u64>>();
+        // Checked: two `8Ei` limits overflow a u64, and no sum means no limit to report.
+        let sum_memory = each
+            .iter()
+            .try_fold(0u64, |sum, l| sum.checked_add(l.memory_bytes?));
         let any = !each.is_empty();
         Limits {
             cpu_cores: sum_cpu.filter(|_| any),
@@ -381,7 +452,12 @@ fn scaled_up(quantity: &str, per_unit: i128) -> Option<u64> {
     if nanos < 0 {
         return None;
     }
-    u64::try_from((nanos + per_unit - 1) / per_unit).ok()
+    u64::try_from(div_ceil(nanos, per_unit)).ok()
+}
+
+/// `n / d` rounded up, for `n >= 0` and `d > 0`; `n + d - 1` would overflow near `i128::MAX`.
+fn div_ceil(n: i128, d: i128) -> i128 {
+    n / d + i128::from(n % d != 0)
 }
 
 /// A Kubernetes quantity (`<sign><digits>[.<digits>]<suffix>`, suffix binary Ki..Ei, decimal
@@ -440,7 +516,7 @@ pub fn quantity_nanos(quantity: &str) -> Option<i128> {
     } else {
         let div = 10i128.checked_pow(exp10.unsigned_abs());
         value = match div {
-            Some(div) => (value + div - 1) / div,
+            Some(div) => div_ceil(value, div),
             // Smaller than a billionth: rounds up to one unless zero.
             None => i128::from(value > 0),
         };
@@ -477,7 +553,7 @@ mod tests {
     #[test]
     fn the_documented_example() {
         let list = PodList::decode(DOCS.as_bytes()).unwrap();
-        assert!(list.skipped.is_empty());
+        assert_eq!(list.skipped, 0);
         let pod = &list.pods[0];
         assert_eq!(pod.metadata.namespace, "shop");
         assert_eq!(
@@ -521,7 +597,7 @@ mod tests {
     fn a_fuller_list_with_garbage_items() {
         let list = PodList::decode(FULL.as_bytes()).unwrap();
         assert_eq!(list.pods.len(), 3);
-        assert_eq!(list.skipped.len(), 2, "{:?}", list.skipped);
+        assert_eq!(list.skipped, 2, "{:?}", list.skip_reasons);
 
         let api = list.pods[0].to_workload().unwrap();
         let names: Vec<&str> = api.containers.iter().map(|c| c.name.as_str()).collect();
@@ -609,6 +685,32 @@ mod tests {
         // A pod without a UID cannot be joined to cgroups.
         let list = PodList::decode(br#"{"items":[{"metadata":{"name":"x"}}]}"#).unwrap();
         assert_eq!(list.pods[0].to_workload(), None);
+    }
+
+    /// A body of tiny items or huge per-pod lists cannot multiply into far more memory than
+    /// itself: more than 10000 items is refused, a pod's lists and labels keep 1000 entries,
+    /// and one skip reason per bad item is not kept past the first few.
+    #[test]
+    fn floods_of_items_are_bounded() {
+        let flood = format!(r#"{{"items":[{}]}}"#, vec!["{}"; MAX_ITEMS + 1].join(","));
+        let err = PodList::decode(flood.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("more than 10000 items"), "{err}");
+
+        let garbage = format!(r#"{{"items":[{}]}}"#, vec!["1"; MAX_ITEMS].join(","));
+        let list = PodList::decode(garbage.as_bytes()).unwrap();
+        assert_eq!((list.pods.len(), list.skipped), (0, MAX_ITEMS));
+        assert_eq!(list.skip_reasons.len(), MAX_SKIP_REASONS);
+
+        let labels: Vec<String> = (0..5000).map(|i| format!(r#""l{i}":"v""#)).collect();
+        let statuses = vec![r#"{"name":"a","containerID":"docker://x"}"#; 5000].join(",");
+        let pod = format!(
+            r#"{{"items":[{{"metadata":{{"uid":"u","labels":{{{}}}}},"status":{{"containerStatuses":[{statuses}]}}}}]}}"#,
+            labels.join(",")
+        );
+        let list = PodList::decode(pod.as_bytes()).unwrap();
+        let w = list.pods[0].to_workload().unwrap();
+        assert_eq!(w.labels.len(), crate::inventory::MAX_NESTED);
+        assert_eq!(w.containers.len(), crate::inventory::MAX_NESTED);
     }
 
     #[test]
@@ -701,6 +803,48 @@ mod tests {
         }
     }
 
+    /// Found by the quantity property below: `nanos + per_unit - 1` overflowed i128.
+    #[test]
+    fn quantities_near_the_i128_limit_do_not_overflow() {
+        // 30 digits, times 10^9: just under i128::MAX.
+        let q = "170141183460469231731687303715";
+        assert_eq!(
+            quantity_nanos(q),
+            Some(170141183460469231731687303715 * 1_000_000_000)
+        );
+        assert_eq!(memory_bytes(q), None, "more bytes than a u64 holds");
+        assert_eq!(cpu_millicores(q), None);
+        assert_eq!(memory_bytes("170141183460469231731687303715n"), None);
+        assert_eq!(memory_bytes("9223372036854775807999999999n"), Some(1 << 63));
+    }
+
+    /// Two `8Ei` limits are 2^64 bytes: the pod's sum is unknown, not a wrapped number.
+    #[test]
+    fn limit_sums_that_overflow_are_unknown() {
+        let container = |name: &str| ContainerSpec {
+            name: name.into(),
+            resources: Resources {
+                limits: BTreeMap::from([
+                    ("cpu".to_owned(), "1".to_owned()),
+                    ("memory".to_owned(), "8Ei".to_owned()),
+                ]),
+                ..Resources::default()
+            },
+            ..ContainerSpec::default()
+        };
+        let mut pod = Pod::default();
+        pod.spec.containers = vec![container("a"), container("b")];
+        assert_eq!(
+            pod.limits(),
+            Limits {
+                cpu_cores: Some(2.0),
+                memory_bytes: None
+            }
+        );
+        pod.spec.containers.pop();
+        assert_eq!(pod.limits().memory_bytes, Some(8 << 60));
+    }
+
     #[test]
     fn numbers_in_resource_maps_are_tolerated() {
         let spec: ContainerSpec = serde_json::from_str(
@@ -750,5 +894,179 @@ mod tests {
             "DaemonSet/agent"
         );
         assert_eq!(Pod::default().controller(), None);
+    }
+
+    /// Fuzzing: no `/pods` body makes the decoder or the pod building panic, and quantities
+    /// parse without overflow and agree with their units.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fuzz;
+
+        const KEYS: &[&str] = &[
+            "kind",
+            "PodList",
+            "items",
+            "metadata",
+            "name",
+            "namespace",
+            "uid",
+            "labels",
+            "annotations",
+            "ownerReferences",
+            "controller",
+            "spec",
+            "nodeName",
+            "hostNetwork",
+            "containers",
+            "initContainers",
+            "image",
+            "resources",
+            "limits",
+            "requests",
+            "cpu",
+            "memory",
+            "status",
+            "phase",
+            "qosClass",
+            "podIP",
+            "hostIP",
+            "containerStatuses",
+            "initContainerStatuses",
+            "ephemeralContainerStatuses",
+            "containerID",
+            "imageID",
+            "ready",
+            "restartCount",
+            "state",
+            "running",
+            "waiting",
+            "terminated",
+            "startedAt",
+            "reason",
+            "exitCode",
+            "pod-template-hash",
+            "mackerel.io/roles",
+            "ReplicaSet",
+            "Running",
+            "Succeeded",
+        ];
+
+        const QUANTITY_PARTS: &[&str] = &[
+            "0",
+            "1",
+            "5",
+            "9",
+            "99999",
+            "170141183460469231731687303715",
+            ".",
+            "+",
+            "-",
+            "e",
+            "E",
+            "e-",
+            "e+",
+            "n",
+            "u",
+            "m",
+            "k",
+            "M",
+            "G",
+            "T",
+            "P",
+            "E",
+            "Ki",
+            "Mi",
+            "Gi",
+            "Ti",
+            "Pi",
+            "Ei",
+            " ",
+        ];
+
+        fn decode_everything(body: &[u8]) {
+            let Ok(list) = PodList::decode(body) else {
+                return;
+            };
+            for pod in &list.pods {
+                if let Some(w) = pod.to_workload() {
+                    assert_eq!(w.id, pod.metadata.uid);
+                    assert!(
+                        w.containers.len()
+                            <= pod.status.container_statuses.len()
+                                + pod.status.init_container_statuses.len()
+                                + pod.status.ephemeral_container_statuses.len()
+                    );
+                }
+            }
+        }
+
+        fn check_quantity(q: &str) -> Result<(), TestCaseError> {
+            let nanos = quantity_nanos(q);
+            for scaled in [cpu_millicores(q), memory_bytes(q)] {
+                if scaled.is_some() {
+                    prop_assert!(nanos.is_some_and(|n| n >= 0), "{:?}", q);
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(500))]
+
+            #[test]
+            fn any_bytes(body in prop::collection::vec(any::<u8>(), 0..256)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn mutated_fixtures(body in fuzz::mutated(fuzz::json_seeds("kubernetes"), 8)) {
+                decode_everything(&body);
+            }
+
+            #[test]
+            fn documents_of_pod_fields(doc in fuzz::json_value(KEYS)) {
+                decode_everything(&serde_json::to_vec(&doc).unwrap());
+                let list = serde_json::json!({ "kind": "PodList", "items": [doc] });
+                decode_everything(&serde_json::to_vec(&list).unwrap());
+            }
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config(1500))]
+
+            #[test]
+            fn any_quantity_text(q in ".{0,40}") {
+                check_quantity(&q)?;
+            }
+
+            #[test]
+            fn mutated_quantities(q in fuzz::mutated_text(fuzz::line_seeds("quantities"), 4)) {
+                check_quantity(&q)?;
+            }
+
+            #[test]
+            fn quantities_from_their_parts(q in fuzz::words(QUANTITY_PARTS, 8)) {
+                check_quantity(&q)?;
+            }
+
+            #[test]
+            fn units_agree(n in any::<u32>()) {
+                let n64 = u64::from(n);
+                prop_assert_eq!(memory_bytes(&format!("{n}Ki")), Some(n64 * 1024));
+                prop_assert_eq!(memory_bytes(&format!("{n}k")), Some(n64 * 1000));
+                prop_assert_eq!(cpu_millicores(&format!("{n}m")), Some(n64));
+                prop_assert_eq!(cpu_millicores(&format!("{n}u")), Some(n64.div_ceil(1000)));
+                prop_assert_eq!(memory_bytes(&format!("{n}e-3")), Some(n64.div_ceil(1000)));
+            }
+
+            #[test]
+            fn container_ids_are_the_end(s in fuzz::words(&["docker", "cri-o", "containerd", "://", ":", "/", "x"], 6)) {
+                if let Some((_, id)) = parse_container_id(&s) {
+                    prop_assert!(s.ends_with(id) && !id.is_empty());
+                }
+            }
+        }
     }
 }

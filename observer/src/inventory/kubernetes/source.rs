@@ -13,7 +13,7 @@ use std::{
 
 use super::decode::{KubeletError, PodList};
 use crate::inventory::{
-    http::{base_url, error_chain},
+    http::{base_url, error_chain, read_body, KUBELET},
     sources::{BuildError, SourceConfig},
     Inventory, InventoryFuture, InventorySource, SourceError,
 };
@@ -57,6 +57,10 @@ impl KubeletSource {
             // Node-local APIs: never through an HTTP(S)_PROXY from the environment.
             .no_proxy()
             .connect_timeout(config.timeout);
+        if let Some(warning) = insecure_warning(url, tls, config.kubelet_insecure_tls) {
+            // Built once, at start: said once.
+            log::warn!("{warning}");
+        }
         if tls && config.kubelet_insecure_tls {
             builder = builder.danger_accept_invalid_certs(true);
         } else if tls {
@@ -96,13 +100,18 @@ impl KubeletSource {
             },
             e => SourceError::Other(format!("{}: {e}", self.pods_url)),
         })?;
-        let skipped_before = std::mem::replace(&mut self.skipped, list.skipped.len());
-        if skipped_before != list.skipped.len() && !list.skipped.is_empty() {
+        let skipped_before = std::mem::replace(&mut self.skipped, list.skipped);
+        if skipped_before != list.skipped && list.skipped > 0 {
             log::warn!(
-                "kubelet {}: {} pods skipped as malformed: {}",
+                "kubelet {}: {} pods skipped as malformed: {}{}",
                 self.pods_url,
-                list.skipped.len(),
-                list.skipped.join("; ")
+                list.skipped,
+                list.skip_reasons.join("; "),
+                if list.skipped > list.skip_reasons.len() {
+                    "; ..."
+                } else {
+                    ""
+                }
             );
         }
         let mut inventory = Inventory::empty("kubernetes");
@@ -168,13 +177,7 @@ impl KubeletSource {
                 })
             }
         }
-        response
-            .bytes()
-            .await
-            .map_err(|e| SourceError::Unreachable {
-                url: url.clone(),
-                reason: error_chain(&e),
-            })
+        read_body(KUBELET, response, url, self.timeout).await
     }
 }
 
@@ -186,6 +189,18 @@ impl InventorySource for KubeletSource {
     fn fetch(&mut self) -> InventoryFuture<'_> {
         Box::pin(self.fetch_inner())
     }
+}
+
+/// What `--kubelet-insecure-tls` costs, for the start-up log: the token goes to whoever
+/// answers. None when the flag is off or the URL is plain HTTP (no token is sent there).
+fn insecure_warning(url: &str, tls: bool, insecure: bool) -> Option<String> {
+    (tls && insecure).then(|| {
+        format!(
+            "--kubelet-insecure-tls: the kubelet's certificate at {url} is not verified, so the \
+             service-account bearer token is sent to whatever peer answers there; give the \
+             cluster CA with --kubelet-ca-file instead where you can"
+        )
+    })
 }
 
 /// The CA bundle's certificates; at least one.
@@ -256,6 +271,21 @@ mod tests {
     }
 
     #[test]
+    fn insecure_tls_says_where_the_token_goes() {
+        let url = "https://10.0.0.7:10250";
+        let warning = insecure_warning(url, true, true).unwrap();
+        assert!(
+            warning.contains(url)
+                && warning.contains("bearer token")
+                && warning.contains("not verified"),
+            "{warning}"
+        );
+        assert_eq!(insecure_warning(url, true, false), None);
+        // The read-only port never gets the token.
+        assert_eq!(insecure_warning("http://10.0.0.7:10255", false, true), None);
+    }
+
+    #[test]
     fn a_ca_file_without_certificates_is_refused() {
         let path = std::env::temp_dir().join(format!("observer-ca-{}.crt", std::process::id()));
         std::fs::write(&path, "not a certificate\n").unwrap();
@@ -270,6 +300,27 @@ mod tests {
     fn other_schemes_are_refused() {
         let err = KubeletSource::new(&config("node-1:10250")).unwrap_err();
         assert!(matches!(err, BuildError::KubeletScheme { .. }));
+    }
+
+    /// A kubelet that streams without end costs at most the cap, and the error says so.
+    #[tokio::test]
+    async fn an_endless_pods_answer_stops_at_the_cap() {
+        let (addr, written) = crate::body::tests::flood(usize::MAX).await;
+        let mut config = config(&format!("http://{addr}"));
+        config.timeout = Duration::from_secs(30);
+        let mut source = KubeletSource::new(&config).unwrap();
+        let err = source.fetch().await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the kubelet at http://{addr}/pods answered more than 16 MiB (observer reads no more)"
+            )
+        );
+        let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            sent < crate::body::KUBELET_PODS_MAX * 2,
+            "{sent} bytes sent"
+        );
     }
 
     #[test]

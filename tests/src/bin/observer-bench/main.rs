@@ -452,7 +452,9 @@ fn read_cost(opts: &Opts) -> anyhow::Result<()> {
         let memory = collector
             .reader_mut()
             .kernel_memory()
-            .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)));
+            .map_or("-".into(), |b| {
+                format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+            });
         println!(
             "{:>8} {:>8} {:>24} {:>24} {:>24} {:>12}",
             n,
