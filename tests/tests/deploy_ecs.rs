@@ -48,6 +48,7 @@ use testbed::{
     ecs_taskdef::{self, Overrides},
     fake_mackerel::FakeMackerel,
     fake_platform::{task_arn, FakeEcsAgent, FakeTask},
+    host_bpffs::{self, HostBpffs, PIN_DIR},
     sh,
     traffic::{at_in, trafficgen},
     unique, NetNs, Spawned, TestCgroup,
@@ -78,10 +79,6 @@ const PAUSE: &str = "~internal~ecs~pause";
 const INTERVAL: Duration = Duration::from_secs(2);
 /// The issue's tolerance: measured within 2% of what was sent.
 const TOLERANCE: f64 = 0.02;
-/// The host's bpffs, mounted into the container by the task definition's bpffs volume.
-const BPFFS: &str = "/sys/fs/bpf";
-/// observer's default --bpf-pin-dir, in the container and so on the host.
-const PIN_DIR: &str = "/sys/fs/bpf/observer";
 /// observer on the host, for `observer detach`.
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer-e2e");
 /// Between two batches of posts.
@@ -343,7 +340,8 @@ fn scenario(image: &str, made: &Mutex<Made>) {
     agent.set_tasks(&fake_tasks);
 
     // The task definition's bpffs volume: the host's /sys/fs/bpf, a bpffs.
-    let bpffs = HostBpffs::prepare(made);
+    let bpffs = HostBpffs::prepare(Path::new(OBSERVER)).unwrap_or_else(|e| panic!("{e:#}"));
+    record(&|m| m.bpffs_mounted = bpffs.mounted());
 
     // 3. observer, as the task definition runs it.
     let mut observer = ObserverContainer {
@@ -516,7 +514,11 @@ fn scenario(image: &str, made: &Mutex<Made>) {
         traffic.wait_more(2, "while no observer runs (after docker kill)");
         let third = start_again(&args, 3, made);
         let gap_kill = take_over(&third, down);
-        traffic.wait_more(3, "after the second restart");
+        // Past the new run's first report, which holds the gap.
+        wait_for("the third run's first report", INTERVAL * 3, || {
+            third.logs().0.contains("{\"type\":\"observer\"")
+        });
+        traffic.wait_more(3, "after the third run's first report");
         traffic.stop.store(true, Ordering::SeqCst);
         let batches = poster
             .join()
@@ -643,12 +645,7 @@ fn scenario(image: &str, made: &Mutex<Made>) {
         !Path::new(PIN_DIR).exists(),
         "{PIN_DIR} is left after observer detach"
     );
-    for id in &program_ids {
-        assert!(
-            sh("bpftool", &["prog", "show", "id", id]).is_err(),
-            "program {id} is still loaded after observer detach"
-        );
-    }
+    host_bpffs::check_unloaded(&program_ids).unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!(
         "observer detach removed the pins; programs {} unloaded",
         program_ids.join(", ")
@@ -861,71 +858,6 @@ fn post_batches(apps: &[App], url: &str, traffic: &Traffic) -> anyhow::Result<u6
     Ok(batches)
 }
 
-/// The host's /sys/fs/bpf, which the task definition mounts into the container: a bpffs,
-/// mounted here if it is not one (a plain sysfs directory on some hosts). When dropped,
-/// whatever observer pinned is removed with `observer detach`, and the bpffs is unmounted if
-/// this test mounted it.
-struct HostBpffs {
-    mounted: bool,
-    ours: bool,
-}
-
-impl HostBpffs {
-    fn prepare(made: &Mutex<Made>) -> Self {
-        let mut this = Self {
-            mounted: false,
-            ours: false,
-        };
-        let fs = fs_type(BPFFS);
-        if fs != "bpf_fs" {
-            sh("mount", &["-t", "bpf", "bpf", BPFFS])
-                .unwrap_or_else(|e| panic!("mount -t bpf bpf {BPFFS}: {e}"));
-            this.mounted = true;
-            made.lock().unwrap_or_else(|e| e.into_inner()).bpffs_mounted = true;
-            eprintln!("mounted a bpffs at {BPFFS} (it was {fs:?})");
-        }
-        assert!(
-            !Path::new(PIN_DIR).exists(),
-            "{PIN_DIR} exists before the test: another observer's state is pinned on this host \
-             (`observer detach` removes it)"
-        );
-        this.ours = true;
-        this
-    }
-
-    /// `observer detach` of the pin directory; its log.
-    fn detach(&self) -> anyhow::Result<String> {
-        let out = Command::new(OBSERVER)
-            .args(["detach", "--bpf-pin-dir", PIN_DIR])
-            .output()?;
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        anyhow::ensure!(out.status.success(), "observer detach failed: {log}");
-        Ok(log)
-    }
-}
-
-impl Drop for HostBpffs {
-    fn drop(&mut self) {
-        if self.ours && Path::new(PIN_DIR).exists() {
-            if let Err(e) = self.detach() {
-                eprintln!("cleanup: {e}");
-            }
-        }
-        if self.mounted {
-            if let Err(e) = sh("umount", &[BPFFS]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
-}
-
-/// `stat -f -c %T`: the type of the filesystem `path` is on.
-fn fs_type(path: &str) -> String {
-    sh("stat", &["-f", "-c", "%T", path])
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// The observer container (and the image made for its health check): removed when dropped.
 struct ObserverContainer {
     name: String,
@@ -973,16 +905,7 @@ impl ObserverContainer {
 
     /// The ids of the programs its "attached" log line names.
     fn program_ids(&self) -> Vec<String> {
-        let (_, log) = self.logs();
-        log.lines()
-            .find(|l| l.contains("attached "))
-            .map(|l| {
-                l.split("(id ")
-                    .skip(1)
-                    .filter_map(|s| s.split(')').next().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
+        host_bpffs::program_ids(&self.logs().1)
     }
 
     /// The first log line containing `needle`; fails early if the container stopped.
@@ -1533,12 +1456,7 @@ fn leftovers(made: &Made) -> Vec<String> {
             left.push(format!("cgroup {}", dir.display()));
         }
     }
-    if Path::new(PIN_DIR).exists() {
-        left.push(format!("pinned state {PIN_DIR}"));
-    }
-    if made.bpffs_mounted && fs_type(BPFFS) == "bpf_fs" {
-        left.push(format!("the bpffs mounted at {BPFFS}"));
-    }
+    left.extend(host_bpffs::leftovers(made.bpffs_mounted));
     if let (false, Some(host_if)) = (made.iptables_rules.is_empty(), &made.host_if) {
         let rules = sh("iptables", &["-S", "FORWARD"]).unwrap_or_default();
         for line in rules.lines().filter(|l| l.contains(host_if.as_str())) {
