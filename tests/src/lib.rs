@@ -7,6 +7,7 @@ pub mod docker;
 pub mod ecs_taskdef;
 pub mod fake_mackerel;
 pub mod fake_platform;
+pub mod host_bpffs;
 pub mod k8s_pod;
 pub mod netns;
 pub mod observer_cmd;

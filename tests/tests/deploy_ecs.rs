@@ -6,15 +6,27 @@
 //! awsvpc-like task of a pause container plus two apps in its network namespace) post known
 //! HTTP bodies to a sink in a network namespace of the test, behind a veth pair.
 //!
-//! Checked: one Mackerel host per task whose `interface.*.txBytes.delta` add up to what it sent
-//! (within 2 %, plus what TCP resent), the same in the JSON lines on the container's stdout
-//! (`docker logs`), which name the three tasks; observer attached at the host's cgroup v2 root
-//! under /host/sys/fs/cgroup; the container's health check (`/observer health`) makes it
-//! "healthy"; `docker stop` ends it with exit code 0 within the stop timeout.
+//! The apps post in batches from the first run until after the second restart. observer is
+//! restarted as ECS restarts an essential container: `docker stop`, then a new container of
+//! the same arguments (ECS starts a new one, it does not `docker restart`), and once more after
+//! `docker kill -s KILL`. The task definition's bpffs volume is the host's /sys/fs/bpf, which
+//! the test mounts a bpffs at if none is there (and unmounts afterwards); observer pins its
+//! state there, and each new container takes over the programs of the one before, which kept
+//! counting in the gap.
+//!
+//! Checked: one Mackerel host per task whose `interface.*.txBytes.delta` over all three runs
+//! add up to what it sent (within 2 %, plus what TCP resent: nothing lost in the gaps, nothing
+//! twice), the same in the JSON lines on the three containers' stdout (`docker logs`), which
+//! name the three tasks; observer attached at the host's cgroup v2 root under
+//! /host/sys/fs/cgroup; its state pinned in /sys/fs/bpf/observer and taken over by the new
+//! containers; the container's health check (`/observer health`) makes it "healthy"; `docker
+//! stop` ends it with exit code 0 within the stop timeout; `observer detach` at the end
+//! removes the pins and unloads every program.
 //!
 //! Needs root, a running dockerd and the image (`cargo xtask image`; OBSERVER_TEST_IMAGE
 //! names another); says SKIPPED otherwise (under CI a skip fails). Everything it makes is
-//! removed by guards, also when an assertion fails, and checked to be gone.
+//! removed by guards, also when an assertion fails, and checked to be gone: the pins too (with
+//! `observer detach`), and the bpffs if the test mounted it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,7 +35,10 @@ use std::{
     panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -33,12 +48,14 @@ use testbed::{
     ecs_taskdef::{self, Overrides},
     fake_mackerel::FakeMackerel,
     fake_platform::{task_arn, FakeEcsAgent, FakeTask},
+    host_bpffs::{self, HostBpffs, PIN_DIR},
     sh,
     traffic::{at_in, trafficgen},
     unique, NetNs, Spawned, TestCgroup,
 };
 
-const TEST: &str = "the_ecs_task_definition_runs_observer_healthy_and_reporting_every_task";
+const TEST: &str =
+    "the_ecs_task_definition_runs_observer_healthy_and_reporting_every_task_across_restarts";
 const TASK_DEFINITION: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../deploy/ecs/task-definition.json"
@@ -62,6 +79,12 @@ const PAUSE: &str = "~internal~ecs~pause";
 const INTERVAL: Duration = Duration::from_secs(2);
 /// The issue's tolerance: measured within 2% of what was sent.
 const TOLERANCE: f64 = 0.02;
+/// observer on the host, for `observer detach`.
+const OBSERVER: &str = env!("CARGO_BIN_EXE_observer-e2e");
+/// Between two batches of posts.
+const BATCH_PAUSE: Duration = Duration::from_millis(500);
+/// A bound on the posting loop.
+const MAX_BATCHES: u64 = 200;
 
 /// One app container and the HTTP body it posts.
 struct App {
@@ -69,7 +92,15 @@ struct App {
     task: usize,
     name: &'static str,
     body_bytes: u64,
+    /// How many times it posted its body.
+    posts: u64,
     id: String,
+}
+
+impl App {
+    fn sent(&self) -> u64 {
+        self.body_bytes * self.posts
+    }
 }
 
 /// One fake ECS task.
@@ -95,10 +126,12 @@ struct Made {
     task_ids: Vec<String>,
     sink_cgroup: Option<PathBuf>,
     iptables_rules: Vec<Vec<String>>,
+    /// The test mounted the bpffs at /sys/fs/bpf.
+    bpffs_mounted: bool,
 }
 
 #[test]
-fn the_ecs_task_definition_runs_observer_healthy_and_reporting_every_task() {
+fn the_ecs_task_definition_runs_observer_healthy_and_reporting_every_task_across_restarts() {
     if skip_unless_docker(TEST) {
         return;
     }
@@ -306,6 +339,10 @@ fn scenario(image: &str, made: &Mutex<Made>) {
         .collect();
     agent.set_tasks(&fake_tasks);
 
+    // The task definition's bpffs volume: the host's /sys/fs/bpf, a bpffs.
+    let bpffs = HostBpffs::prepare(Path::new(OBSERVER)).unwrap_or_else(|e| panic!("{e:#}"));
+    record(&|m| m.bpffs_mounted = bpffs.mounted());
+
     // 3. observer, as the task definition runs it.
     let mut observer = ObserverContainer {
         name: observer_name.clone(),
@@ -329,16 +366,17 @@ fn scenario(image: &str, made: &Mutex<Made>) {
         args.join(" ").replace(API_KEY, "<MACKEREL_APIKEY>")
     );
     let t0 = Instant::now();
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    sh("docker", &arg_refs).unwrap_or_else(|e| {
-        panic!(
-            "docker run of the task definition: {}",
-            e.to_string().replace(API_KEY, "<MACKEREL_APIKEY>")
-        )
-    });
+    start_observer(&args);
 
     let attached = observer.wait_log("attached ", Duration::from_secs(30));
     eprintln!("observer attached after {:.1?}: {attached}", t0.elapsed());
+    // Its state in the host's bpffs, through the task definition's volume.
+    let pinned = observer.wait_log("state pinned in ", Duration::from_secs(1));
+    assert!(
+        pinned.contains(&format!("state pinned in {PIN_DIR}: new programs attached")),
+        "observer did not pin its state in {PIN_DIR}: {pinned}\nlog:\n{}",
+        observer.logs().1
+    );
     let root = attached
         .split(" at ")
         .nth(1)
@@ -373,43 +411,139 @@ fn scenario(image: &str, made: &Mutex<Made>) {
         metrics.lines().next().unwrap_or("")
     );
 
-    // 4. The traffic: every app posts its body at once.
+    // 4. The traffic: every app posts its body, all at once, batch after batch from now until
+    // after the second restart, so that it spans both gaps.
     let first_app = |i: usize| apps.iter().find(|a| a.task == i).expect("an app per task");
     let resent_before: Vec<u64> = (0..tasks.len())
         .map(|i| retrans_segs(&first_app(i).id))
         .collect();
+    let traffic = Traffic::default();
     let traffic_started = Instant::now();
-    let posts: Vec<(&App, Child)> = apps
-        .iter()
-        .map(|a| {
-            let child = Command::new("docker")
-                .args(["exec", &a.id, "wget", "-q", "-O", "/dev/null"])
-                .args(["--post-file", "/tmp/body", &url])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("docker exec");
-            (a, child)
-        })
-        .collect();
-    for (a, child) in posts {
-        let out = wait_child(child, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("{} posting: {e}", a.name));
-        assert!(
-            out.status.success(),
-            "{} posting: {}",
-            a.name,
-            String::from_utf8_lossy(&out.stderr)
+    let stop_timeout = run.stop_timeout.unwrap_or(Duration::from_secs(30));
+    let (batches, later, gaps) = std::thread::scope(|s| {
+        let _stop = StopTraffic(&traffic);
+        let poster = s.spawn(|| {
+            let posted = post_batches(&apps, &url, &traffic);
+            traffic.ended.store(true, Ordering::SeqCst);
+            posted
+        });
+        traffic.wait_more(2, "before the first restart");
+
+        // 5. Healthy, by the task definition's health check (first run one interval after
+        // start).
+        let check = run
+            .health_check
+            .as_ref()
+            .expect("the task definition has a healthCheck");
+        let deadline = check.interval + check.timeout + Duration::from_secs(10);
+        let healthy_after = loop {
+            let status = observer.inspect("{{.State.Health.Status}}");
+            match status.as_str() {
+                "healthy" => break t0.elapsed(),
+                "unhealthy" => panic!(
+                    "the container is unhealthy: {}\nlog:\n{}",
+                    observer.inspect("{{json .State.Health}}"),
+                    observer.logs().1
+                ),
+                _ => {}
+            }
+            assert!(
+                t0.elapsed() < deadline,
+                "not healthy {deadline:?} after the start (status {status:?}): {}",
+                observer.inspect("{{json .State.Health}}")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        eprintln!(
+            "healthy after {healthy_after:.1?} (health check every {:?}, start period {:?}): {}",
+            check.interval,
+            check.start_period,
+            observer.inspect("{{json .State.Health.Log}}")
         );
-    }
-    let mut got: Vec<u64> = (0..apps.len())
+
+        // The check Docker ran is the manifest's command, in exec form.
+        let test_cmd: Value =
+            serde_json::from_str(&observer.inspect("{{json .Config.Healthcheck.Test}}")).unwrap();
+        assert_eq!(
+            test_cmd,
+            serde_json::json!(check.test),
+            "the container's health check is not the task definition's"
+        );
+        if let Some(peak) = observer.memory_peak() {
+            eprintln!(
+                "observer's memory peak: {:.1} MiB (the manifest's memory limit: {})",
+                peak as f64 / (1024.0 * 1024.0),
+                observer.inspect("{{.HostConfig.Memory}}")
+            );
+        }
+
+        // 6. docker stop: SIGTERM, and an exit of its own within the stop timeout.
+        stop_gracefully(&observer, stop_timeout);
+        let down = Instant::now();
+        eprintln!(
+            "run 1 stopped after {} batches",
+            traffic.batches.load(Ordering::SeqCst)
+        );
+
+        // 7. ECS replaces a stopped essential container with a new one (not `docker
+        // restart`): the same arguments under a new name. Traffic goes on in the gap.
+        traffic.wait_more(2, "while no observer runs (after docker stop)");
+        let second = start_again(&args, 2, made);
+        let gap_stop = take_over(&second, down);
+
+        // 8. A SIGKILL (the OOM killer, a lost instance), once the second run's last report
+        // is on stdout and in Mackerel: what it counted since is only in the pinned maps.
+        traffic.wait_more(3, "in the second run");
+        let last = wait_delivered(&second, &mackerel, &tasks, &apps);
+        std::thread::sleep(INTERVAL / 4);
+        sh("docker", &["kill", "-s", "KILL", &second.name]).expect("docker kill -s KILL");
+        let down = Instant::now();
+        wait_for(
+            "the killed container to end",
+            Duration::from_secs(10),
+            || second.inspect("{{.State.Running}}") == "false",
+        );
+        let exit = second.inspect("{{.State.ExitCode}}");
+        eprintln!(
+            "run 2 killed (exit code {exit}) {:?} after its report of second {last} reached \
+             Mackerel, after {} batches",
+            INTERVAL / 4,
+            traffic.batches.load(Ordering::SeqCst)
+        );
+        assert_eq!(exit, "137", "docker kill -s KILL: exit code");
+        traffic.wait_more(2, "while no observer runs (after docker kill)");
+        let third = start_again(&args, 3, made);
+        let gap_kill = take_over(&third, down);
+        // Past the new run's first report, which holds the gap.
+        wait_for("the third run's first report", INTERVAL * 3, || {
+            third.logs().0.contains("{\"type\":\"observer\"")
+        });
+        traffic.wait_more(3, "after the third run's first report");
+        traffic.stop.store(true, Ordering::SeqCst);
+        let batches = poster
+            .join()
+            .expect("the posting thread")
+            .unwrap_or_else(|e| panic!("posting: {e:#}"));
+        (batches, [second, third], [gap_stop, gap_kill])
+    });
+    let [second, third] = later;
+    let mut got: Vec<u64> = (0..apps.len() as u64 * batches)
         .map(|_| sink.expect("got ").unwrap().parse().unwrap())
         .collect();
-    let mut want: Vec<u64> = apps.iter().map(|a| a.body_bytes).collect();
+    let mut want: Vec<u64> = apps
+        .iter()
+        .flat_map(|a| std::iter::repeat_n(a.body_bytes, batches as usize))
+        .collect();
     got.sort_unstable();
     want.sort_unstable();
     assert_eq!(got, want, "the sink received every body whole");
-    eprintln!("traffic sent in {:.1?}", traffic_started.elapsed());
+    eprintln!(
+        "traffic: {batches} batches in {:.1?}; observer down {:.1?} (docker stop) and {:.1?} \
+         (docker kill -s KILL) until the next run took over",
+        traffic_started.elapsed(),
+        gaps[0],
+        gaps[1]
+    );
     for (i, t) in tasks.iter_mut().enumerate() {
         let segs = retrans_segs(&first_app(i).id).saturating_sub(resent_before[i]);
         t.resent_bytes = segs * SEGMENT_BYTES;
@@ -418,96 +552,67 @@ fn scenario(image: &str, made: &Mutex<Made>) {
             t.label
         );
     }
+    for a in &mut apps {
+        a.posts = batches;
+    }
 
-    // Two more intervals after the traffic, so it is reported.
+    // Two more intervals after the traffic, so it is reported; then the last run stops.
     std::thread::sleep(INTERVAL * 2 + Duration::from_secs(1));
+    stop_gracefully(&third, stop_timeout);
 
-    // 5. Healthy, by the task definition's health check (first run one interval after start).
-    let check = run
-        .health_check
-        .as_ref()
-        .expect("the task definition has a healthCheck");
-    let deadline = check.interval + check.timeout + Duration::from_secs(10);
-    let healthy_after = loop {
-        let status = observer.inspect("{{.State.Health.Status}}");
-        match status.as_str() {
-            "healthy" => break t0.elapsed(),
-            "unhealthy" => panic!(
-                "the container is unhealthy: {}\nlog:\n{}",
-                observer.inspect("{{json .State.Health}}"),
-                observer.logs().1
-            ),
-            _ => {}
+    // 9. The JSON lines on stdout of all three runs, then Mackerel.
+    let runs = [&observer, &second, &third];
+    let mut lines: Vec<Value> = Vec::new();
+    for (n, r) in runs.iter().enumerate() {
+        let (stdout, log) = r.logs();
+        for line in log.lines() {
+            if line.contains(" WARN ") || line.contains(" ERROR ") {
+                eprintln!("observer (run {}) logged: {line}", n + 1);
+            }
         }
-        assert!(
-            t0.elapsed() < deadline,
-            "not healthy {deadline:?} after the start (status {status:?}): {}",
-            observer.inspect("{{json .State.Health}}")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    eprintln!(
-        "healthy after {healthy_after:.1?} (health check every {:?}, start period {:?}): {}",
-        check.interval,
-        check.start_period,
-        observer.inspect("{{json .State.Health.Log}}")
-    );
-
-    // The check Docker ran is the manifest's command, in exec form.
-    let test_cmd: Value =
-        serde_json::from_str(&observer.inspect("{{json .Config.Healthcheck.Test}}")).unwrap();
-    assert_eq!(
-        test_cmd,
-        serde_json::json!(check.test),
-        "the container's health check is not the task definition's"
-    );
-    if let Some(peak) = observer.memory_peak() {
+        let mine: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let per_task: Vec<String> = tasks
+            .iter()
+            .map(|t| {
+                let tx: u64 = mine
+                    .iter()
+                    .filter(|l| l["type"] == "task" && l["id"] == t.id.as_str())
+                    .filter_map(|l| l["tx_bytes"].as_u64())
+                    .sum();
+                format!("{} {tx}", t.label)
+            })
+            .collect();
+        // The first report of a run that took over holds the gap before it.
+        let first_time = mine.iter().find(|l| l["type"] == "observer").map(|l| {
+            (
+                l["time"].clone(),
+                l["interval_seconds"].as_f64().unwrap_or(0.0),
+            )
+        });
+        let first: Vec<String> = first_time
+            .iter()
+            .flat_map(|(time, _)| {
+                mine.iter()
+                    .filter(move |l| l["type"] == "task" && l["time"] == *time)
+                    .filter_map(|l| {
+                        let t = tasks.iter().find(|t| l["id"] == t.id.as_str())?;
+                        Some(format!("{} {}", t.label, l["tx_bytes"].as_u64()?))
+                    })
+            })
+            .collect();
         eprintln!(
-            "observer's memory peak: {:.1} MiB (the manifest's memory limit: {})",
-            peak as f64 / (1024.0 * 1024.0),
-            observer.inspect("{{.HostConfig.Memory}}")
+            "run {}: {} JSON lines; device tx per task: {}; first report ({:.2} s): {}",
+            n + 1,
+            mine.len(),
+            per_task.join(", "),
+            first_time.map_or(0.0, |(_, secs)| secs),
+            first.join(", ")
         );
+        lines.extend(mine);
     }
-
-    // 6. docker stop: SIGTERM, and an exit of its own within the stop timeout.
-    let stop_timeout = run.stop_timeout.unwrap_or(Duration::from_secs(30));
-    let stopping = Instant::now();
-    sh("docker", &["stop", &observer_name]).expect("docker stop");
-    let stopped_in = stopping.elapsed();
-    let exit = observer.inspect("{{.State.ExitCode}} {{.State.OOMKilled}}");
-    eprintln!("docker stop took {stopped_in:.1?}; exit code, OOM killed: {exit}");
-    let (stdout, log) = observer.logs();
-    assert_eq!(
-        exit, "0 false",
-        "observer did not exit 0 on docker stop; log:\n{log}"
-    );
-    assert!(
-        stopped_in < stop_timeout,
-        "docker stop took {stopped_in:?}, the stop timeout is {stop_timeout:?}"
-    );
-    assert!(
-        log.contains("SIGTERM: reporting the partial interval"),
-        "observer did not see SIGTERM; log:\n{log}"
-    );
-    assert!(
-        log.contains("Mackerel: all values delivered"),
-        "no complete Mackerel flush on docker stop; log:\n{log}"
-    );
-    assert!(
-        !log.contains(API_KEY) && !stdout.contains(API_KEY),
-        "the API key appears in the container's output"
-    );
-    for line in log.lines() {
-        if line.contains(" WARN ") || line.contains(" ERROR ") {
-            eprintln!("observer logged: {line}");
-        }
-    }
-
-    // 7. The JSON lines on stdout, then Mackerel.
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
     for t in &tasks {
         let mine: Vec<&Value> = lines
             .iter()
@@ -528,8 +633,229 @@ fn scenario(image: &str, made: &Mutex<Made>) {
     }
     let measured = check_json(&lines, &tasks, &apps);
     check_mackerel(&mackerel, &lines, &tasks, &apps, &measured);
-    drop(observer);
-    // The other guards go in reverse order: containers, sink, its cgroup, the namespace.
+
+    // 10. Uninstalled: `observer detach` removes the pins, and with them every program.
+    let program_ids: Vec<String> = runs.iter().flat_map(|r| r.program_ids()).collect();
+    drop((third, second, observer));
+    let removed = bpffs
+        .detach()
+        .unwrap_or_else(|e| panic!("observer detach: {e:#}"));
+    assert!(removed.contains("link_"), "observer detach: {removed}");
+    assert!(
+        !Path::new(PIN_DIR).exists(),
+        "{PIN_DIR} is left after observer detach"
+    );
+    host_bpffs::check_unloaded(&program_ids).unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!(
+        "observer detach removed the pins; programs {} unloaded",
+        program_ids.join(", ")
+    );
+    // The other guards go in reverse order: containers, sink, its cgroup, the namespace, the
+    // bpffs.
+}
+
+/// Waits for the new run to take over the pinned programs; returns how long observer was
+/// down (from `down` to its takeover).
+fn take_over(run: &ObserverContainer, down: Instant) -> Duration {
+    let pinned = run.wait_log("state pinned in ", Duration::from_secs(30));
+    let gap = down.elapsed();
+    assert!(
+        pinned.contains(&format!(
+            "state pinned in {PIN_DIR}: took over the programs"
+        )),
+        "the new container did not take over the pinned programs: {pinned}\nlog:\n{}",
+        run.logs().1
+    );
+    run.wait_log("attached ", Duration::from_secs(10));
+    eprintln!("{} took over after {gap:.1?}: {pinned}", run.name);
+    gap
+}
+
+/// docker stop: SIGTERM, an exit 0 of its own within the stop timeout, the partial interval
+/// reported and Mackerel flushed.
+fn stop_gracefully(observer: &ObserverContainer, stop_timeout: Duration) {
+    let stopping = Instant::now();
+    sh("docker", &["stop", &observer.name]).expect("docker stop");
+    let stopped_in = stopping.elapsed();
+    let exit = observer.inspect("{{.State.ExitCode}} {{.State.OOMKilled}}");
+    eprintln!(
+        "docker stop {} took {stopped_in:.1?}; exit code, OOM killed: {exit}",
+        observer.name
+    );
+    let (stdout, log) = observer.logs();
+    assert_eq!(
+        exit, "0 false",
+        "observer did not exit 0 on docker stop; log:\n{log}"
+    );
+    assert!(
+        stopped_in < stop_timeout,
+        "docker stop took {stopped_in:?}, the stop timeout is {stop_timeout:?}"
+    );
+    assert!(
+        log.contains("SIGTERM: reporting the partial interval"),
+        "observer did not see SIGTERM; log:\n{log}"
+    );
+    assert!(
+        log.contains("Mackerel: all values delivered"),
+        "no complete Mackerel flush on docker stop; log:\n{log}"
+    );
+    assert!(
+        log.contains("programs stay attached and counting"),
+        "observer did not leave its programs pinned; log:\n{log}"
+    );
+    assert!(
+        !log.contains(API_KEY) && !stdout.contains(API_KEY),
+        "the API key appears in the container's output"
+    );
+}
+
+/// A new observer container from `args` (the task definition's), under a new name as ECS
+/// gives it.
+fn start_again(args: &[String], run: usize, made: &Mutex<Made>) -> ObserverContainer {
+    let name = unique(&format!("obs-deploy-ecs-run{run}"));
+    made.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .containers
+        .push(name.clone());
+    let container = ObserverContainer {
+        name: name.clone(),
+        health_image: None,
+    };
+    let mut args = args.to_vec();
+    let at = args
+        .iter()
+        .position(|a| a == "--name")
+        .expect("--name in the arguments");
+    args[at + 1] = name;
+    start_observer(&args);
+    container
+}
+
+/// `docker run` of the generated arguments.
+fn start_observer(args: &[String]) {
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    sh("docker", &arg_refs).unwrap_or_else(|e| {
+        panic!(
+            "docker run of the task definition: {}",
+            e.to_string().replace(API_KEY, "<MACKEREL_APIKEY>")
+        )
+    });
+}
+
+/// Waits for the next report on `run`'s stdout, then for Mackerel to have its txBytes for
+/// every app; returns its time.
+fn wait_delivered(
+    run: &ObserverContainer,
+    mackerel: &FakeMackerel,
+    tasks: &[Task],
+    apps: &[App],
+) -> i64 {
+    let reports = || -> Vec<i64> {
+        run.logs()
+            .0
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["type"] == "observer")
+            .filter_map(|l| unix_seconds(l["time"].as_str()?))
+            .collect()
+    };
+    let before = reports().len();
+    let mut last = 0;
+    wait_for("the next report on stdout", INTERVAL * 3, || {
+        let all = reports();
+        last = all.last().copied().unwrap_or(0);
+        all.len() > before
+    });
+    wait_for(
+        "Mackerel to have the report for every app",
+        Duration::from_secs(10),
+        || {
+            let hosts = mackerel.hosts();
+            let points = mackerel.points();
+            apps.iter().all(|a| {
+                let arn = &tasks[a.task].arn;
+                let metric = format!("interface.{}.txBytes.delta", a.name);
+                hosts
+                    .iter()
+                    .filter(|h| h.custom_identifier.as_deref() == Some(arn))
+                    .any(|h| {
+                        points
+                            .iter()
+                            .any(|p| p.host_id == h.id && p.time == last && p.name == metric)
+                    })
+            })
+        },
+    );
+    last
+}
+
+/// The posts in batches, counted.
+#[derive(Default)]
+struct Traffic {
+    batches: AtomicU64,
+    stop: AtomicBool,
+    ended: AtomicBool,
+}
+
+impl Traffic {
+    /// Waits for `n` more batches to be posted whole.
+    fn wait_more(&self, n: u64, when: &str) {
+        let target = self.batches.load(Ordering::SeqCst) + n;
+        wait_for(
+            &format!("{n} batches of posts {when}"),
+            Duration::from_secs(60),
+            || self.batches.load(Ordering::SeqCst) >= target || self.ended.load(Ordering::SeqCst),
+        );
+        assert!(
+            self.batches.load(Ordering::SeqCst) >= target,
+            "the posts ended {when} (see the error after this one)"
+        );
+    }
+}
+
+/// Stops the posts when dropped, also when the test fails.
+struct StopTraffic<'a>(&'a Traffic);
+
+impl Drop for StopTraffic<'_> {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Every app posts its body at once, batch after batch, until `traffic.stop`; returns the
+/// number of batches, each posted whole by every app.
+fn post_batches(apps: &[App], url: &str, traffic: &Traffic) -> anyhow::Result<u64> {
+    let mut batches = 0;
+    while !traffic.stop.load(Ordering::SeqCst) {
+        anyhow::ensure!(batches < MAX_BATCHES, "{MAX_BATCHES} batches and no stop");
+        let posts: Vec<(&App, Child)> = apps
+            .iter()
+            .map(|a| {
+                let child = Command::new("docker")
+                    .args(["exec", &a.id, "wget", "-q", "-O", "/dev/null"])
+                    .args(["--post-file", "/tmp/body", url])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("docker exec");
+                (a, child)
+            })
+            .collect();
+        for (a, child) in posts {
+            let out = wait_child(child, Duration::from_secs(60))
+                .map_err(|e| anyhow::anyhow!("{} posting: {e}", a.name))?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{} posting: {}",
+                a.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        batches += 1;
+        traffic.batches.store(batches, Ordering::SeqCst);
+        std::thread::sleep(BATCH_PAUSE);
+    }
+    Ok(batches)
 }
 
 /// The observer container (and the image made for its health check): removed when dropped.
@@ -575,6 +901,11 @@ impl ObserverContainer {
         ]
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+    }
+
+    /// The ids of the programs its "attached" log line names.
+    fn program_ids(&self) -> Vec<String> {
+        host_bpffs::program_ids(&self.logs().1)
     }
 
     /// The first log line containing `needle`; fails early if the container stopped.
@@ -655,6 +986,7 @@ fn app(task: usize, name: &'static str, body_bytes: u64) -> App {
         task,
         name,
         body_bytes,
+        posts: 0,
         id: String::new(),
     }
 }
@@ -833,10 +1165,7 @@ fn retrans_segs(container: &str) -> u64 {
 }
 
 fn sent_by(apps: &[App], task: usize) -> u64 {
-    apps.iter()
-        .filter(|a| a.task == task)
-        .map(|a| a.body_bytes)
-        .sum()
+    apps.iter().filter(|a| a.task == task).map(App::sent).sum()
 }
 
 /// Checks the task lines; returns the device tx measured per task id, summed over intervals.
@@ -886,11 +1215,11 @@ fn check_json(lines: &[Value], tasks: &[Task], apps: &[App]) -> BTreeMap<String,
     for app in apps {
         let got = container_tx.get(app.name).copied().unwrap_or(0);
         assert!(
-            within(got as f64, app.body_bytes as f64, tasks[app.task].resent_bytes),
+            within(got as f64, app.sent() as f64, tasks[app.task].resent_bytes),
             "container {}: measured tx {got} is not within 2% (+{} resent in its namespace) above the {} bytes it posted",
             app.name,
             tasks[app.task].resent_bytes,
-            app.body_bytes
+            app.sent()
         );
     }
 
@@ -955,19 +1284,30 @@ fn check_mackerel(
     apps: &[App],
     measured: &BTreeMap<String, u64>,
 ) {
-    let intervals: HashMap<i64, f64> = lines
-        .iter()
-        .filter(|l| l["type"] == "observer")
-        .filter_map(|l| {
-            Some((
-                unix_seconds(l["time"].as_str()?)?,
-                l["interval_seconds"].as_f64()?,
-            ))
-        })
-        .collect();
+    // The reports of each second, in order: a stop's partial interval can end in the second of
+    // the report before it, and then Mackerel is sent two values of one metric for that second.
+    let mut intervals: HashMap<i64, Vec<f64>> = HashMap::new();
+    for l in lines.iter().filter(|l| l["type"] == "observer") {
+        if let (Some(time), Some(secs)) = (
+            l["time"].as_str().and_then(unix_seconds),
+            l["interval_seconds"].as_f64(),
+        ) {
+            intervals.entry(time).or_default().push(secs);
+        }
+    }
     let hosts = mackerel.hosts();
     let points = mackerel.points();
-    eprintln!("Mackerel: {} hosts, {} points", hosts.len(), points.len());
+    let shared: Vec<i64> = intervals
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(t, _)| *t)
+        .collect();
+    eprintln!(
+        "Mackerel: {} hosts, {} points; {} seconds with two reports ({shared:?})",
+        hosts.len(),
+        points.len(),
+        shared.len()
+    );
     assert_eq!(
         hosts.len(),
         tasks.len(),
@@ -1000,14 +1340,23 @@ fn check_mackerel(
         }
         let mut sum = 0.0;
         let mut guessed = 0;
+        // The n-th value of a metric at a second is of the n-th report in that second (values
+        // are posted oldest first).
+        let mut nth: HashMap<(&str, i64), usize> = HashMap::new();
         for p in pts
             .iter()
             .filter(|p| p.name.starts_with("interface.") && p.name.ends_with(".txBytes.delta"))
         {
-            let secs = intervals.get(&p.time).copied().unwrap_or_else(|| {
-                guessed += 1;
-                INTERVAL.as_secs_f64()
-            });
+            let n = nth.entry((p.name.as_str(), p.time)).or_default();
+            let secs = intervals
+                .get(&p.time)
+                .and_then(|v| v.get(*n))
+                .copied()
+                .unwrap_or_else(|| {
+                    guessed += 1;
+                    INTERVAL.as_secs_f64()
+                });
+            *n += 1;
             sum += p.value * secs;
         }
         let sent = sent_by(apps, i);
@@ -1107,6 +1456,7 @@ fn leftovers(made: &Made) -> Vec<String> {
             left.push(format!("cgroup {}", dir.display()));
         }
     }
+    left.extend(host_bpffs::leftovers(made.bpffs_mounted));
     if let (false, Some(host_if)) = (made.iptables_rules.is_empty(), &made.host_if) {
         let rules = sh("iptables", &["-S", "FORWARD"]).unwrap_or_default();
         for line in rules.lines().filter(|l| l.contains(host_if.as_str())) {

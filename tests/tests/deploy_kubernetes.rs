@@ -33,7 +33,7 @@ use std::{
     os::fd::AsRawFd as _,
     path::Path,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     thread::JoinHandle,
@@ -45,6 +45,7 @@ use serde_json::{json, Value};
 use testbed::{
     docker::{skip_unless_docker, Containers, Run},
     fake_platform::{FakeKubelet, FakePod},
+    host_bpffs::{self, HostBpffs, PIN_DIR},
     k8s_pod::{
         self, capability_names, containerd_runtime_default, seccomp_allows, Exit, Inputs, Pod,
         Rootfs, Runc, Seccomp, TempDir,
@@ -68,6 +69,12 @@ const TEST_INTERVAL: &str = "2s";
 const MSS: u64 = 1448;
 /// The log line observer writes once its programs are attached.
 const ATTACHED: &str = "attached count_ingress";
+/// observer on the host, for `observer detach`.
+const OBSERVER: &str = env!("CARGO_BIN_EXE_observer-e2e");
+
+/// The host's /sys/fs/bpf is every observer pod's bpffs hostPath: while the restart test has a
+/// bpffs mounted there, the other tests (whose observers would pin into it too) wait.
+static HOST_BPFFS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 fn image() -> String {
     std::env::var(IMAGE_ENV)
@@ -603,6 +610,7 @@ async fn the_daemonset_pod_measures_pods_and_answers_its_probes() -> Result<()> 
     if skipped(TEST) {
         return Ok(());
     }
+    let _shared = HOST_BPFFS.read().await;
     let node = Node::new().await?;
     let id = container_id();
     let pod = node.pod(&node.daemonset, &id)?;
@@ -890,6 +898,7 @@ async fn each_added_capability_is_needed() -> Result<()> {
     if skipped(TEST) {
         return Ok(());
     }
+    let _shared = HOST_BPFFS.read().await;
     let node = Node::new().await?;
     let added: Vec<String> = k8s_pod::container_mut(&mut node.daemonset.clone())["securityContext"]
         ["capabilities"]["add"]
@@ -989,6 +998,7 @@ async fn a_sigterm_during_start_up_is_not_lost() -> Result<()> {
     if skipped(TEST) {
         return Ok(());
     }
+    let _shared = HOST_BPFFS.read().await;
     let node = Node::new().await?;
     let id = container_id();
     let pod = node.pod(&node.daemonset, &id)?;
@@ -1030,4 +1040,359 @@ async fn a_sigterm_during_start_up_is_not_lost() -> Result<()> {
         tail(&runc.log())
     );
     Ok(())
+}
+
+/// The kubelet restarting observer's container (a new container in the same pod: SIGTERM, and
+/// once SIGKILL, then a new container id) while the pods upload in batches before, during and
+/// after each gap. The DaemonSet's bpffs hostPath is the host's /sys/fs/bpf, a bpffs (mounted
+/// by the test if missing): observer pins its state there with CAP_BPF alone, each new
+/// container takes over the programs of the one before, which kept counting in the gap, and
+/// the JSON lines of the three runs add up to what every pod and container sent (within 2 %,
+/// plus what TCP resent): nothing lost, nothing twice. `observer detach` at the end removes
+/// the pins and unloads every program.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemonset_pod_takes_over_and_loses_nothing() -> Result<()> {
+    const TEST: &str = "a_restarted_daemonset_pod_takes_over_and_loses_nothing";
+    if skipped(TEST) {
+        return Ok(());
+    }
+    let _alone = HOST_BPFFS.write().await;
+    let started = Instant::now();
+    let bpffs = HostBpffs::prepare(Path::new(OBSERVER))?;
+    let mounted = bpffs.mounted();
+    let result = restarts(&bpffs).await;
+    drop(bpffs);
+    let left = host_bpffs::leftovers(mounted);
+    eprintln!("test took {:.1?}", started.elapsed());
+    result?;
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
+
+async fn restarts(bpffs: &HostBpffs) -> Result<()> {
+    let node = Node::new().await?;
+    let mut docker = Containers::new();
+    let web = TestPod::start(
+        &mut docker,
+        "shop",
+        &format!("web-{}", &uuid()[..5]),
+        false,
+        &[("app", 2_000_000), ("sidecar", 1_000_000)],
+    )?;
+    let agent = TestPod::start(
+        &mut docker,
+        "monitoring",
+        &format!("agent-{}", &uuid()[..5]),
+        true,
+        &[("agent", 1_500_000)],
+    )?;
+    let sink_net = NetNs::with_veth("k8s-sink")?;
+    let sink = Sink::start_in(&sink_net, sink_net.veth().ns_addr)?;
+    let pods = [&web, &agent];
+    let uploads: Vec<(String, u64, String)> = pods
+        .iter()
+        .flat_map(|p| {
+            p.containers
+                .iter()
+                .map(|(name, id, payload)| {
+                    (
+                        id.clone(),
+                        *payload,
+                        sink.url(&format!("/{}/{name}", p.name)),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let netns_pids: Vec<u32> = pods
+        .iter()
+        .map(|p| container_pid(&p.sandbox))
+        .collect::<Result<_>>()?;
+    let resent_before: Vec<u64> = netns_pids
+        .iter()
+        .map(|pid| retransmitted_segments(*pid))
+        .collect::<Result<_>>()?;
+
+    // Run 1: new programs, pinned.
+    let mut runs: Vec<Runc> = Vec::new();
+    let (pod, run) = start_pinned(&node, &[&web, &agent], false).await?;
+    runs.push(run);
+    let traffic = Arc::new(Batches::default());
+    let _stop = StopBatches(traffic.clone());
+    let poster = {
+        let traffic = traffic.clone();
+        std::thread::spawn(move || -> Result<u64> {
+            let posted = post_batches(&uploads, &traffic);
+            traffic.ended.store(true, Ordering::SeqCst);
+            posted
+        })
+    };
+    traffic.wait_more(3, "in the first run").await?;
+
+    // The kubelet restarts the container: SIGTERM, then a new container in the same pod.
+    let stopped = stop(&runs[0], &pod)?;
+    let down = Instant::now();
+    let log = runs[0].log();
+    ensure!(
+        log.contains("programs stay attached and counting"),
+        "observer did not leave its programs pinned:\n{}",
+        tail(&log)
+    );
+    eprintln!(
+        "run 1: SIGTERM to exit 0 in {stopped:.1?}, after {} batches",
+        traffic.count()
+    );
+    traffic
+        .wait_more(2, "while no observer runs (after SIGTERM)")
+        .await?;
+    let (_, run) = start_pinned(&node, &[&web, &agent], true).await?;
+    let gap_term = down.elapsed();
+    runs.push(run);
+    traffic.wait_more(3, "in the second run").await?;
+
+    // SIGKILL (a failed liveness probe past its grace, the OOM killer) mid-interval.
+    let reports = |run: &Runc| {
+        run.log()
+            .lines()
+            .filter(|l| l.starts_with("{\"type\":\"observer\""))
+            .count()
+    };
+    let before = reports(&runs[1]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reports(&runs[1]) == before {
+        ensure!(Instant::now() < deadline, "no report from the second run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    runs[1].kill("KILL")?;
+    let down = Instant::now();
+    let exit = runs[1].wait(Duration::from_secs(10));
+    ensure!(
+        exit == Some(Exit::Signal(libc::SIGKILL)),
+        "SIGKILL: {exit:?}"
+    );
+    eprintln!("run 2: SIGKILLed after {} batches", traffic.count());
+    traffic
+        .wait_more(2, "while no observer runs (after SIGKILL)")
+        .await?;
+    let (pod, run) = start_pinned(&node, &[&web, &agent], true).await?;
+    let gap_kill = down.elapsed();
+    runs.push(run);
+    // Past the new run's first report, which holds the gap.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reports(&runs[2]) == 0 {
+        ensure!(Instant::now() < deadline, "no report from the third run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    traffic
+        .wait_more(3, "after the third run's first report")
+        .await?;
+    traffic.stop.store(true, Ordering::SeqCst);
+    let batches = poster
+        .join()
+        .map_err(|_| anyhow::anyhow!("the posting thread panicked"))??;
+    let resent: Vec<u64> = netns_pids
+        .iter()
+        .zip(&resent_before)
+        .map(|(pid, before)| Ok((retransmitted_segments(*pid)? - before) * MSS))
+        .collect::<Result<_>>()?;
+    eprintln!(
+        "{batches} batches; observer down {gap_term:.1?} (SIGTERM) and {gap_kill:.1?} \
+         (SIGKILL) until the next container took over; resent bytes per pod {resent:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stopped = stop(&runs[2], &pod)?;
+    eprintln!("run 3: SIGTERM to exit 0 in {stopped:.1?}");
+
+    // Everything arrived, and the three runs' JSON lines add up to it.
+    let errors = sink.errors.lock().unwrap().clone();
+    ensure!(errors.is_empty(), "sink: {errors:?}");
+    let received = sink.received.lock().unwrap().clone();
+    for p in pods {
+        for (name, _, payload) in &p.containers {
+            let path = format!("/{}/{name}", p.name);
+            ensure!(
+                received.get(&path) == Some(&(payload * batches)),
+                "{path}: received {:?} of {} x {batches}",
+                received.get(&path),
+                payload
+            );
+        }
+    }
+    let mut pod_tx: BTreeMap<String, u64> = BTreeMap::new();
+    let mut container_tx: BTreeMap<String, u64> = BTreeMap::new();
+    for (n, run) in runs.iter().enumerate() {
+        let mut mine: BTreeMap<String, u64> = BTreeMap::new();
+        for line in run.log().lines().filter(|l| l.starts_with('{')) {
+            let l: Value =
+                serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+            if l["type"] != "task" || l["kind"] != "kubernetes_pod" {
+                continue;
+            }
+            // A pod's line names it namespace/name.
+            let Some(p) = pods
+                .iter()
+                .find(|p| l["name"] == format!("{}/{}", p.namespace, p.name).as_str())
+            else {
+                continue;
+            };
+            let tx = l["tx_bytes"].as_u64().context("tx_bytes")?;
+            *mine.entry(p.name.clone()).or_default() += tx;
+            *pod_tx.entry(p.name.clone()).or_default() += tx;
+            for c in l["containers"].as_array().context("containers")? {
+                let key = format!("{}/{}", p.name, c["name"].as_str().unwrap_or_default());
+                *container_tx.entry(key).or_default() += c["tx_bytes"].as_u64().unwrap_or(0);
+            }
+        }
+        eprintln!("run {}: device tx per pod {mine:?}", n + 1);
+    }
+    let within = |measured: u64, sent: u64, resent: u64| {
+        measured >= sent && measured as f64 <= sent as f64 * 1.02 + resent as f64
+    };
+    for (p, resent) in pods.iter().zip(&resent) {
+        let sent = p.payload() * batches;
+        let got = pod_tx.get(&p.name).copied().unwrap_or(0);
+        eprintln!(
+            "pod {}/{}: sent {sent}, JSON lines of the three runs {got} ({:+.3} %, {resent} \
+             resent bytes allowed)",
+            p.namespace,
+            p.name,
+            percent_off(got as f64, sent)
+        );
+        ensure!(
+            within(got, sent, *resent),
+            "pod {}: measured {got} for {sent} sent (+{resent} resent)",
+            p.name
+        );
+        for (name, _, payload) in &p.containers {
+            let key = format!("{}/{name}", p.name);
+            let got = container_tx.get(&key).copied().unwrap_or(0);
+            ensure!(
+                within(got, payload * batches, *resent),
+                "container {key}: measured {got} for {} sent (+{resent} resent)",
+                payload * batches
+            );
+        }
+    }
+
+    // Uninstalled: `observer detach` removes the pins, and with them every program.
+    let ids: Vec<String> = runs
+        .iter()
+        .flat_map(|r| host_bpffs::program_ids(&r.log()))
+        .collect();
+    drop(runs);
+    let removed = bpffs.detach()?;
+    ensure!(removed.contains("link_"), "observer detach: {removed}");
+    ensure!(
+        !Path::new(PIN_DIR).exists(),
+        "{PIN_DIR} is left after observer detach"
+    );
+    host_bpffs::check_unloaded(&ids)?;
+    eprintln!("observer detach removed the pins; programs {ids:?} unloaded");
+    Ok(())
+}
+
+/// A new observer container in the DaemonSet's pod (a new container id, as the kubelet's
+/// restart makes), listed by the fake kubelet; waits for it to pin its state, taking over the
+/// programs of the one before when `takes_over`.
+async fn start_pinned(node: &Node, pods: &[&TestPod], takes_over: bool) -> Result<(Pod, Runc)> {
+    let id = container_id();
+    let pod = node.pod(&node.daemonset, &id)?;
+    let mut listed: Vec<FakePod> = pods.iter().map(|p| p.fake()).collect();
+    listed.push(node.fake_pod(&pod, &id));
+    node.kubelet.set_pods(&listed);
+    let runc = node.start(&pod, &id)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pinned = loop {
+        let log = runc.log();
+        if let Some(line) = log.lines().find(|l| l.contains("state pinned in ")) {
+            break line.to_owned();
+        }
+        ensure!(
+            !log.contains("running without pinned state"),
+            "observer did not pin its state:\n{}",
+            tail(&log)
+        );
+        if let Some(exit) = runc.exited() {
+            bail!("observer exited ({exit:?}):\n{}", tail(&log));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "observer did not pin its state within 30 s:\n{}",
+            tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let want = if takes_over {
+        "took over the programs"
+    } else {
+        "new programs attached"
+    };
+    ensure!(
+        pinned.contains(&format!("state pinned in {PIN_DIR}: {want}")),
+        "{pinned}"
+    );
+    eprintln!(
+        "container {} after {:.1?}: {pinned}",
+        &id[..12],
+        runc.started.elapsed()
+    );
+    Ok((pod, runc))
+}
+
+/// Uploads in batches, counted.
+#[derive(Default)]
+struct Batches {
+    count: AtomicU64,
+    stop: AtomicBool,
+    ended: AtomicBool,
+}
+
+impl Batches {
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits for `n` more batches to be uploaded whole.
+    async fn wait_more(&self, n: u64, when: &str) -> Result<()> {
+        let target = self.count() + n;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.count() < target {
+            ensure!(
+                !self.ended.load(Ordering::SeqCst),
+                "the uploads ended {when} (the error follows)"
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "{n} batches of uploads {when} took over 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Stops the uploads when dropped, also when the test fails.
+struct StopBatches(Arc<Batches>);
+
+impl Drop for StopBatches {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Every (container, payload, url) uploads once per batch, batch after batch until
+/// `traffic.stop`; returns the number of batches.
+fn post_batches(uploads: &[(String, u64, String)], traffic: &Batches) -> Result<u64> {
+    let mut batches = 0;
+    while !traffic.stop.load(Ordering::SeqCst) {
+        ensure!(batches < 200, "200 batches and no stop");
+        for (id, payload, url) in uploads {
+            upload(id, *payload, url).with_context(|| format!("upload from {id}"))?;
+        }
+        batches += 1;
+        traffic.count.store(batches, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Ok(batches)
 }
