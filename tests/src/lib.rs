@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod docker;
+pub mod ecs_scenario;
 pub mod ecs_taskdef;
 pub mod fake_mackerel;
 pub mod fake_platform;

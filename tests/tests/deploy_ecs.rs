@@ -45,6 +45,10 @@ use std::{
 use serde_json::Value;
 use testbed::{
     docker::{skip_unless_docker, Containers, EcsLabels, Run},
+    ecs_scenario::{
+        docker_exec, reach_sink, retrans_segs, task_id, unix_seconds, wait_child, wait_for, within,
+        SEGMENT_BYTES,
+    },
     ecs_taskdef::{self, Overrides},
     fake_mackerel::FakeMackerel,
     fake_platform::{task_arn, FakeEcsAgent, FakeTask},
@@ -77,8 +81,6 @@ const FAMILY: &str = "deploy-web";
 const VERSION: &str = "3";
 const PAUSE: &str = "~internal~ecs~pause";
 const INTERVAL: Duration = Duration::from_secs(2);
-/// The tolerance: measured within 2% of what was sent.
-const TOLERANCE: f64 = 0.02;
 /// observer on the host, for `observer detach`.
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer-e2e");
 /// Between two batches of posts.
@@ -320,7 +322,14 @@ fn scenario(image: &str, made: &Mutex<Made>) {
         )
         .unwrap_or_else(|e| panic!("making the body of {}: {e}", a.name));
     }
-    let _forwarding = reach_sink(&apps, &url, &mut sink, veth, made);
+    let probed: Vec<(&str, &str)> = [1, 2]
+        .iter()
+        .filter_map(|&task| apps.iter().find(|a| a.task == task))
+        .map(|a| (a.name, a.id.as_str()))
+        .collect();
+    let _forwarding = reach_sink(&probed, &url, &mut sink, veth, &|rule| {
+        made.lock().unwrap().iptables_rules.push(rule)
+    });
 
     // The fake agent lists the app containers, not the pause container (like the real one).
     let fake_tasks: Vec<FakeTask> = tasks
@@ -991,179 +1000,6 @@ fn app(task: usize, name: &'static str, body_bytes: u64) -> App {
     }
 }
 
-/// A fresh 32-hex ECS task id.
-fn task_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write(unique("ecs-task").as_bytes());
-    let a = h.finish();
-    h.write_u64(a);
-    format!("{a:016x}{:016x}", h.finish())
-}
-
-/// `docker exec <id> sh -c <script>`, failing with its stderr.
-fn docker_exec(id: &str, script: &str, timeout: Duration) -> anyhow::Result<()> {
-    let child = Command::new("docker")
-        .args(["exec", id, "sh", "-c", script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let out = wait_child(child, timeout)?;
-    anyhow::ensure!(
-        out.status.success(),
-        "exited with {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
-/// Waits for a child within `timeout`; kills it when the time is up.
-fn wait_child(mut child: Child, timeout: Duration) -> anyhow::Result<std::process::Output> {
-    let deadline = Instant::now() + timeout;
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("still running after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(child.wait_with_output()?)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forwarding from docker0 to the veth
-
-/// FORWARD rules the test inserted; deleted when dropped.
-struct ForwardRules {
-    rules: Vec<Vec<String>>,
-}
-
-impl Drop for ForwardRules {
-    fn drop(&mut self) {
-        for rule in &self.rules {
-            let mut args = vec!["-D", "FORWARD"];
-            args.extend(rule.iter().map(String::as_str));
-            if let Err(e) = sh("iptables", &args) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
-}
-
-/// GETs the sink from one bridge and one awsvpc-like app; if a firewall here drops that, the
-/// narrowest FORWARD rules that let these two addresses talk are added (removed by the
-/// returned guard) and the check is made again.
-fn reach_sink(
-    apps: &[App],
-    url: &str,
-    sink: &mut Spawned,
-    veth: &testbed::netns::Veth,
-    made: &Mutex<Made>,
-) -> Option<ForwardRules> {
-    let probe = |a: &App| {
-        docker_exec(
-            &a.id,
-            &format!("timeout 5 wget -q -O /dev/null {url}"),
-            Duration::from_secs(15),
-        )
-    };
-    let probed: Vec<&App> = [1, 2]
-        .iter()
-        .filter_map(|&task| apps.iter().find(|a| a.task == task))
-        .collect();
-    let first: Vec<_> = probed.iter().map(|a| probe(a)).collect();
-    let mut guard = None;
-    if first.iter().any(Result::is_err) {
-        eprintln!(
-            "docker0 -> {} is not forwarded ({first:?}); adding FORWARD rules",
-            veth.host_if
-        );
-        let ns_addr = format!("{}/32", veth.ns_addr);
-        let host_if = veth.host_if.as_str();
-        let rules: Vec<Vec<String>> = [
-            vec![
-                "-i", "docker0", "-o", host_if, "-d", &ns_addr, "-j", "ACCEPT",
-            ],
-            vec![
-                "-i",
-                host_if,
-                "-o",
-                "docker0",
-                "-s",
-                &ns_addr,
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-        ]
-        .iter()
-        .map(|r| r.iter().map(|s| s.to_string()).collect())
-        .collect();
-        let mut added = ForwardRules { rules: Vec::new() };
-        for rule in rules {
-            let mut args = vec!["-I", "FORWARD", "1"];
-            args.extend(rule.iter().map(String::as_str));
-            sh("iptables", &args).expect("iptables -I FORWARD");
-            made.lock().unwrap().iptables_rules.push(rule.clone());
-            added.rules.push(rule);
-        }
-        guard = Some(added);
-        for a in &probed {
-            probe(a).unwrap_or_else(|e| panic!("{} cannot reach the sink: {e}", a.name));
-        }
-    }
-    let answered =
-        first.iter().filter(|r| r.is_ok()).count() + if guard.is_some() { probed.len() } else { 0 };
-    for _ in 0..answered {
-        assert_eq!(sink.expect("got ").unwrap(), "0");
-    }
-    guard
-}
-
-// ---------------------------------------------------------------------------------------------
-// JSON task lines
-
-/// Measured is at least what was sent, and above it by at most the tolerance plus what TCP
-/// resent.
-fn within(measured: f64, sent: f64, resent: u64) -> bool {
-    measured >= sent && measured <= sent * (1.0 + TOLERANCE) + resent as f64
-}
-
-/// Largest IP packet a resent segment can be on docker0 and the test's veth (MTU 1500).
-const SEGMENT_BYTES: u64 = 1500;
-
-/// `RetransSegs` of the network namespace `container` is in, from its /proc/net/snmp.
-fn retrans_segs(container: &str) -> u64 {
-    let snmp = sh("docker", &["exec", container, "cat", "/proc/net/snmp"])
-        .unwrap_or_else(|e| panic!("reading /proc/net/snmp in {container}: {e}"));
-    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
-    let [names, values] = tcp.as_slice() else {
-        panic!("no Tcp lines in /proc/net/snmp of {container}: {snmp}")
-    };
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "RetransSegs")
-        .expect("RetransSegs in /proc/net/snmp");
-    values
-        .split_whitespace()
-        .nth(at)
-        .and_then(|v| v.parse().ok())
-        .expect("a RetransSegs value")
-}
-
 fn sent_by(apps: &[App], task: usize) -> u64 {
     apps.iter().filter(|a| a.task == task).map(App::sent).sum()
 }
@@ -1257,25 +1093,6 @@ fn check_json(lines: &[Value], tasks: &[Task], apps: &[App]) -> BTreeMap<String,
 
 // ---------------------------------------------------------------------------------------------
 // Mackerel
-
-/// Unix seconds of an RFC 3339 UTC time with milliseconds ("2026-11-23T08:59:01.123Z"),
-/// rounded down (Mackerel's `time`).
-fn unix_seconds(rfc3339: &str) -> Option<i64> {
-    let (date, time) = rfc3339.strip_suffix('Z')?.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let mut t = time.split(':');
-    let (hh, mm): (i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?);
-    let ss: f64 = t.next()?.parse().ok()?;
-    // Days from 1970-01-01 (Howard Hinnant's days_from_civil).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hh * 3600 + mm * 60 + ss.floor() as i64)
-}
 
 fn check_mackerel(
     mackerel: &FakeMackerel,
