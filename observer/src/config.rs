@@ -139,6 +139,38 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_NO_PIN")]
     pub no_pin: bool,
 
+    /// Directory for what must outlive a restart besides the pinned maps: the Mackerel hosts
+    /// observer made (so hosts of tasks that ended while it was down are retired), the values
+    /// the API has not taken yet, and the minute being filled. Created (mode 0700) if missing;
+    /// if it cannot be, observer warns and runs without. Mount it from the host in a container.
+    #[arg(long, env = "OBSERVER_STATE_DIR", default_value = defaults::STATE_DIR)]
+    pub state_dir: PathBuf,
+
+    /// How often values go to Mackerel: one value per series per period, aggregated over it
+    /// (bytes and packets as rates over the whole period, CPU the average, memory the latest),
+    /// stamped with the period's start. Whole seconds, 1s to 1h. Mackerel keeps one point per
+    /// minute: shorter periods are for tests.
+    #[arg(long, env = "OBSERVER_MACKEREL_INTERVAL", default_value = "1m",
+          value_parser = parse_mackerel_interval)]
+    pub mackerel_interval: Duration,
+
+    /// Most values kept for Mackerel while its API cannot take them, as a count (500000) or
+    /// as memory (24MiB, at 48 bytes a value); the oldest go first, and 6 hours of data at
+    /// most. The default fits a 256 MiB memory limit with room to spare.
+    #[arg(long, env = "OBSERVER_MACKEREL_BUFFER", default_value = "500000",
+          value_parser = parse_buffer)]
+    pub mackerel_buffer: usize,
+
+    /// This node's name, recorded in the meta of each Mackerel host observer makes (the
+    /// downward API's spec.nodeName on Kubernetes) [default: the host name].
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// The cluster's name, recorded in the meta of each Mackerel host observer makes
+    /// [default: the ECS cluster of each task; none on Kubernetes].
+    #[arg(long, env = "OBSERVER_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -200,6 +232,61 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     at_most(s, d, MAX_INTERVAL, "interval")
 }
 
+/// Longest `--mackerel-interval`.
+pub const MAX_MACKEREL_INTERVAL: Duration = Duration::from_secs(3600);
+/// Bounds of `--mackerel-buffer`, in values.
+pub const MACKEREL_BUFFER_RANGE: std::ops::RangeInclusive<usize> = 1_000..=50_000_000;
+
+pub fn parse_mackerel_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() != 0 || d.is_zero() {
+        return Err(format!(
+            "{s}: the Mackerel interval is whole seconds, at least 1s"
+        ));
+    }
+    at_most(s, d, MAX_MACKEREL_INTERVAL, "Mackerel interval")
+}
+
+/// A count of values, or a size in memory (`24MiB`, `64MB`) turned into one.
+pub fn parse_buffer(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of values (500000) or a size (24MiB)"))?;
+    let scale: u64 = match unit.trim() {
+        "" => 1,
+        "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    let values = if unit.trim().is_empty() {
+        n
+    } else {
+        n.saturating_mul(scale) / crate::mackerel::buffer::BYTES_PER_VALUE as u64
+    };
+    let values = usize::try_from(values).unwrap_or(usize::MAX);
+    if !MACKEREL_BUFFER_RANGE.contains(&values) {
+        return Err(format!(
+            "{s}: the Mackerel buffer holds {} to {} values ({} bytes each)",
+            MACKEREL_BUFFER_RANGE.start(),
+            MACKEREL_BUFFER_RANGE.end(),
+            crate::mackerel::buffer::BYTES_PER_VALUE
+        ));
+    }
+    Ok(values)
+}
+
 pub fn parse_shutdown_timeout(s: &str) -> Result<Duration, String> {
     at_most(
         s,
@@ -231,6 +318,29 @@ fn at_most(s: &str, d: Duration, max: Duration, what: &str) -> Result<Duration, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mackerel_intervals_and_buffers() {
+        assert_eq!(parse_mackerel_interval("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_mackerel_interval("5s"), Ok(Duration::from_secs(5)));
+        assert!(parse_mackerel_interval("1500ms").is_err());
+        assert!(parse_mackerel_interval("0s").is_err());
+        assert!(parse_mackerel_interval("2h").is_err());
+        assert_eq!(parse_buffer("500000"), Ok(500_000));
+        assert_eq!(parse_buffer("24MiB"), Ok((24 << 20) / 48));
+        assert_eq!(parse_buffer("48 MB"), Ok(1_000_000));
+        assert!(parse_buffer("10").unwrap_err().contains("1000 to 50000000"));
+        assert!(parse_buffer("1TiB").unwrap_err().contains("unknown unit"));
+        assert!(parse_buffer("99999999999999999999999").is_err());
+        assert!(parse_buffer("-5").is_err());
+        let args = Args::try_parse_from(["observer"]).unwrap();
+        assert_eq!(args.mackerel_interval, defaults::MACKEREL_INTERVAL);
+        assert_eq!(
+            args.mackerel_buffer,
+            crate::mackerel::buffer::DEFAULT_MAX_VALUES
+        );
+        assert_eq!(args.state_dir, PathBuf::from(defaults::STATE_DIR));
+    }
 
     #[test]
     fn intervals() {
@@ -452,6 +562,12 @@ mod tests {
             }
             if let Ok(d) = parse_health_timeout(s) {
                 prop_assert!(d <= MAX_HEALTH_TIMEOUT);
+            }
+            if let Ok(d) = parse_mackerel_interval(s) {
+                prop_assert!(d <= MAX_MACKEREL_INTERVAL && d.as_secs() >= 1);
+            }
+            if let Ok(n) = parse_buffer(s) {
+                prop_assert!(MACKEREL_BUFFER_RANGE.contains(&n));
             }
             Ok(())
         }

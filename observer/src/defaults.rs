@@ -39,6 +39,11 @@ pub const MACKEREL_API_BASE: &str = "https://api.mackerelio.com";
 
 /// `--retire-after`: intervals a task may be missing before its Mackerel host is retired.
 pub const RETIRE_AFTER_INTERVALS: u32 = 2;
+/// `--mackerel-interval`: one value per series a minute, as mackerel-agent posts and as
+/// Mackerel stores.
+pub const MACKEREL_INTERVAL: Duration = Duration::from_secs(60);
+/// `--state-dir`: what outlives a restart (the Mackerel hosts and unsent values).
+pub const STATE_DIR: &str = "/var/lib/observer";
 
 /// `observer health --timeout`.
 pub const HEALTH_TIMEOUT: &str = "3s";

@@ -77,6 +77,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             api_base: Some(args.mackerel_api_base.clone()),
             roles: std::env::var("MACKEREL_ROLES").ok(),
             retire_after: Some(args.interval * args.retire_after),
+            period: Some(args.mackerel_interval),
+            max_values: Some(args.mackerel_buffer),
+            state_dir: Some(args.state_dir.clone()),
+            node: args.node_name.clone().or_else(host_name),
+            cluster: args.cluster_name.clone(),
         },
         args.interval,
     )?;
@@ -249,4 +254,12 @@ fn spawn_kernel_logger(programs: &mut Programs) {
             }
         }
     });
+}
+
+/// The name of the host observer runs on (its UTS namespace: the node's with host networking,
+/// as the ECS daemon runs), for the meta of the Mackerel hosts it makes.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
 }

@@ -80,6 +80,9 @@ pub struct SinkStatus {
     pub dropped: u64,
     /// What waits inside it for delivery (Mackerel: values for the API), when it says.
     pub backlog: Option<u64>,
+    /// What its own bounds dropped since start (Mackerel: values the API never took in
+    /// time), when it keeps such a bound.
+    pub lost: Option<u64>,
     /// It has stopped for good (stdout closed).
     pub ended: bool,
 }

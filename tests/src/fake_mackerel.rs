@@ -207,6 +207,28 @@ impl FakeMackerel {
         self.records().points.clone()
     }
 
+    /// The points as Mackerel keeps them: one per host, metric and time, the last to arrive
+    /// (a value posted again under the same time replaces the earlier one).
+    pub fn stored(&self) -> Vec<Point> {
+        let mut latest: std::collections::BTreeMap<(String, String, i64), Point> =
+            std::collections::BTreeMap::new();
+        for p in self.records().points.iter() {
+            latest.insert((p.host_id.clone(), p.name.clone(), p.time), p.clone());
+        }
+        latest.into_values().collect()
+    }
+
+    /// What the stored points of one host's `interface.*.<suffix>` series say was moved: each
+    /// value is a rate over a whole `period`, so value x period, summed.
+    pub fn bytes_told(&self, host_id: &str, suffix: &str, period: Duration) -> f64 {
+        self.stored()
+            .iter()
+            .filter(|p| p.host_id == host_id && p.name.starts_with("interface."))
+            .filter(|p| p.name.ends_with(suffix))
+            .map(|p| p.value * period.as_secs_f64())
+            .sum()
+    }
+
     pub fn retirements(&self) -> Vec<Retirement> {
         self.records().retirements.clone()
     }

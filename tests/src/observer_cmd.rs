@@ -15,8 +15,13 @@ pub struct Finished {
     pub log: String,
 }
 
+/// Numbers the state directories of the observers this process starts.
+static STATE_DIRS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct ObserverCmd {
     child: Child,
+    /// The state directory made for it, removed when it is dropped.
+    state_dir: Option<std::path::PathBuf>,
     stdout: Receiver<String>,
     stderr: Receiver<String>,
     /// Every stderr line read so far.
@@ -59,6 +64,18 @@ impl ObserverCmd {
         {
             cmd.env("OBSERVER_NO_PIN", "true");
         }
+        // A state directory of its own, not the host's /var/lib/observer.
+        let state_dir = if env.iter().any(|(k, _)| *k == "OBSERVER_STATE_DIR") {
+            None
+        } else {
+            let dir = std::env::temp_dir().join(format!(
+                "observer-test-state-{}-{}",
+                std::process::id(),
+                STATE_DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            cmd.env("OBSERVER_STATE_DIR", &dir);
+            Some(dir)
+        };
         cmd.envs(env.iter().copied());
         cmd.args(args)
             .env("RUST_LOG", "info")
@@ -72,6 +89,7 @@ impl ObserverCmd {
         let stderr = lines(child.stderr.take().expect("piped"));
         Ok(Self {
             child,
+            state_dir,
             stdout,
             stderr,
             log: Vec::new(),
@@ -168,6 +186,9 @@ impl Drop for ObserverCmd {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if let Some(dir) = &self.state_dir {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

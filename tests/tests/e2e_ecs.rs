@@ -12,7 +12,7 @@
 //! it makes is removed by guards, also when an assertion fails, and checked to be gone.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -25,8 +25,7 @@ use serde_json::Value;
 use testbed::{
     docker::{skip_unless_docker, Containers, EcsLabels, Run},
     ecs_scenario::{
-        docker_exec, reach_sink, retrans_segs, task_id, unix_seconds, wait_child, wait_for, within,
-        SEGMENT_BYTES,
+        docker_exec, reach_sink, retrans_segs, task_id, wait_child, wait_for, within, SEGMENT_BYTES,
     },
     fake_mackerel::FakeMackerel,
     fake_platform::{task_arn, FakeEcsAgent, FakeTask},
@@ -256,6 +255,9 @@ fn scenario(made: &Mutex<Made>) {
             "json",
             "--mackerel-api-base",
             &mackerel_url,
+            // A Mackerel period per interval: each interval reaches Mackerel at once.
+            "--mackerel-interval",
+            &interval,
         ],
         &[("MACKEREL_APIKEY", API_KEY)],
     )
@@ -364,7 +366,7 @@ fn scenario(made: &Mutex<Made>) {
     let measured = check_json(&lines, &tasks, &apps);
 
     // 5c. Mackerel.
-    check_mackerel(&mackerel, &lines, &tasks, &apps, &measured);
+    check_mackerel(&mackerel, &tasks, &apps, &measured);
     // The guards go in reverse order: containers, sink, its cgroup, the namespace.
 }
 
@@ -566,22 +568,10 @@ fn check_json(lines: &[Value], tasks: &[Task], apps: &[App]) -> BTreeMap<String,
 
 fn check_mackerel(
     mackerel: &FakeMackerel,
-    lines: &[Value],
     tasks: &[Task],
     apps: &[App],
     measured: &BTreeMap<String, u64>,
 ) {
-    // Each point's interval: the measured one of the JSON interval with the same time.
-    let intervals: HashMap<i64, f64> = lines
-        .iter()
-        .filter(|l| l["type"] == "observer")
-        .filter_map(|l| {
-            Some((
-                unix_seconds(l["time"].as_str()?)?,
-                l["interval_seconds"].as_f64()?,
-            ))
-        })
-        .collect();
     let hosts = mackerel.hosts();
     let points = mackerel.points();
     eprintln!("Mackerel: {} hosts, {} points", hosts.len(), points.len());
@@ -620,36 +610,21 @@ fn check_mackerel(
             let metric = "interface._internal_ecs_pause.txBytes.delta";
             assert!(names.contains(metric), "no {metric} among {names:?}");
         }
-        let mut sum = 0.0;
-        let mut guessed = 0;
-        for p in pts
-            .iter()
-            .filter(|p| p.name.starts_with("interface.") && p.name.ends_with(".txBytes.delta"))
-        {
-            let secs = intervals.get(&p.time).copied().unwrap_or_else(|| {
-                guessed += 1;
-                INTERVAL.as_secs_f64()
-            });
-            sum += p.value * secs;
-        }
+        // Each value is a rate over a whole Mackerel period (one interval here).
+        let sum = mackerel.bytes_told(&host.id, ".txBytes.delta", INTERVAL);
         let sent: u64 = apps
             .iter()
             .filter(|a| a.task == i)
             .map(|a| a.body_bytes)
             .sum();
         eprintln!(
-            "  {:<6} Mackerel sum of txBytes.delta x interval {sum:>11.1}  sent {sent:>8}  \
-             JSON {:>8}  ({:+.3}%){}",
+            "  {:<6} Mackerel sum of txBytes.delta x period {sum:>11.1}  sent {sent:>8}  \
+             JSON {:>8}  ({:+.3}%)",
             t.label,
             measured[&t.id],
             (sum / sent as f64 - 1.0) * 100.0,
-            if guessed > 0 {
-                format!(" ({guessed} points without a JSON interval: 2 s assumed)")
-            } else {
-                String::new()
-            }
         );
-        // Rates times measured intervals give the byte counts back, to float rounding.
+        // Rates times periods give the byte counts back, to float rounding.
         assert!(
             within(sum.round(), sent as f64, t.resent_bytes),
             "task {}: Mackerel's txBytes.delta add up to {sum:.1} bytes, not within 2% (+{} \

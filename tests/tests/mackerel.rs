@@ -112,9 +112,13 @@ fn time(step: usize) -> i64 {
     (T0 + step as u64 * 60) as i64
 }
 
+/// The simulated minute `step`: it ends a minute after [`time`], so its values are posted at
+/// `time(step)`, the minute's start, once the next minute's report closes it.
 fn report(step: usize, tasks: &[usize]) -> IntervalReport {
     IntervalReport {
-        time: SystemTime::UNIX_EPOCH + Duration::from_secs(time(step) as u64),
+        time: SystemTime::UNIX_EPOCH + Duration::from_secs(time(step) as u64 + 60),
+        interval: Duration::from_secs(60),
+        complete: true,
         hosts: tasks.iter().map(|&t| task(t, step)).collect(),
     }
 }
@@ -176,11 +180,16 @@ fn all_arrived(server: &FakeMackerel, want: &BTreeMap<Key, f64>) -> bool {
     want.keys().all(|k| got.contains_key(k))
 }
 
-/// Each expected value arrived exactly once with its value; `only` = nothing else arrived.
+/// Each expected value arrived exactly once with its value (to float rounding: a minute's
+/// value is an aggregate); `only` = nothing else arrived.
 fn assert_exactly_once(server: &FakeMackerel, want: &BTreeMap<Key, f64>, only: bool) {
     let got = received(server);
     for (k, v) in want {
-        assert_eq!(got.get(k), Some(&vec![*v]), "{k:?}");
+        let arrived = got.get(k).map(Vec::as_slice).unwrap_or_default();
+        assert!(
+            matches!(arrived, [one] if (one - v).abs() <= 1e-9 * v.abs().max(1.0)),
+            "{k:?}: expected {v} once, got {arrived:?}"
+        );
     }
     if only {
         let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();

@@ -78,6 +78,9 @@ fn ecs_args(interval: &str) -> Vec<String> {
         "http://127.0.0.1:1",
         "--interval",
         interval,
+        // A Mackerel period per interval, so each interval's values reach it at once.
+        "--mackerel-interval",
+        interval,
         "--output",
         "json",
     ]
@@ -120,36 +123,14 @@ fn json_lines(stdout: &[String]) -> Vec<Value> {
         .collect()
 }
 
-/// Sum over Mackerel's `interface.*.txBytes.delta` points of `host_arn`'s host of value x the
-/// JSON interval at that point's time: the bytes Mackerel was told.
-fn mackerel_tx_bytes(mackerel: &FakeMackerel, host_arn: &str, lines: &[Value]) -> Option<f64> {
+/// The bytes Mackerel was told `host_arn`'s task sent: its `interface.*.txBytes.delta` values
+/// are rates over whole Mackerel periods of `period`.
+fn mackerel_tx_bytes(mackerel: &FakeMackerel, host_arn: &str, period: Duration) -> Option<f64> {
     let host = mackerel
         .hosts()
         .into_iter()
         .find(|h| h.custom_identifier.as_deref() == Some(host_arn))?;
-    let interval_at = |time: i64| {
-        lines
-            .iter()
-            .filter(|l| l["type"] == "observer")
-            .find(|l| {
-                l["time"]
-                    .as_str()
-                    .and_then(|t| humantime::parse_rfc3339(t).ok())
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .is_some_and(|d| d.as_secs() as i64 == time)
-            })
-            .and_then(|l| l["interval_seconds"].as_f64())
-    };
-    let mut sum = 0.0;
-    for p in mackerel
-        .points()
-        .iter()
-        .filter(|p| p.host_id == host.id && p.name.starts_with("interface."))
-        .filter(|p| p.name.ends_with(".txBytes.delta"))
-    {
-        sum += p.value * interval_at(p.time)?;
-    }
-    Some(sum)
+    Some(mackerel.bytes_told(&host.id, ".txBytes.delta", period))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,8 +201,8 @@ async fn sigterm_mid_interval_reports_the_partial_interval_everywhere() -> anyho
         last_interval < 2.9,
         "the last interval ({last_interval} s) is not the partial one"
     );
-    let told = mackerel_tx_bytes(&mackerel, &t.arn, &lines)
-        .context("a Mackerel point without a matching JSON interval")?;
+    let told = mackerel_tx_bytes(&mackerel, &t.arn, Duration::from_secs(3))
+        .context("no Mackerel host for the task")?;
     eprintln!("Mackerel: {told:.1} B");
     ensure!(
         (told - sent as f64).abs() < 1.0,

@@ -7,9 +7,12 @@
 //!   default; the status of a found host is left as it is (someone may have set maintenance).
 //! - A registered host whose name, meta or roles differ from what was last sent is updated.
 //! - A task missing from the reports is retired once `retire_after` has passed since the last
-//!   report that had it. Absence is judged by reports only: if no report arrives (the
-//!   inventory is failing), nothing is retired. A live task's host is never retired, and the
-//!   caller skips retirement altogether on shutdown.
+//!   report that had it. Absence is judged by complete reports only: while the inventory is
+//!   stale (an incomplete report) or no report arrives, the hosts seen last stay live and
+//!   nothing is retired. A live task's host is never retired. On shutdown, the hosts of tasks
+//!   already gone are retired at once (nobody else will); the others stay.
+//! - Hosts an earlier run saved come back as not live: retired after the grace period unless
+//!   a report lists them again.
 //! - A refused request (4xx) is tried again for that host only after `refused_retry`;
 //!   unavailability (5xx, timeouts) is the caller's global backoff, not a host's.
 
@@ -18,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::client::HostParam;
+use super::{client::HostParam, model::HostMeta, state::SavedHost};
 
 /// Wait before repeating a request the API refused for one host.
 pub const DEFAULT_REFUSED_RETRY: Duration = Duration::from_secs(600);
@@ -75,8 +78,20 @@ pub struct HostTable {
     entries: BTreeMap<String, Entry>,
     retire_after: Duration,
     refused_retry: Duration,
-    /// Time of the latest report: absence is measured up to it, not up to "now".
+    /// Time of the latest complete report: absence is measured up to it, not up to "now".
     latest_report: Option<Instant>,
+    /// Whether the latest report was complete: retirement waits while it is not.
+    latest_complete: bool,
+}
+
+/// Which retirements [`HostTable::actions`] may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retire {
+    No,
+    /// Hosts of tasks gone for the grace period.
+    AfterGrace,
+    /// Hosts of every task the latest complete report did not list (at shutdown).
+    AllGone,
 }
 
 impl HostTable {
@@ -86,38 +101,31 @@ impl HostTable {
             retire_after,
             refused_retry,
             latest_report: None,
+            latest_complete: false,
         }
     }
 
-    /// Takes one interval's complete list of live hosts. Returns the keys of hosts forgotten
-    /// without ever being registered (gone for `retire_after`): their buffered values can go.
-    pub fn observe(&mut self, now: Instant, live: Vec<HostParam>) -> Vec<String> {
+    /// Takes one interval's list of live hosts. When `complete` is false (a stale inventory)
+    /// hosts missing from it are kept live: absence then proves nothing. Returns the keys of
+    /// hosts forgotten without ever being registered (gone for `retire_after`): their buffered
+    /// values can go.
+    pub fn observe(&mut self, now: Instant, live: Vec<HostParam>, complete: bool) -> Vec<String> {
+        self.latest_complete = complete;
+        if !complete {
+            for e in self.entries.values_mut().filter(|e| e.live) {
+                e.last_seen = now;
+            }
+            for param in live {
+                self.upsert(now, param);
+            }
+            return Vec::new();
+        }
         self.latest_report = Some(now);
         for e in self.entries.values_mut() {
             e.live = false;
         }
         for param in live {
-            let key = param.custom_identifier.clone();
-            match self.entries.get_mut(&key) {
-                Some(e) => {
-                    e.wanted = param;
-                    e.last_seen = now;
-                    e.live = true;
-                }
-                None => {
-                    self.entries.insert(
-                        key,
-                        Entry {
-                            wanted: param,
-                            host_id: None,
-                            sent: None,
-                            last_seen: now,
-                            live: true,
-                            retry_at: None,
-                        },
-                    );
-                }
-            }
+            self.upsert(now, param);
         }
         let retire_after = self.retire_after;
         let mut forgotten = Vec::new();
@@ -131,14 +139,78 @@ impl HostTable {
         forgotten
     }
 
-    /// The calls due at `now`. Retirements only when `retire` is true (never on shutdown),
-    /// and only for hosts with no values left to send (`has_values`).
+    fn upsert(&mut self, now: Instant, param: HostParam) {
+        let key = param.custom_identifier.clone();
+        match self.entries.get_mut(&key) {
+            Some(e) => {
+                e.wanted = param;
+                e.last_seen = now;
+                e.live = true;
+            }
+            None => {
+                self.entries.insert(
+                    key,
+                    Entry {
+                        wanted: param,
+                        host_id: None,
+                        sent: None,
+                        last_seen: now,
+                        live: true,
+                        retry_at: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Hosts an earlier run made, from the state file: known ids, not live until a report
+    /// lists them.
+    pub fn restore(&mut self, now: Instant, saved: Vec<SavedHost>) {
+        for h in saved {
+            self.entries.entry(h.key.clone()).or_insert(Entry {
+                wanted: HostParam {
+                    name: h.name,
+                    custom_identifier: h.key,
+                    meta: HostMeta::observer(None),
+                    role_fullnames: Vec::new(),
+                },
+                host_id: Some(h.host_id),
+                sent: None,
+                last_seen: now,
+                live: false,
+                retry_at: None,
+            });
+        }
+    }
+
+    /// The hosts with an id, for the state file.
+    pub fn save(&self) -> Vec<SavedHost> {
+        self.entries
+            .iter()
+            .filter_map(|(key, e)| {
+                Some(SavedHost {
+                    key: key.clone(),
+                    host_id: e.host_id.clone()?,
+                    name: e.wanted.name.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The calls due at `now`. Retirements as `retire` says, never while the latest report
+    /// is incomplete, and only for hosts with no values left to send (`has_values`).
     pub fn actions(
         &self,
         now: Instant,
-        retire: bool,
+        retire: Retire,
         has_values: impl Fn(&str) -> bool,
     ) -> Vec<Action> {
+        let may_retire = |e: &Entry| match retire {
+            Retire::No => false,
+            _ if !self.latest_complete => false,
+            Retire::AfterGrace => self.gone_long_enough(e),
+            Retire::AllGone => true,
+        };
         let mut out = Vec::new();
         for (key, e) in &self.entries {
             if e.retry_at.is_some_and(|t| now < t) {
@@ -156,12 +228,13 @@ impl HostTable {
                         param: e.wanted.clone(),
                     })
                 }
-                (Some(id), false) if retire && self.gone_long_enough(e) && !has_values(key) => out
-                    .push(Action::Retire {
+                (Some(id), false) if may_retire(e) && !has_values(key) => {
+                    out.push(Action::Retire {
                         key: key.clone(),
                         host_id: id.clone(),
                         name: e.wanted.name.clone(),
-                    }),
+                    })
+                }
                 _ => {}
             }
         }
@@ -243,6 +316,7 @@ impl HostTable {
 mod tests {
     use super::*;
     use crate::mackerel::model::HostMeta;
+    use crate::mackerel::state::SavedHost;
 
     const I: Duration = Duration::from_secs(60);
 
@@ -281,17 +355,20 @@ mod tests {
     fn live_tasks_are_registered_once() {
         let t0 = Instant::now();
         let mut h = table();
-        h.observe(t0, vec![param("a", "s:r"), param("b", "s:r")]);
+        h.observe(t0, vec![param("a", "s:r"), param("b", "s:r")], true);
         assert_eq!(
-            kinds(&h.actions(t0, true, none)),
+            kinds(&h.actions(t0, Retire::AfterGrace, none)),
             ["register a", "register b"]
         );
         h.registered("a", "ida".into(), Some(param("a", "s:r")));
-        assert_eq!(kinds(&h.actions(t0, true, none)), ["register b"]);
+        assert_eq!(
+            kinds(&h.actions(t0, Retire::AfterGrace, none)),
+            ["register b"]
+        );
         assert_eq!(h.unregistered(), 1);
         h.registered("b", "idb".into(), Some(param("b", "s:r")));
-        h.observe(t0 + I, vec![param("a", "s:r"), param("b", "s:r")]);
-        assert!(h.actions(t0 + I, true, none).is_empty());
+        h.observe(t0 + I, vec![param("a", "s:r"), param("b", "s:r")], true);
+        assert!(h.actions(t0 + I, Retire::AfterGrace, none).is_empty());
         assert_eq!(h.host_id("a"), Some("ida"));
     }
 
@@ -299,9 +376,9 @@ mod tests {
     fn a_found_host_is_updated_and_changes_are_sent() {
         let t0 = Instant::now();
         let mut h = table();
-        h.observe(t0, vec![param("a", "s:r")]);
+        h.observe(t0, vec![param("a", "s:r")], true);
         h.registered("a", "ida".into(), None);
-        let actions = h.actions(t0, true, none);
+        let actions = h.actions(t0, Retire::AfterGrace, none);
         assert_eq!(
             actions,
             [Action::Update {
@@ -311,25 +388,28 @@ mod tests {
             }]
         );
         h.updated("a", param("a", "s:r"));
-        assert!(h.actions(t0, true, none).is_empty());
-        h.observe(t0 + I, vec![param("a", "s:other")]);
-        assert_eq!(kinds(&h.actions(t0 + I, true, none)), ["update a"]);
+        assert!(h.actions(t0, Retire::AfterGrace, none).is_empty());
+        h.observe(t0 + I, vec![param("a", "s:other")], true);
+        assert_eq!(
+            kinds(&h.actions(t0 + I, Retire::AfterGrace, none)),
+            ["update a"]
+        );
     }
 
     #[test]
     fn gone_hosts_are_retired_after_the_grace_period_and_not_before() {
         let t0 = Instant::now();
         let mut h = table();
-        h.observe(t0, vec![param("a", "s:r"), param("b", "s:r")]);
+        h.observe(t0, vec![param("a", "s:r"), param("b", "s:r")], true);
         h.registered("a", "ida".into(), Some(param("a", "s:r")));
         h.registered("b", "idb".into(), Some(param("b", "s:r")));
-        h.observe(t0 + I, vec![param("a", "s:r")]);
+        h.observe(t0 + I, vec![param("a", "s:r")], true);
         assert!(
-            h.actions(t0 + I, true, none).is_empty(),
+            h.actions(t0 + I, Retire::AfterGrace, none).is_empty(),
             "one interval is not enough"
         );
-        h.observe(t0 + 2 * I, vec![param("a", "s:r")]);
-        let actions = h.actions(t0 + 2 * I, true, none);
+        h.observe(t0 + 2 * I, vec![param("a", "s:r")], true);
+        let actions = h.actions(t0 + 2 * I, Retire::AfterGrace, none);
         assert_eq!(
             actions,
             [Action::Retire {
@@ -339,10 +419,12 @@ mod tests {
             }]
         );
         // Not on shutdown, and not while values for it wait to be sent.
-        assert!(h.actions(t0 + 2 * I, false, none).is_empty());
-        assert!(h.actions(t0 + 2 * I, true, |k| k == "b").is_empty());
+        assert!(h.actions(t0 + 2 * I, Retire::No, none).is_empty());
+        assert!(h
+            .actions(t0 + 2 * I, Retire::AfterGrace, |k| k == "b")
+            .is_empty());
         h.retired("b");
-        assert!(h.actions(t0 + 2 * I, true, none).is_empty());
+        assert!(h.actions(t0 + 2 * I, Retire::AfterGrace, none).is_empty());
         assert_eq!(h.len(), 1);
     }
 
@@ -350,36 +432,43 @@ mod tests {
     fn no_reports_means_no_retirement() {
         let t0 = Instant::now();
         let mut h = table();
-        h.observe(t0, vec![param("a", "s:r")]);
+        h.observe(t0, vec![param("a", "s:r")], true);
         h.registered("a", "ida".into(), Some(param("a", "s:r")));
         // Hours pass without a report: the inventory is failing, the task may well be alive.
-        assert!(h.actions(t0 + 100 * I, true, none).is_empty());
+        assert!(h.actions(t0 + 100 * I, Retire::AfterGrace, none).is_empty());
     }
 
     #[test]
     fn a_task_that_comes_back_keeps_its_host() {
         let t0 = Instant::now();
         let mut h = table();
-        h.observe(t0, vec![param("a", "s:r")]);
+        h.observe(t0, vec![param("a", "s:r")], true);
         h.registered("a", "ida".into(), Some(param("a", "s:r")));
-        h.observe(t0 + I, vec![]);
-        h.observe(t0 + 2 * I - Duration::from_secs(1), vec![param("a", "s:r")]);
-        h.observe(t0 + 3 * I, vec![param("a", "s:r")]);
-        assert!(h.actions(t0 + 3 * I, true, none).is_empty());
+        h.observe(t0 + I, vec![], true);
+        h.observe(
+            t0 + 2 * I - Duration::from_secs(1),
+            vec![param("a", "s:r")],
+            true,
+        );
+        h.observe(t0 + 3 * I, vec![param("a", "s:r")], true);
+        assert!(h.actions(t0 + 3 * I, Retire::AfterGrace, none).is_empty());
     }
 
     #[test]
     fn refused_hosts_wait_and_others_go_on() {
         let t0 = Instant::now();
         let mut h = table();
-        h.observe(t0, vec![param("a", "s:r"), param("b", "s:r")]);
+        h.observe(t0, vec![param("a", "s:r"), param("b", "s:r")], true);
         h.refused("a", t0);
-        assert_eq!(kinds(&h.actions(t0, true, none)), ["register b"]);
+        assert_eq!(
+            kinds(&h.actions(t0, Retire::AfterGrace, none)),
+            ["register b"]
+        );
         assert_eq!(h.next_retry(t0), Some(t0 + Duration::from_secs(600)));
         assert_eq!(h.next_retry(t0 + Duration::from_secs(600)), None);
         let later = t0 + Duration::from_secs(600);
         assert_eq!(
-            kinds(&h.actions(later, true, none)),
+            kinds(&h.actions(later, Retire::AfterGrace, none)),
             ["register a", "register b"]
         );
     }
@@ -388,11 +477,93 @@ mod tests {
     fn unregistered_gone_tasks_are_forgotten_after_the_grace_period() {
         let t0 = Instant::now();
         let mut h = table();
-        h.observe(t0, vec![param("a", "s:r")]);
-        assert!(h.observe(t0 + I, vec![]).is_empty());
+        h.observe(t0, vec![param("a", "s:r")], true);
+        assert!(h.observe(t0 + I, vec![], true).is_empty());
         // Gone and without a host: nothing to register and nothing to retire.
-        assert!(h.actions(t0 + I, true, none).is_empty());
-        assert_eq!(h.observe(t0 + 2 * I, vec![]), ["a"]);
+        assert!(h.actions(t0 + I, Retire::AfterGrace, none).is_empty());
+        assert_eq!(h.observe(t0 + 2 * I, vec![], true), ["a"]);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_stale_report_keeps_every_host_and_retires_none() {
+        let t0 = Instant::now();
+        let mut h = table();
+        h.observe(t0, vec![param("a", "s:r"), param("b", "s:r")], true);
+        h.registered("a", "ida".into(), Some(param("a", "s:r")));
+        h.registered("b", "idb".into(), Some(param("b", "s:r")));
+        // The platform answers nothing useful for ten intervals: the hosts stay live.
+        for i in 1..=10 {
+            h.observe(t0 + i * I, vec![], false);
+            assert!(h.actions(t0 + i * I, Retire::AfterGrace, none).is_empty());
+            assert!(h.actions(t0 + i * I, Retire::AllGone, none).is_empty());
+        }
+        // Back, and b really is gone: the grace period counts from the last stale report.
+        h.observe(t0 + 11 * I, vec![param("a", "s:r")], true);
+        assert!(h.actions(t0 + 11 * I, Retire::AfterGrace, none).is_empty());
+        h.observe(t0 + 12 * I, vec![param("a", "s:r")], true);
+        assert_eq!(
+            kinds(&h.actions(t0 + 12 * I, Retire::AfterGrace, none)),
+            ["retire b"]
+        );
+    }
+
+    #[test]
+    fn at_shutdown_hosts_of_tasks_already_gone_are_retired_at_once() {
+        let t0 = Instant::now();
+        let mut h = table();
+        h.observe(t0, vec![param("a", "s:r"), param("b", "s:r")], true);
+        h.registered("a", "ida".into(), Some(param("a", "s:r")));
+        h.registered("b", "idb".into(), Some(param("b", "s:r")));
+        h.observe(t0 + I, vec![param("a", "s:r")], true);
+        assert!(h.actions(t0 + I, Retire::AfterGrace, none).is_empty());
+        assert_eq!(
+            kinds(&h.actions(t0 + I, Retire::AllGone, none)),
+            ["retire b"]
+        );
+    }
+
+    #[test]
+    fn saved_hosts_come_back_and_are_retired_if_their_tasks_are_gone() {
+        let t0 = Instant::now();
+        let mut before = table();
+        before.observe(
+            t0,
+            vec![param("a", "s:r"), param("b", "s:r"), param("c", "s:r")],
+            true,
+        );
+        before.registered("a", "ida".into(), Some(param("a", "s:r")));
+        before.registered("b", "idb".into(), Some(param("b", "s:r")));
+        let saved = before.save();
+        assert_eq!(
+            saved,
+            [
+                SavedHost {
+                    key: "a".into(),
+                    host_id: "ida".into(),
+                    name: "name-a".into()
+                },
+                SavedHost {
+                    key: "b".into(),
+                    host_id: "idb".into(),
+                    name: "name-b".into()
+                },
+            ],
+            "c has no id: nothing to keep"
+        );
+        let mut after = table();
+        after.restore(t0, saved);
+        // a still runs: updated (what it looks like now), never registered again.
+        after.observe(t0 + I, vec![param("a", "s:r")], true);
+        assert_eq!(
+            kinds(&after.actions(t0 + I, Retire::AfterGrace, none)),
+            ["update a"]
+        );
+        after.updated("a", param("a", "s:r"));
+        after.observe(t0 + 2 * I, vec![param("a", "s:r")], true);
+        assert_eq!(
+            kinds(&after.actions(t0 + 2 * I, Retire::AfterGrace, none)),
+            ["retire b"]
+        );
     }
 }

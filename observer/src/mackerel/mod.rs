@@ -10,10 +10,12 @@
 pub mod buffer;
 pub mod client;
 pub mod hosts;
+pub mod minutes;
 pub mod model;
 pub mod names;
 pub mod report;
 pub mod sink;
+pub mod state;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -40,6 +42,15 @@ pub struct MackerelConfig {
     pub request_timeout: Duration,
     /// Span of data kept while the API cannot take it; older values are dropped.
     pub max_age: Duration,
+    /// Most values kept while the API cannot take them; the oldest are dropped.
+    pub max_values: usize,
+    /// One value per series per this period (`--mackerel-interval`).
+    pub period: Duration,
+    /// Where hosts, unsent values and the period being filled survive a restart.
+    pub state_dir: Option<PathBuf>,
+    /// This node and its cluster, recorded in each host's meta (`meta.cloud.metadata.observer`).
+    pub node: Option<String>,
+    pub cluster: Option<String>,
     /// Values per POST /api/v0/tsdb.
     pub batch_size: usize,
     /// First pause after the API was unavailable; it doubles up to `backoff_max`.
@@ -65,6 +76,15 @@ pub struct Sources {
     pub roles: Option<String>,
     /// `--retire-after`; default [`defaults::RETIRE_AFTER_INTERVALS`] intervals.
     pub retire_after: Option<Duration>,
+    /// `--mackerel-interval`.
+    pub period: Option<Duration>,
+    /// `--mackerel-buffer`, in values.
+    pub max_values: Option<usize>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--node-name` / `--cluster-name`.
+    pub node: Option<String>,
+    pub cluster: Option<String>,
 }
 
 /// Settings that cannot work. None of the messages quotes the key.
@@ -101,6 +121,11 @@ impl MackerelConfig {
             retire_after: interval * defaults::RETIRE_AFTER_INTERVALS,
             request_timeout: Duration::from_secs(30),
             max_age: buffer::DEFAULT_MAX_AGE,
+            max_values: buffer::DEFAULT_MAX_VALUES,
+            period: defaults::MACKEREL_INTERVAL,
+            state_dir: None,
+            node: None,
+            cluster: None,
             batch_size: buffer::DEFAULT_BATCH_SIZE,
             backoff_initial: defaults::BACKOFF_MIN,
             backoff_max: defaults::BACKOFF_MAX,
@@ -142,6 +167,15 @@ impl MackerelConfig {
             }
             config.retire_after = after;
         }
+        if let Some(period) = sources.period {
+            config.period = period;
+        }
+        if let Some(n) = sources.max_values {
+            config.max_values = n;
+        }
+        config.state_dir = sources.state_dir;
+        config.node = sources.node.filter(|n| !n.trim().is_empty());
+        config.cluster = sources.cluster.filter(|c| !c.trim().is_empty());
         Ok(Some(config))
     }
 

@@ -1,18 +1,25 @@
 //! What the Mackerel reporter is given each interval: one [`HostReport`] per live ECS task or
 //! Kubernetes pod, as plain data. The inventory fills these in; nothing here talks to the API.
 
-use std::{fmt, time::SystemTime};
+use std::{
+    fmt,
+    time::{Duration, SystemTime},
+};
 
 use serde::Serialize;
 
-/// All live tasks/pods of one interval. A task missing from it counts as gone (see
-/// [`super::hosts`]), so every report must list every live task, not only the changed ones,
-/// and an interval whose inventory could not be read should not be reported at all.
+/// All live tasks/pods of one interval. A task missing from a complete report counts as gone
+/// (see [`super::hosts`]), so every report must list every live task, not only the changed
+/// ones.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IntervalReport {
-    /// When the interval ended: every value of the interval is posted with this time, as the
-    /// container agent does.
+    /// When the interval ended.
     pub time: SystemTime,
+    /// Its measured length: rates were taken over it.
+    pub interval: Duration,
+    /// False while the platform's answer is stale: the hosts are the last good inventory's,
+    /// their values are real, but absence proves nothing, so nothing is retired.
+    pub complete: bool,
     pub hosts: Vec<HostReport>,
 }
 
@@ -95,6 +102,29 @@ impl HostMeta {
             agent_version: version.to_string(),
             cloud,
         }
+    }
+}
+
+impl HostMeta {
+    /// Records which node's observer made the host, and in which cluster, as
+    /// `meta.cloud.metadata.observer`: `{"node": ..., "cluster": ...}`. The cluster is the
+    /// configured one, else the ECS task's own. Peers use it to find the hosts of a node that
+    /// went away.
+    pub fn set_origin(&mut self, node: Option<&str>, cluster: Option<&str>) {
+        let Some(cloud) = &mut self.cloud else { return };
+        let serde_json::Value::Object(metadata) = &mut cloud.metadata else {
+            return;
+        };
+        let cluster = cluster.map(str::to_owned).or_else(|| {
+            metadata
+                .get("cluster")
+                .and_then(|c| c.as_str())
+                .map(str::to_owned)
+        });
+        metadata.insert(
+            "observer".to_string(),
+            serde_json::json!({ "node": node, "cluster": cluster }),
+        );
     }
 }
 

@@ -30,6 +30,8 @@ pub fn interval_report(snapshot: &Snapshot) -> IntervalReport {
         .collect();
     IntervalReport {
         time: snapshot.time,
+        interval: snapshot.interval,
+        complete: snapshot.platform.as_ref().is_some_and(|p| !p.is_stale()),
         hosts,
     }
 }

@@ -13,7 +13,7 @@ use std::{
     future::Future,
     ops::ControlFlow,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant, SystemTime},
@@ -29,10 +29,12 @@ use crate::{
 use super::{
     buffer::{Backoff, Batch, Buffer},
     client::{ApiError, Client, ClientError, HostParam},
-    hosts::{Action, HostTable},
+    hosts::{Action, HostTable, Retire},
+    minutes::{Closed, Minutes},
     model::{HostReport, IntervalReport, Roles, RolesError},
     names,
     report::interval_report,
+    state::{Saved, StateFile},
     MackerelConfig,
 };
 
@@ -43,6 +45,8 @@ pub struct MackerelReporter {
     tx: mpsc::UnboundedSender<Command>,
     /// Values waiting for the API, as of the worker's latest round.
     queued: Arc<AtomicUsize>,
+    /// Values the buffer's bounds dropped since start.
+    lost: Arc<AtomicU64>,
     /// The shutdown deadline, seen by a call under way too, so it cannot outlast the bound.
     deadline: watch::Sender<Option<Instant>>,
     task: tokio::task::JoinHandle<()>,
@@ -75,26 +79,35 @@ impl MackerelReporter {
             config.request_timeout,
         )?;
         log::info!(
-            "Mackerel output to {}: one host per task or pod{}, retired {} after its task is gone",
+            "Mackerel output to {}: one host per task or pod{}, values every {}, retired {} after its task is gone",
             client.base(),
             if config.roles.is_empty() {
                 String::new()
             } else {
                 format!(" in roles {}", config.roles)
             },
+            humantime::format_duration(config.period),
             humantime::format_duration(config.retire_after)
         );
         let (tx, rx) = mpsc::unbounded_channel();
         let (deadline, deadline_rx) = watch::channel(None);
-        let worker = Worker::new(client, config, rx, deadline_rx);
+        let mut worker = Worker::new(client, config, rx, deadline_rx);
+        worker.load_state();
         let queued = Arc::clone(&worker.queued);
+        let lost = Arc::clone(&worker.lost);
         let task = tokio::spawn(worker.run());
         Ok(Self {
             tx,
             queued,
+            lost,
             deadline,
             task,
         })
+    }
+
+    /// Values the buffer's bounds dropped since start (for observer's own metrics).
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
 
     /// Values waiting for the API (for observer's own metrics).
@@ -109,8 +122,9 @@ impl MackerelReporter {
         }
     }
 
-    /// Flushes what is buffered for at most `timeout`, then stops. Retires nothing: the tasks
-    /// are still running, only observer is stopping.
+    /// Flushes what is buffered for at most `timeout`, retires the hosts of tasks already gone,
+    /// saves what is left to the state file, then stops. Hosts of running tasks stay: only
+    /// observer is stopping.
     /// Returns None if the task had stopped already or did not answer in time.
     pub async fn shutdown(self, timeout: Duration) -> Option<ShutdownSummary> {
         let deadline = Instant::now() + timeout;
@@ -158,9 +172,9 @@ impl Sink for MackerelSink {
     }
 
     fn emit(&mut self, snapshot: &Snapshot) -> Result<(), SinkError> {
-        // No platform, no tasks; a stale inventory would make running tasks look gone, so
-        // Mackerel waits for a good one.
-        if snapshot.platform.as_ref().is_some_and(|p| !p.is_stale()) {
+        // No platform, no tasks. A stale inventory still reports (its tasks' values are
+        // real), marked incomplete so that nothing is retired on it.
+        if snapshot.platform.is_some() {
             if let Some(reporter) = &self.reporter {
                 reporter.report(interval_report(snapshot));
             }
@@ -170,6 +184,10 @@ impl Sink for MackerelSink {
 
     fn backlog(&self) -> Option<u64> {
         self.reporter.as_ref().map(|r| r.queue_depth() as u64)
+    }
+
+    fn lost(&self) -> Option<u64> {
+        self.reporter.as_ref().map(MackerelReporter::lost)
     }
 
     fn flush(&mut self, timeout: Duration) -> Result<(), SinkError> {
@@ -192,6 +210,11 @@ struct Worker {
     client: Client,
     hosts: HostTable,
     buffer: Buffer,
+    /// The Mackerel interval being filled.
+    minutes: Minutes,
+    state: Option<StateFile>,
+    /// Something the state file should keep changed since it was written.
+    state_dirty: bool,
     /// Pause of every call after the API was unavailable.
     gate: Backoff,
     /// Retryable failures in a row, to log the first and the recovery only.
@@ -206,7 +229,12 @@ struct Worker {
     deadline: watch::Receiver<Option<Instant>>,
     stop: Option<(Instant, oneshot::Sender<ShutdownSummary>)>,
     queued: Arc<AtomicUsize>,
+    lost: Arc<AtomicU64>,
 }
+
+/// Below this many buffered values the state file is written every interval (it is small);
+/// above, once per Mackerel interval.
+const SAVE_EVERY_INTERVAL_BELOW: usize = 10_000;
 
 /// Most distinct bad roles labels remembered, so each is warned about once.
 const MAX_WARNED_LABELS: usize = 1024;
@@ -229,7 +257,10 @@ impl Worker {
         Self {
             client,
             hosts: HostTable::new(config.retire_after, config.refused_retry),
-            buffer: Buffer::new(config.max_age),
+            buffer: Buffer::new(config.max_age, config.max_values),
+            minutes: Minutes::new(config.period),
+            state: None,
+            state_dirty: false,
             gate: Backoff::new(config.backoff_initial, config.backoff_max),
             failures: 0,
             graph_defs_due: config.custom_series,
@@ -239,7 +270,86 @@ impl Worker {
             deadline,
             stop: None,
             queued: Arc::new(AtomicUsize::new(0)),
+            lost: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Takes up what an earlier run left in the state directory. Any failure is a warning:
+    /// the output works without its state, it only cannot carry it across a restart.
+    fn load_state(&mut self) {
+        let Some(dir) = self.config.state_dir.clone() else {
+            return;
+        };
+        let file = match StateFile::open(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("{e}; Mackerel hosts and unsent values will not survive a restart");
+                return;
+            }
+        };
+        match file.load() {
+            Ok(None) => {}
+            Err(e) => log::warn!("{e}"),
+            Ok(Some(saved)) if saved.api_base != self.client.base() => log::warn!(
+                "Mackerel state {} belongs to {}, not {}: not used (and replaced)",
+                file.path().display(),
+                saved.api_base,
+                self.client.base()
+            ),
+            Ok(Some(saved)) => {
+                let (hosts, values) = (
+                    saved.hosts.len(),
+                    saved.buffer.iter().map(|c| c.values.len()).sum::<usize>(),
+                );
+                self.hosts.restore(Instant::now(), saved.hosts);
+                self.buffer.restore(saved.buffer);
+                if let Some(open) = saved.open {
+                    if let Some(closed) = self.minutes.restore(open) {
+                        self.push_closed(closed);
+                    }
+                }
+                log::info!(
+                    "Mackerel: took up {hosts} hosts and {values} unsent values from {}",
+                    file.path().display()
+                );
+            }
+        }
+        self.state = Some(file);
+    }
+
+    /// Writes the state file if something changed (`force`: whatever the buffer's size).
+    fn save_state(&mut self, force: bool) {
+        let Some(file) = &self.state else { return };
+        if !self.state_dirty || (!force && self.buffer.len() >= SAVE_EVERY_INTERVAL_BELOW) {
+            return;
+        }
+        let saved = Saved {
+            hosts: self.hosts.save(),
+            open: self.minutes.open().cloned(),
+            buffer: self.buffer.save(),
+            ..Saved::new(self.client.base())
+        };
+        match file.store(&saved) {
+            Ok(()) => self.state_dirty = false,
+            Err(e) => log::warn!("{e}; trying again next interval"),
+        }
+    }
+
+    /// A finished Mackerel interval goes to the buffer.
+    fn push_closed(&mut self, closed: Closed) {
+        for (key, containers) in closed.hosts {
+            let values = containers
+                .iter()
+                .flat_map(|c| names::container_values(c, self.config.custom_series));
+            self.buffer.push(&key, closed.time, values);
+        }
+        self.lost
+            .store(self.buffer.dropped_total(), Ordering::Relaxed);
+    }
+
+    /// Values of this host wait: in the buffer or in the interval being filled.
+    fn has_values(&self, key: &str) -> bool {
+        self.buffer.has_values_for(key) || self.minutes.has(key)
     }
 
     async fn run(mut self) {
@@ -255,7 +365,7 @@ impl Worker {
             }
             self.drain();
             if self.stop.is_none() {
-                let _ = self.round(true).await;
+                let _ = self.round(Retire::AfterGrace).await;
             }
             self.queued.store(self.buffer.len(), Ordering::Relaxed);
         }
@@ -282,7 +392,7 @@ impl Worker {
             || self.graph_defs_due
             || !self
                 .hosts
-                .actions(now, true, |k| self.buffer.has_values_for(k))
+                .actions(now, Retire::AfterGrace, |k| self.has_values(k))
                 .is_empty()
     }
 
@@ -307,29 +417,32 @@ impl Worker {
     }
 
     fn ingest(&mut self, report: IntervalReport) {
-        let time = unix_seconds(report.time);
+        let closed = self.minutes.add(&report);
+        let period_ended = !closed.is_empty();
+        for closed in closed {
+            self.push_closed(closed);
+        }
         let mut live = Vec::with_capacity(report.hosts.len());
         for host in report.hosts {
             let roles = self.roles_of(&host);
-            let values = host
-                .containers
-                .iter()
-                .flat_map(|c| names::container_values(c, self.config.custom_series));
-            self.buffer
-                .push(&host.identity.custom_identifier, time, values);
+            let mut meta = host.meta;
+            meta.set_origin(self.config.node.as_deref(), self.config.cluster.as_deref());
             live.push(HostParam {
                 name: host.identity.name,
                 custom_identifier: host.identity.custom_identifier,
-                meta: host.meta,
+                meta,
                 role_fullnames: roles,
             });
         }
-        for key in self.hosts.observe(Instant::now(), live) {
+        for key in self.hosts.observe(Instant::now(), live, report.complete) {
             let n = self.buffer.forget_host(&key);
+            self.minutes.forget(&key);
             if n > 0 {
                 log::warn!("Mackerel: {key} ended before it had a host; dropped its {n} values");
             }
         }
+        self.state_dirty = true;
+        self.save_state(period_ended);
     }
 
     /// `MACKEREL_ROLES` plus the good entries of the task's own label.
@@ -356,14 +469,14 @@ impl Worker {
 
     /// One pass over everything due. Breaks off when the API is unavailable or a shutdown
     /// arrives.
-    async fn round(&mut self, retire: bool) -> ControlFlow<()> {
+    async fn round(&mut self, retire: Retire) -> ControlFlow<()> {
         if !self.gate.ready(Instant::now()) {
             return ControlFlow::Break(());
         }
         self.send_values().await?;
         let actions = self
             .hosts
-            .actions(Instant::now(), false, |k| self.buffer.has_values_for(k));
+            .actions(Instant::now(), Retire::No, |k| self.has_values(k));
         for action in actions {
             self.execute(action).await?;
         }
@@ -371,10 +484,10 @@ impl Worker {
         if self.graph_defs_due {
             self.post_graph_defs().await?;
         }
-        if retire {
+        if retire != Retire::No {
             let actions = self
                 .hosts
-                .actions(Instant::now(), true, |k| self.buffer.has_values_for(k));
+                .actions(Instant::now(), retire, |k| self.has_values(k));
             for action in actions {
                 if matches!(action, Action::Retire { .. }) {
                     self.execute(action).await?;
@@ -482,12 +595,14 @@ impl Worker {
                         param.name
                     );
                     self.hosts.registered(&key, host.id, None);
+                    self.state_dirty = true;
                 } else {
                     match self.bounded(self.client.create_host(&param)).await {
                         Ok(id) => {
                             self.available();
                             log::info!("Mackerel: created host {id} ({}) for {key}", param.name);
                             self.hosts.registered(&key, id, Some(param));
+                            self.state_dirty = true;
                         }
                         Err(e) => return self.host_failed(&key, &param.name, e),
                     }
@@ -525,6 +640,8 @@ impl Worker {
                     Err(e) => return self.host_failed(&key, &name, e),
                 }
                 self.buffer.forget_host(&key);
+                self.minutes.forget(&key);
+                self.state_dirty = true;
             }
         }
         self.between_calls()
@@ -616,12 +733,17 @@ impl Worker {
         self.gate.succeeded();
     }
 
-    /// Sends what it can within `timeout`; registers hosts (their values need an id) but
-    /// retires none.
+    /// Sends what it can before `deadline`, registering hosts (their values need an id) and
+    /// retiring the hosts of tasks already gone; then saves what is left.
     async fn flush(&mut self, deadline: Instant) -> ShutdownSummary {
+        // The period being filled goes now, partial; the state file keeps it open too, so a
+        // restarted observer goes on filling it and posts it whole under the same time.
+        if let Some(partial) = self.minutes.peek() {
+            self.push_closed(partial);
+        }
         let flushing = async {
             loop {
-                let _ = self.round(false).await;
+                let _ = self.round(Retire::AllGone).await;
                 if self.buffer.is_empty() {
                     return;
                 }
@@ -647,11 +769,20 @@ impl Worker {
             unsent: self.buffer.len(),
             unregistered: self.hosts.unregistered(),
         };
+        self.state_dirty = true;
+        self.save_state(true);
         if summary.unsent > 0 {
-            log::warn!(
-                "Mackerel: stopping with {} values not delivered",
-                summary.unsent
-            );
+            match &self.state {
+                Some(file) => log::warn!(
+                    "Mackerel: stopping with {} values not delivered; kept in {} for the next run",
+                    summary.unsent,
+                    file.path().display()
+                ),
+                None => log::warn!(
+                    "Mackerel: stopping with {} values not delivered (no --state-dir: lost)",
+                    summary.unsent
+                ),
+            }
         } else {
             log::info!("Mackerel: all values delivered; hosts left in place for their tasks");
         }
@@ -669,12 +800,6 @@ async fn sleep_until(at: Option<Instant>) {
 fn rfc3339(unix: i64) -> String {
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
-}
-
-fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -710,9 +835,12 @@ mod tests {
         }
     }
 
+    /// A 60 s interval ending at `secs`.
     fn interval(secs: u64, hosts: Vec<HostReport>) -> IntervalReport {
         IntervalReport {
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            interval: Duration::from_secs(60),
+            complete: true,
             hosts,
         }
     }
@@ -721,13 +849,16 @@ mod tests {
     fn a_report_queues_values_and_hosts_with_merged_roles() {
         let mut w = worker(true);
         w.ingest(interval(
-            1_767_225_600,
+            1_767_225_660,
             vec![host("a", Some("web:app,bad")), host("b", None)],
         ));
+        // The minute closed with the interval that reached its end.
         // cpu usage, 2 interfaces, 4 custom: the unknown values are left out.
         assert_eq!(w.buffer.len(), 2 * 7);
         assert_eq!(w.buffer.oldest(), Some(1_767_225_600));
-        let actions = w.hosts.actions(Instant::now(), true, |_| false);
+        let actions = w
+            .hosts
+            .actions(Instant::now(), Retire::AfterGrace, |_| false);
         let roles: Vec<_> = actions
             .iter()
             .map(|a| match a {
@@ -755,7 +886,7 @@ mod tests {
     fn without_custom_series_no_graph_defs() {
         let mut w = worker(false);
         assert!(!w.graph_defs_due);
-        w.ingest(interval(60, vec![host("a", None)]));
+        w.ingest(interval(120, vec![host("a", None)]));
         assert_eq!(w.buffer.len(), 3);
     }
 
@@ -776,10 +907,6 @@ mod tests {
 
     #[test]
     fn times() {
-        assert_eq!(
-            unix_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(90)),
-            90
-        );
         assert_eq!(rfc3339(1_767_225_600), "2026-01-01T00:00:00Z");
     }
 }

@@ -31,6 +31,8 @@ struct Shared {
     dropped: AtomicU64,
     /// `u64::MAX` while the sink has not said.
     backlog: AtomicU64,
+    /// `u64::MAX` while the sink has not said.
+    lost: AtomicU64,
     ended: AtomicBool,
     /// Set when shutting down: flush by then.
     deadline: Mutex<Option<Instant>>,
@@ -60,6 +62,7 @@ impl Fanout {
             let (tx, rx) = mpsc::sync_channel::<Arc<Snapshot>>(QUEUE);
             let shared = Arc::new(Shared {
                 backlog: AtomicU64::new(u64::MAX),
+                lost: AtomicU64::new(u64::MAX),
                 ..Shared::default()
             });
             let thread = std::thread::Builder::new()
@@ -109,11 +112,15 @@ impl Fanout {
         self.lanes
             .iter()
             .map(|lane| {
-                let backlog = lane.shared.backlog.load(Ordering::Relaxed);
+                let said = |v: &AtomicU64| {
+                    let v = v.load(Ordering::Relaxed);
+                    (v != u64::MAX).then_some(v)
+                };
                 SinkStatus {
                     name: lane.name,
                     dropped: lane.shared.dropped.load(Ordering::Relaxed),
-                    backlog: (backlog != u64::MAX).then_some(backlog),
+                    backlog: said(&lane.shared.backlog),
+                    lost: said(&lane.shared.lost),
                     ended: lane.shared.ended.load(Ordering::Relaxed),
                 }
             })
@@ -196,6 +203,9 @@ fn deliver(
         shared
             .backlog
             .store(sink.backlog().unwrap_or(u64::MAX), Ordering::Relaxed);
+        shared
+            .lost
+            .store(sink.lost().unwrap_or(u64::MAX), Ordering::Relaxed);
     }
     let deadline = *shared.deadline.lock().unwrap_or_else(|e| e.into_inner());
     let left = deadline.map_or(Duration::ZERO, |d| {

@@ -43,6 +43,10 @@ pub trait Sink: Send + 'static {
     fn backlog(&self) -> Option<u64> {
         None
     }
+    /// What the sink's own bounds dropped since start, if it keeps a bounded queue.
+    fn lost(&self) -> Option<u64> {
+        None
+    }
     /// Delivers what is still pending, within `timeout`: called once, after the last snapshot.
     fn flush(&mut self, _timeout: Duration) -> Result<(), SinkError> {
         Ok(())

@@ -31,6 +31,7 @@
 //! | `observer_metadata_api_errors_total` | counter | | failed metadata API calls |
 //! | `observer_inventory_stale` | gauge | `source` | 1 while the metadata API fails and workloads are its last good answer |
 //! | `observer_mackerel_queue_depth` | gauge | | values waiting for the Mackerel API (absent without the Mackerel output) |
+//! | `observer_mackerel_dropped_values_total` | counter | | values dropped unsent: the API did not take them within the buffer's bounds |
 //! | `observer_sink_dropped_total` | counter | `sink` | intervals an output could not take because it was still delivering earlier ones |
 //! | `observer_cycles_total` | counter | | intervals measured |
 //! | `observer_last_cycle_timestamp_seconds` | gauge | | end of the latest interval, Unix time |
@@ -296,12 +297,17 @@ mod tests {
             name: "mackerel",
             dropped: 3,
             backlog: Some(12),
+            lost: Some(5),
             ended: false,
         }];
         s.platform.as_mut().unwrap().failures_total = 2;
         sink.emit(&s).unwrap();
         let (_, _, text) = get(handle, "/metrics", None).await;
         assert_eq!(sample(&text, "observer_mackerel_queue_depth"), Some("12"));
+        assert_eq!(
+            sample(&text, "observer_mackerel_dropped_values_total"),
+            Some("5")
+        );
         assert_eq!(
             sample(&text, "observer_metadata_api_errors_total"),
             Some("2")

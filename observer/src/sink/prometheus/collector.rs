@@ -214,6 +214,13 @@ fn own(e: &mut DescriptorEncoder, state: &State) -> std::fmt::Result {
         None,
         own.mackerel_queue_depth.map(ConstGauge::new),
     )?;
+    single(
+        e,
+        "mackerel_dropped_values",
+        "Values dropped unsent because the Mackerel API did not take them within the buffer's bounds (--mackerel-buffer, 6 h of data).",
+        None,
+        own.mackerel_dropped_values.map(ConstCounter::new),
+    )?;
     family(
         e,
         "sink_dropped",

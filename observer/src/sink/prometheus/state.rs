@@ -82,6 +82,7 @@ pub struct Own {
     pub inventory: Option<(&'static str, bool)>,
     /// Values waiting for the Mackerel API; None while no Mackerel output says otherwise.
     pub mackerel_queue_depth: Option<u64>,
+    pub mackerel_dropped_values: Option<u64>,
     /// Every output's delivery state, as of the latest interval.
     pub sinks: Vec<SinkStatus>,
     /// Intervals recorded since start.
@@ -145,12 +146,9 @@ impl State {
         let own = &mut self.own;
         own.programs_attached = snapshot.health.programs_attached;
         own.metadata_api_errors = snapshot.platform.as_ref().map_or(0, |p| p.failures_total);
-        own.mackerel_queue_depth = snapshot
-            .health
-            .sinks
-            .iter()
-            .find(|s| s.name == "mackerel")
-            .and_then(|s| s.backlog);
+        let mackerel = snapshot.health.sinks.iter().find(|s| s.name == "mackerel");
+        own.mackerel_queue_depth = mackerel.and_then(|s| s.backlog);
+        own.mackerel_dropped_values = mackerel.and_then(|s| s.lost);
         own.sinks.clone_from(&snapshot.health.sinks);
         own.map_entries = snapshot.health.map_entries;
         own.map_capacity = snapshot.health.map_capacity;
