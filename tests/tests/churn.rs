@@ -13,7 +13,7 @@
 //! Needs root and a running dockerd (`cargo xtask setup --for-tests`). Containers, cgroups and
 //! observer are removed by guards, also when the test fails. The counts of workloads, series
 //! and map entries are the host's: the test assumes no one else starts or stops containers on
-//! this engine during its two minutes (CI runs test binaries one after another).
+//! this engine during its minute and a half (CI runs test binaries one after another).
 
 use std::{
     collections::{HashMap, HashSet},
