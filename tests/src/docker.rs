@@ -221,25 +221,52 @@ impl Containers {
     /// `docker run -d` with `run`'s options on the busybox image; returns the full id.
     pub fn start(&mut self, run: Run) -> anyhow::Result<String> {
         let image = busybox_image()?;
+        self.note_cgroup_parent(&run);
+        let id = docker_run(image, &run)?;
+        self.ids.push(id.clone());
+        Ok(id)
+    }
+
+    /// Remembers `run`'s `--cgroup-parent`, to remove it on drop.
+    fn note_cgroup_parent(&mut self, run: &Run) {
         if let Some(i) = run.args.iter().position(|a| a == "--cgroup-parent") {
             if let Some(parent) = run.args.get(i + 1) {
                 self.cgroup_parents.push(parent.clone());
             }
         }
-        let mut args: Vec<&str> = vec!["run", "-d"];
-        args.extend(run.args.iter().map(String::as_str));
-        args.push(image);
-        if run.cmd.is_empty() {
-            args.extend(["sleep", "3600"]);
-        } else {
-            args.extend(run.cmd.iter().map(String::as_str));
+    }
+
+    /// Starts every one of `runs` at once (a `docker run` thread each); returns their ids in
+    /// the order of `runs`. Those that started are removed with the rest even if one failed.
+    pub fn start_many(&mut self, runs: Vec<Run>) -> anyhow::Result<Vec<String>> {
+        let image = busybox_image()?;
+        for run in &runs {
+            self.note_cgroup_parent(run);
         }
-        let id = sh("docker", &args)?.trim().to_owned();
-        if id.len() != 64 {
-            bail!("docker run printed {id:?}, not a container id");
+        let results: Vec<anyhow::Result<String>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = runs
+                .iter()
+                .map(|run| scope.spawn(move || docker_run(image, run)))
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("a docker run thread panicked"))
+                .collect()
+        });
+        self.ids.extend(results.iter().flatten().cloned());
+        results.into_iter().collect()
+    }
+
+    /// Stops and removes every container of this guard now, with one `docker rm -f`.
+    pub fn remove_all(&mut self) -> anyhow::Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
         }
-        self.ids.push(id.clone());
-        Ok(id)
+        let mut args = vec!["rm", "-f"];
+        args.extend(self.ids.iter().map(String::as_str));
+        sh("docker", &args)?;
+        self.ids.clear();
+        Ok(())
     }
 
     /// Stops and removes one container now (a task that stopped).
@@ -267,6 +294,23 @@ impl Drop for Containers {
             remove_cgroup_dirs(parent);
         }
     }
+}
+
+/// `docker run -d` of `run` on `image`; the full id of the container.
+fn docker_run(image: &str, run: &Run) -> anyhow::Result<String> {
+    let mut args: Vec<&str> = vec!["run", "-d"];
+    args.extend(run.args.iter().map(String::as_str));
+    args.push(image);
+    if run.cmd.is_empty() {
+        args.extend(["sleep", "3600"]);
+    } else {
+        args.extend(run.cmd.iter().map(String::as_str));
+    }
+    let id = sh("docker", &args)?.trim().to_owned();
+    if id.len() != 64 {
+        bail!("docker run printed {id:?}, not a container id");
+    }
+    Ok(id)
 }
 
 /// rmdir `parent` (relative to a hierarchy root) in every cgroup hierarchy, deepest first;

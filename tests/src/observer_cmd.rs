@@ -134,6 +134,14 @@ impl ObserverCmd {
         }
     }
 
+    /// Every stdout line printed since the last call, without waiting (a test that reads a
+    /// long run as it goes). These lines are not kept for [`ObserverCmd::finish`]. The log
+    /// read meanwhile is added to [`ObserverCmd::log`].
+    pub fn take_stdout(&mut self) -> Vec<String> {
+        self.log.extend(self.stderr.try_iter());
+        self.stdout.try_iter().collect()
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
