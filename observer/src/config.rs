@@ -171,6 +171,16 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_CLUSTER_NAME")]
     pub cluster_name: Option<String>,
 
+    /// Retire the Mackerel hosts of another node of this cluster once none of them has had a
+    /// new value for this long (a node terminated, or its observer killed before its tasks
+    /// ended). Judged by what arrives at Mackerel, checked every quarter of it; at least 10
+    /// Mackerel intervals; needs MACKEREL_ROLES (hosts are found by role) and a cluster name.
+    /// Off by default: retiring another node's hosts is for an operator to choose; 1h is a
+    /// sane value (longer than an observer restart or an API outage it rides out).
+    #[arg(long, env = "OBSERVER_MACKEREL_RETIRE_SILENT_AFTER",
+          value_parser = parse_silent_after)]
+    pub mackerel_retire_silent_after: Option<Duration>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -285,6 +295,13 @@ pub fn parse_buffer(s: &str) -> Result<usize, String> {
         ));
     }
     Ok(values)
+}
+
+/// Longest `--mackerel-retire-silent-after`.
+pub const MAX_SILENT_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
+
+pub fn parse_silent_after(s: &str) -> Result<Duration, String> {
+    at_most(s, parse_duration(s)?, MAX_SILENT_AFTER, "silent period")
 }
 
 pub fn parse_shutdown_timeout(s: &str) -> Result<Duration, String> {
@@ -565,6 +582,9 @@ mod tests {
             }
             if let Ok(d) = parse_mackerel_interval(s) {
                 prop_assert!(d <= MAX_MACKEREL_INTERVAL && d.as_secs() >= 1);
+            }
+            if let Ok(d) = parse_silent_after(s) {
+                prop_assert!(d <= MAX_SILENT_AFTER);
             }
             if let Ok(n) = parse_buffer(s) {
                 prop_assert!(MACKEREL_BUFFER_RANGE.contains(&n));

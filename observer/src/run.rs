@@ -82,6 +82,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             state_dir: Some(args.state_dir.clone()),
             node: args.node_name.clone().or_else(host_name),
             cluster: args.cluster_name.clone(),
+            retire_silent_after: args.mackerel_retire_silent_after,
         },
         args.interval,
     )?;

@@ -5,6 +5,7 @@
 //! as `<redacted>` and response bodies quoted in errors have the key cut out.
 
 use std::{
+    collections::HashMap,
     fmt,
     time::{Duration, SystemTime},
 };
@@ -95,6 +96,17 @@ pub struct Host {
     pub custom_identifier: Option<String>,
     #[serde(default)]
     pub status: Option<String>,
+    #[serde(default)]
+    pub meta: serde_json::Value,
+    #[serde(default)]
+    pub is_retired: bool,
+}
+
+/// A metric's latest value as GET /api/v0/tsdb/latest gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct Latest {
+    pub time: i64,
+    pub value: f64,
 }
 
 /// One value of one host's metric, as POST /api/v0/tsdb takes it.
@@ -199,6 +211,12 @@ struct HostsResponse {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LatestResponse {
+    tsdb_latest: HashMap<String, HashMap<String, Option<Latest>>>,
+}
+
+#[derive(Deserialize)]
 struct CreatedResponse {
     id: String,
 }
@@ -250,6 +268,42 @@ impl Client {
             .append_pair("status", "poweroff");
         let found: HostsResponse = self.send(CALL, Method::GET, url, None::<&()>).await?;
         Ok(found.hosts)
+    }
+
+    /// Non-retired hosts of one role (the API filters hosts by service and role, not by meta).
+    pub async fn hosts_in_role(&self, service: &str, role: &str) -> Result<Vec<Host>, ApiError> {
+        const CALL: &str = "listing hosts of a role";
+        let mut url = self.url(CALL, &["api", "v0", "hosts"])?;
+        url.query_pairs_mut()
+            .append_pair("service", service)
+            .append_pair("role", role)
+            .append_pair("status", "working")
+            .append_pair("status", "standby")
+            .append_pair("status", "maintenance")
+            .append_pair("status", "poweroff");
+        let found: HostsResponse = self.send(CALL, Method::GET, url, None::<&()>).await?;
+        Ok(found.hosts)
+    }
+
+    /// The latest value of each of `names` for each of `host_ids` (None: no value yet).
+    pub async fn latest(
+        &self,
+        host_ids: &[String],
+        names: &[String],
+    ) -> Result<HashMap<String, HashMap<String, Option<Latest>>>, ApiError> {
+        const CALL: &str = "reading latest values";
+        let mut url = self.url(CALL, &["api", "v0", "tsdb", "latest"])?;
+        {
+            let mut q = url.query_pairs_mut();
+            for id in host_ids {
+                q.append_pair("hostId", id);
+            }
+            for name in names {
+                q.append_pair("name", name);
+            }
+        }
+        let got: LatestResponse = self.send(CALL, Method::GET, url, None::<&()>).await?;
+        Ok(got.tsdb_latest)
     }
 
     /// Registers a host; returns its id.

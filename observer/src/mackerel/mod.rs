@@ -13,6 +13,7 @@ pub mod hosts;
 pub mod minutes;
 pub mod model;
 pub mod names;
+pub mod orphans;
 pub mod report;
 pub mod sink;
 pub mod state;
@@ -51,6 +52,9 @@ pub struct MackerelConfig {
     /// This node and its cluster, recorded in each host's meta (`meta.cloud.metadata.observer`).
     pub node: Option<String>,
     pub cluster: Option<String>,
+    /// Retire hosts of other nodes of the cluster that posted nothing for this long
+    /// ([`orphans`]); None = off.
+    pub retire_silent_after: Option<Duration>,
     /// Values per POST /api/v0/tsdb.
     pub batch_size: usize,
     /// First pause after the API was unavailable; it doubles up to `backoff_max`.
@@ -85,6 +89,8 @@ pub struct Sources {
     /// `--node-name` / `--cluster-name`.
     pub node: Option<String>,
     pub cluster: Option<String>,
+    /// `--mackerel-retire-silent-after`.
+    pub retire_silent_after: Option<Duration>,
 }
 
 /// Settings that cannot work. None of the messages quotes the key.
@@ -103,6 +109,16 @@ pub enum ConfigError {
     Key(#[from] client::KeyError),
     #[error("MACKEREL_ROLES: {0}")]
     Roles(#[from] model::RolesError),
+    #[error(
+        "--mackerel-retire-silent-after needs MACKEREL_ROLES: observers find their cluster's hosts by role (Mackerel lists hosts by service and role, not by meta), so every host they make must have one"
+    )]
+    SilentNeedsRoles,
+    #[error(
+        "--mackerel-retire-silent-after {} is too short: at least 10 Mackerel intervals ({}), so that a slow API or a restart is not taken for a node gone",
+        humantime::format_duration(*.0),
+        humantime::format_duration(*.1)
+    )]
+    SilentTooShort(Duration, Duration),
     #[error(
         "--retire-after x --interval is {}, longer than {}: retire hosts sooner",
         humantime::format_duration(*.0),
@@ -126,6 +142,7 @@ impl MackerelConfig {
             state_dir: None,
             node: None,
             cluster: None,
+            retire_silent_after: None,
             batch_size: buffer::DEFAULT_BATCH_SIZE,
             backoff_initial: defaults::BACKOFF_MIN,
             backoff_max: defaults::BACKOFF_MAX,
@@ -176,6 +193,16 @@ impl MackerelConfig {
         config.state_dir = sources.state_dir;
         config.node = sources.node.filter(|n| !n.trim().is_empty());
         config.cluster = sources.cluster.filter(|c| !c.trim().is_empty());
+        if let Some(silent) = sources.retire_silent_after {
+            if config.roles.is_empty() {
+                return Err(ConfigError::SilentNeedsRoles);
+            }
+            let least = config.period * 10;
+            if silent < least {
+                return Err(ConfigError::SilentTooShort(silent, least));
+            }
+            config.retire_silent_after = Some(silent);
+        }
         Ok(Some(config))
     }
 

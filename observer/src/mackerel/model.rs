@@ -110,6 +110,16 @@ impl HostMeta {
     /// `meta.cloud.metadata.observer`: `{"node": ..., "cluster": ...}`. The cluster is the
     /// configured one, else the ECS task's own. Peers use it to find the hosts of a node that
     /// went away.
+    /// The cluster [`Self::set_origin`] recorded.
+    pub fn cluster(&self) -> Option<&str> {
+        self.cloud
+            .as_ref()?
+            .metadata
+            .get("observer")?
+            .get("cluster")?
+            .as_str()
+    }
+
     pub fn set_origin(&mut self, node: Option<&str>, cluster: Option<&str>) {
         let Some(cloud) = &mut self.cloud else { return };
         let serde_json::Value::Object(metadata) = &mut cloud.metadata else {

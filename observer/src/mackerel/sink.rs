@@ -33,6 +33,7 @@ use super::{
     minutes::{Closed, Minutes},
     model::{HostReport, IntervalReport, Roles, RolesError},
     names,
+    orphans::Orphans,
     report::interval_report,
     state::{Saved, StateFile},
     MackerelConfig,
@@ -212,6 +213,8 @@ struct Worker {
     buffer: Buffer,
     /// The Mackerel interval being filled.
     minutes: Minutes,
+    /// Watches other nodes' hosts when `--mackerel-retire-silent-after` is set.
+    orphans: Option<Orphans>,
     state: Option<StateFile>,
     /// Something the state file should keep changed since it was written.
     state_dirty: bool,
@@ -231,6 +234,9 @@ struct Worker {
     queued: Arc<AtomicUsize>,
     lost: Arc<AtomicU64>,
 }
+
+/// Hosts per GET /api/v0/tsdb/latest.
+const LATEST_HOSTS_PER_CALL: usize = 100;
 
 /// Below this many buffered values the state file is written every interval (it is small);
 /// above, once per Mackerel interval.
@@ -259,6 +265,14 @@ impl Worker {
             hosts: HostTable::new(config.retire_after, config.refused_retry),
             buffer: Buffer::new(config.max_age, config.max_values),
             minutes: Minutes::new(config.period),
+            orphans: match (config.retire_silent_after, &config.node) {
+                (Some(silent), Some(node)) => {
+                    let mut o = Orphans::new(silent, config.period, node.clone());
+                    o.set_cluster(config.cluster.clone());
+                    Some(o)
+                }
+                _ => None,
+            },
             state: None,
             state_dirty: false,
             gate: Backoff::new(config.backoff_initial, config.backoff_max),
@@ -427,6 +441,9 @@ impl Worker {
             let roles = self.roles_of(&host);
             let mut meta = host.meta;
             meta.set_origin(self.config.node.as_deref(), self.config.cluster.as_deref());
+            if let Some(orphans) = &mut self.orphans {
+                orphans.set_cluster(meta.cluster().map(str::to_owned));
+            }
             live.push(HostParam {
                 name: host.identity.name,
                 custom_identifier: host.identity.custom_identifier,
@@ -494,7 +511,91 @@ impl Worker {
                 }
             }
         }
+        if retire == Retire::AfterGrace {
+            self.retire_orphans().await?;
+        }
         ControlFlow::Continue(())
+    }
+
+    /// Retires the hosts of other nodes of the cluster that went silent, when a check is due.
+    async fn retire_orphans(&mut self) -> ControlFlow<()> {
+        if !self.orphans.as_ref().is_some_and(|o| o.due(Instant::now())) {
+            return ControlFlow::Continue(());
+        }
+        let mut listed = Vec::new();
+        for role in self.config.roles.as_slice().to_vec() {
+            let Some((service, role)) = role.split_once(':') else {
+                continue;
+            };
+            match self.bounded(self.client.hosts_in_role(service, role)).await {
+                Ok(hosts) => listed.extend(hosts),
+                Err(e) if e.is_retryable() => return self.unavailable(&e),
+                Err(e) => {
+                    log::warn!("Mackerel: {e} -- hosts of silent nodes not looked for this time");
+                    self.orphans_listed(Vec::new());
+                    return self.between_calls();
+                }
+            }
+            self.between_calls()?;
+        }
+        let (ids, probes) = self.orphans_listed(listed);
+        // The API takes a bounded number of hosts per query.
+        for ids in ids.chunks(LATEST_HOSTS_PER_CALL) {
+            match self.bounded(self.client.latest(ids, &probes)).await {
+                Ok(values) => {
+                    if let Some(o) = &mut self.orphans {
+                        o.latest(Instant::now(), &values);
+                    }
+                }
+                Err(e) if e.is_retryable() => return self.unavailable(&e),
+                Err(e) => {
+                    log::warn!("Mackerel: {e} -- silent nodes not judged this time");
+                    return self.between_calls();
+                }
+            }
+            self.between_calls()?;
+        }
+        let due = self
+            .orphans
+            .as_ref()
+            .map(|o| o.to_retire(Instant::now()))
+            .unwrap_or_default();
+        for orphan in due {
+            let silent = self.config.retire_silent_after.unwrap_or_default();
+            match self.bounded(self.client.retire_host(&orphan.host_id)).await {
+                Ok(()) => {
+                    self.available();
+                    log::info!(
+                        "Mackerel: retired host {} ({}) of node {}: no new value from that node for {}",
+                        orphan.host_id,
+                        orphan.name,
+                        orphan.node,
+                        humantime::format_duration(silent)
+                    );
+                }
+                // Another observer of the cluster was first.
+                Err(ApiError::Rejected { status: 404, .. }) => {}
+                Err(e) if e.is_retryable() => return self.unavailable(&e),
+                Err(e) => log::warn!(
+                    "Mackerel: {e} -- host {} ({}) of silent node {} left in place",
+                    orphan.host_id,
+                    orphan.name,
+                    orphan.node
+                ),
+            }
+            if let Some(o) = &mut self.orphans {
+                o.retired(&orphan.host_id);
+            }
+            self.between_calls()?;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn orphans_listed(&mut self, listed: Vec<super::client::Host>) -> (Vec<String>, Vec<String>) {
+        match &mut self.orphans {
+            Some(o) => o.listed(Instant::now(), listed),
+            None => (Vec::new(), Vec::new()),
+        }
     }
 
     /// After a call: take new reports; stop the round if asked to shut down.
