@@ -134,14 +134,22 @@ pub struct Args {
 
     /// Only pods of these Kubernetes namespaces become Mackerel hosts (comma-separated)
     /// [default: every namespace].
-    #[arg(long, env = "OBSERVER_MACKEREL_INCLUDE_NAMESPACES", value_name = "NAMES",
-          value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "OBSERVER_MACKEREL_INCLUDE_NAMESPACES",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
     pub mackerel_include_namespaces: Vec<String>,
 
     /// Pods of these Kubernetes namespaces never become Mackerel hosts (comma-separated), e.g.
     /// kube-system.
-    #[arg(long, env = "OBSERVER_MACKEREL_EXCLUDE_NAMESPACES", value_name = "NAMES",
-          value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "OBSERVER_MACKEREL_EXCLUDE_NAMESPACES",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
     pub mackerel_exclude_namespaces: Vec<String>,
 
     /// Only workloads whose name matches this regular expression become Mackerel hosts: the
@@ -452,7 +460,10 @@ mod tests {
         assert_eq!(s.exclude_namespaces, ["kube-system", "monitoring"]);
         assert!(s.ignore_containers.unwrap().is_match("istio-proxy"));
         assert!(s.allowed_roles.unwrap().allows("shop:web"));
-        assert_eq!(args.mackerel_host_status_on_start, Some(HostStatus::Standby));
+        assert_eq!(
+            args.mackerel_host_status_on_start,
+            Some(HostStatus::Standby)
+        );
         for (flag, value) in [
             ("--mackerel-ignore-containers", "(app"),
             ("--mackerel-include-workloads", "[z-a]"),

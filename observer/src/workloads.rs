@@ -497,7 +497,8 @@ mod tests {
             );
         }
         let mut c = container("a", &[11]);
-        c.labels.insert(MEMO_LABEL.into(), "on call: web team".into());
+        c.labels
+            .insert(MEMO_LABEL.into(), "on call: web team".into());
         let w = task(vec![c], &[]);
         let r = report(&w, w.limits, &[], &HashMap::new());
         assert_eq!(

@@ -542,7 +542,10 @@ mod tests {
         };
         let p = serde_json::to_value(&param).unwrap();
         // Omitted when empty, as the container agent sends them.
-        assert!(p.get("displayName").is_none() && p.get("memo").is_none(), "{p}");
+        assert!(
+            p.get("displayName").is_none() && p.get("memo").is_none(),
+            "{p}"
+        );
         param.display_name = Some("web".into());
         param.memo = Some("m".into());
         let p = serde_json::to_value(&param).unwrap();

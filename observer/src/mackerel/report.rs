@@ -273,7 +273,10 @@ mod tests {
         let r = interval_report(&s, &mut Selector::default());
         assert_eq!(r.hosts.len(), 1, "host=false still holds");
         assert_eq!(r.hosts[0].containers.len(), 2);
-        assert_eq!(r.hosts[0].roles_label.as_deref(), Some("shop:web,billing:db"));
+        assert_eq!(
+            r.hosts[0].roles_label.as_deref(),
+            Some("shop:web,billing:db")
+        );
     }
 
     #[test]

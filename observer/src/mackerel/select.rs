@@ -69,7 +69,9 @@ impl fmt::Display for NotAHost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             NotAHost::LabelledFalse => "labelled mackerel.io/host=false",
-            NotAHost::NotOptedIn => "--mackerel-hosts opt-in and not labelled mackerel.io/host=true",
+            NotAHost::NotOptedIn => {
+                "--mackerel-hosts opt-in and not labelled mackerel.io/host=true"
+            }
             NotAHost::Namespace => "its namespace is filtered out",
             NotAHost::Name => "its name is filtered out",
         })
@@ -189,8 +191,15 @@ impl Selector {
             }
         }
         let name = filter_name(w);
-        let included = s.include_workloads.as_ref().is_none_or(|r| r.is_match(name));
-        if !included || s.exclude_workloads.as_ref().is_some_and(|r| r.is_match(name)) {
+        let included = s
+            .include_workloads
+            .as_ref()
+            .is_none_or(|r| r.is_match(name));
+        if !included
+            || s.exclude_workloads
+                .as_ref()
+                .is_some_and(|r| r.is_match(name))
+        {
             return Err(NotAHost::Name);
         }
         Ok(())
@@ -308,11 +317,21 @@ mod tests {
     use crate::snapshot::NetworkMode;
 
     fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> WorkloadReport {
-        workload(WorkloadKind::KubernetesPod, &format!("{ns}/{name}"), Some(ns), labels)
+        workload(
+            WorkloadKind::KubernetesPod,
+            &format!("{ns}/{name}"),
+            Some(ns),
+            labels,
+        )
     }
 
     fn task(family: &str, labels: &[(&str, &str)]) -> WorkloadReport {
-        workload(WorkloadKind::EcsTask, &format!("{family}:3"), Some("prod"), labels)
+        workload(
+            WorkloadKind::EcsTask,
+            &format!("{family}:3"),
+            Some("prod"),
+            labels,
+        )
     }
 
     fn workload(
@@ -377,7 +396,10 @@ mod tests {
         assert!(s.first_time(&a.id, HOST_LABEL, "maybe"));
         assert!(!s.first_time(&a.id, HOST_LABEL, "maybe"));
         s.verdict(&b).unwrap();
-        assert!(!s.first_time(&b.id, HOST_LABEL, "maybe"), "b was warned about");
+        assert!(
+            !s.first_time(&b.id, HOST_LABEL, "maybe"),
+            "b was warned about"
+        );
         for i in 0..3 * MAX_WARNED {
             let w = pod("shop", &format!("p{i}"), &[(HOST_LABEL, "x")]);
             s.verdict(&w).unwrap();
@@ -395,7 +417,11 @@ mod tests {
         };
         let mut s = Selector::new(rules);
         assert_eq!(s.verdict(&pod("shop", "a", &[])), Ok(()));
-        assert_eq!(s.verdict(&pod("prod", "a", &[])), Err(Namespace), "exclude wins");
+        assert_eq!(
+            s.verdict(&pod("prod", "a", &[])),
+            Err(Namespace),
+            "exclude wins"
+        );
         assert_eq!(s.verdict(&pod("kube-system", "a", &[])), Err(Namespace));
         // A task's namespace is its cluster: not filtered by these.
         assert_eq!(s.verdict(&task("web", &[])), Ok(()));
@@ -404,7 +430,10 @@ mod tests {
             ..Selection::default()
         });
         assert_eq!(only_exclude.verdict(&pod("shop", "a", &[])), Ok(()));
-        assert_eq!(only_exclude.verdict(&pod("kube-system", "a", &[])), Err(Namespace));
+        assert_eq!(
+            only_exclude.verdict(&pod("kube-system", "a", &[])),
+            Err(Namespace)
+        );
     }
 
     #[test]
@@ -417,7 +446,11 @@ mod tests {
         });
         assert_eq!(s.verdict(&pod("shop", "web-7d9c-abcde", &[])), Ok(()));
         assert_eq!(s.verdict(&pod("shop", "web-canary-1", &[])), Err(Name));
-        assert_eq!(s.verdict(&pod("web", "batch-1", &[])), Err(Name), "not the namespace");
+        assert_eq!(
+            s.verdict(&pod("web", "batch-1", &[])),
+            Err(Name),
+            "not the namespace"
+        );
         assert_eq!(s.verdict(&task("api", &[])), Ok(()));
         assert_eq!(s.verdict(&task("batch", &[])), Err(Name));
         // "false" is decided before any filter, whatever they say.
@@ -484,7 +517,10 @@ mod tests {
 
     #[test]
     fn display_names_and_memos_are_capped() {
-        assert_eq!(capped(Some(&" web ".to_string()), 10).as_deref(), Some("web"));
+        assert_eq!(
+            capped(Some(&" web ".to_string()), 10).as_deref(),
+            Some("web")
+        );
         assert_eq!(capped(Some(&"  ".to_string()), 10), None);
         assert_eq!(capped(None, 10), None);
         let long = "é".repeat(MAX_DISPLAY_NAME_CHARS + 5);
@@ -494,7 +530,9 @@ mod tests {
 
     #[test]
     fn bad_regexes_are_errors() {
-        assert!(parse_regex("(").unwrap_err().starts_with("not a regular expression"));
+        assert!(parse_regex("(")
+            .unwrap_err()
+            .starts_with("not a regular expression"));
         assert!(parse_regex("a{100000}{100000}").is_err(), "too large");
         assert!(parse_regex("^app$").unwrap().is_match("app"));
     }

@@ -259,10 +259,8 @@ fn sample_label_values(line: &str, out: &mut Vec<String>) -> Option<()> {
 #[test]
 fn mackerel_names_and_bodies_keep_their_shape() {
     let snapshot = snapshot();
-    let report = mackerel::report::interval_report(
-        &snapshot,
-        &mut mackerel::select::Selector::default(),
-    );
+    let report =
+        mackerel::report::interval_report(&snapshot, &mut mackerel::select::Selector::default());
     assert!(!report.hosts.is_empty());
     for host in &report.hosts {
         for c in &host.containers {

@@ -547,8 +547,14 @@ mod tests {
             Some("shop:web")
         );
         assert_eq!(w.labels.get("app").map(String::as_str), Some("web"));
-        assert_eq!(w.labels.get("mackerel.io/host").map(String::as_str), Some("false"));
-        assert_eq!(w.labels.get("mackerel.io/memo").map(String::as_str), Some("m"));
+        assert_eq!(
+            w.labels.get("mackerel.io/host").map(String::as_str),
+            Some("false")
+        );
+        assert_eq!(
+            w.labels.get("mackerel.io/memo").map(String::as_str),
+            Some("m")
+        );
         assert!(
             !w.labels.contains_key("other"),
             "other annotations stay out"
