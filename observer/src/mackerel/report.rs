@@ -228,7 +228,7 @@ mod tests {
             inventory::HOST_LABEL,
             mackerel::select::{parse_regex, AllowedRoles, Selection},
         };
-        let mut pod = |name: &str, labels: &[(&str, &str)]| {
+        let pod = |name: &str, labels: &[(&str, &str)]| {
             let mut w = workload(
                 WorkloadKind::KubernetesPod,
                 &format!("uid-{name}"),
