@@ -5,7 +5,14 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum};
 use observer_common::DEFAULT_MAX_ENTRIES;
 
-use crate::{defaults, inventory::sources::Platform};
+use crate::{
+    defaults,
+    inventory::sources::Platform,
+    mackerel::{
+        select::{parse_list, parse_regex},
+        AllowedRoles, HostStatus, HostsMode,
+    },
+};
 
 /// Per-container and per-task network traffic, measured by eBPF at the cgroup v2 root.
 ///
@@ -117,6 +124,66 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_RETIRE_AFTER", default_value_t = defaults::RETIRE_AFTER_INTERVALS,
           value_parser = clap::value_parser!(u32).range(1..=MAX_RETIRE_AFTER_INTERVALS as i64))]
     pub retire_after: u32,
+
+    /// Which tasks and pods become Mackerel hosts: all, or opt-in (only those whose Docker
+    /// label, ECS dockerLabel or pod annotation mackerel.io/host is "true"). In either mode
+    /// mackerel.io/host=false makes none (for a task, any container's label counts; false
+    /// wins). Workloads that are not hosts still show in every other output.
+    #[arg(long, env = "OBSERVER_MACKEREL_HOSTS", value_enum, default_value_t = HostsMode::All)]
+    pub mackerel_hosts: HostsMode,
+
+    /// Only pods of these Kubernetes namespaces become Mackerel hosts (comma-separated)
+    /// [default: every namespace].
+    #[arg(
+        long,
+        env = "OBSERVER_MACKEREL_INCLUDE_NAMESPACES",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
+    pub mackerel_include_namespaces: Vec<String>,
+
+    /// Pods of these Kubernetes namespaces never become Mackerel hosts (comma-separated), e.g.
+    /// kube-system.
+    #[arg(
+        long,
+        env = "OBSERVER_MACKEREL_EXCLUDE_NAMESPACES",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
+    pub mackerel_exclude_namespaces: Vec<String>,
+
+    /// Only workloads whose name matches this regular expression become Mackerel hosts: the
+    /// pod name, or the ECS task definition family. Unanchored (use ^...$ for a whole name).
+    #[arg(long, env = "OBSERVER_MACKEREL_INCLUDE_WORKLOADS", value_name = "REGEX",
+          value_parser = parse_regex)]
+    pub mackerel_include_workloads: Option<regex::Regex>,
+
+    /// Workloads whose name (pod name, ECS task definition family) matches this regular
+    /// expression never become Mackerel hosts.
+    #[arg(long, env = "OBSERVER_MACKEREL_EXCLUDE_WORKLOADS", value_name = "REGEX",
+          value_parser = parse_regex)]
+    pub mackerel_exclude_workloads: Option<regex::Regex>,
+
+    /// Containers whose name matches this regular expression give their Mackerel host no
+    /// values and are left out of its meta, as mackerel-container-agent's ignoreContainer
+    /// (e.g. '^(istio-proxy|log-router)$'). Other outputs still show them.
+    #[arg(long, env = "MACKEREL_IGNORE_CONTAINER", value_name = "REGEX",
+          value_parser = parse_regex)]
+    pub mackerel_ignore_containers: Option<regex::Regex>,
+
+    /// Roles a workload's own mackerel.io/roles label or annotation may name, e.g.
+    /// 'shop:*,web:api' (service:role, service:* or *:*); `none` allows none. An entry outside
+    /// is not given to the host and is logged once per workload. MACKEREL_ROLES (the
+    /// operator's) are always given. [default: any role]
+    #[arg(long, env = "OBSERVER_MACKEREL_ALLOWED_ROLES", value_name = "PATTERNS",
+          value_parser = parse_allowed_roles)]
+    pub mackerel_allowed_roles: Option<AllowedRoles>,
+
+    /// Status set on each Mackerel host observer creates (as mackerel-container-agent's
+    /// hostStatusOnStart); a host found again after a restart keeps the status it has
+    /// [default: none set, the API's working].
+    #[arg(long, env = "MACKEREL_HOST_STATUS_ON_START", value_enum)]
+    pub mackerel_host_status_on_start: Option<HostStatus>,
 
     /// On SIGTERM or SIGINT, how long the outputs may take to deliver the last interval
     /// (Mackerel's buffer included) before observer exits anyway. Keep it below the
@@ -317,6 +384,25 @@ pub fn parse_health_timeout(s: &str) -> Result<Duration, String> {
     at_most(s, parse_duration(s)?, MAX_HEALTH_TIMEOUT, "health timeout")
 }
 
+fn parse_allowed_roles(s: &str) -> Result<AllowedRoles, String> {
+    AllowedRoles::parse(s).map_err(|e| e.to_string())
+}
+
+impl Args {
+    /// The Mackerel host selection the flags describe.
+    pub fn mackerel_selection(&self) -> crate::mackerel::Selection {
+        crate::mackerel::Selection {
+            mode: self.mackerel_hosts,
+            include_namespaces: parse_list(&self.mackerel_include_namespaces.join(",")),
+            exclude_namespaces: parse_list(&self.mackerel_exclude_namespaces.join(",")),
+            include_workloads: self.mackerel_include_workloads.clone(),
+            exclude_workloads: self.mackerel_exclude_workloads.clone(),
+            ignore_containers: self.mackerel_ignore_containers.clone(),
+            allowed_roles: self.mackerel_allowed_roles.clone(),
+        }
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{e} (expected a duration such as 60s, 5s, 1m or 500ms)"))
@@ -473,6 +559,51 @@ mod tests {
         assert!(Args::try_parse_from(["observer", "--interval", "0s"]).is_err());
         assert!(Args::try_parse_from(["observer", "--map-entries", "0"]).is_err());
         assert!(Args::try_parse_from(["observer", "--output", "xml"]).is_err());
+    }
+
+    #[test]
+    fn mackerel_selection_flags() {
+        let args = Args::try_parse_from(["observer"]).unwrap();
+        let s = args.mackerel_selection();
+        assert_eq!(s.mode, HostsMode::All);
+        assert!(s.include_namespaces.is_empty() && s.allowed_roles.is_none());
+        assert_eq!(args.mackerel_host_status_on_start, None);
+        let args = Args::try_parse_from([
+            "observer",
+            "--mackerel-hosts",
+            "opt-in",
+            "--mackerel-exclude-namespaces",
+            "kube-system, monitoring",
+            "--mackerel-ignore-containers",
+            "^istio-proxy$",
+            "--mackerel-allowed-roles",
+            "shop:*",
+            "--mackerel-host-status-on-start",
+            "standby",
+        ])
+        .unwrap();
+        let s = args.mackerel_selection();
+        assert_eq!(s.mode, HostsMode::OptIn);
+        assert_eq!(s.exclude_namespaces, ["kube-system", "monitoring"]);
+        assert!(s.ignore_containers.unwrap().is_match("istio-proxy"));
+        assert!(s.allowed_roles.unwrap().allows("shop:web"));
+        assert_eq!(
+            args.mackerel_host_status_on_start,
+            Some(HostStatus::Standby)
+        );
+        for (flag, value) in [
+            ("--mackerel-ignore-containers", "(app"),
+            ("--mackerel-include-workloads", "[z-a]"),
+            ("--mackerel-exclude-workloads", "*x"),
+            ("--mackerel-allowed-roles", "shop"),
+            ("--mackerel-host-status-on-start", "asleep"),
+            ("--mackerel-hosts", "some"),
+        ] {
+            let err = Args::try_parse_from(["observer", flag, value])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(flag), "{flag}: {err}");
+        }
     }
 
     #[test]

@@ -86,7 +86,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
         args.interval,
     )?;
-    if let Some(config) = mackerel {
+    if let Some(mut config) = mackerel {
+        config.selection = args.mackerel_selection();
+        config.host_status_on_start = args.mackerel_host_status_on_start;
         sinks.push(Box::new(MackerelSink::start(config)?));
     }
 

@@ -13,7 +13,10 @@ use std::{
 use observer_common::TrafficValue;
 
 use crate::{
-    inventory::{Container, Inventory, Limits, Workload, WorkloadKind, ROLES_LABEL},
+    inventory::{
+        host_label_value, Container, Inventory, Limits, Workload, WorkloadKind, DISPLAY_NAME_LABEL,
+        HOST_LABEL, MEMO_LABEL, ROLES_LABEL,
+    },
     resources::{cpu_percent, CgroupFs, ResourceError},
     snapshot::{ContainerReport, Usage, WorkloadReport},
 };
@@ -269,18 +272,35 @@ impl Workload {
     }
 }
 
-/// The workload's labels, plus `mackerel.io/roles` from the first container that has it as a
-/// Docker label when the workload itself has none (ECS puts task labels on containers).
-fn labels_with_roles(workload: &Workload) -> BTreeMap<String, String> {
+/// The workload's labels, plus the `mackerel.io/*` labels of its containers (ECS puts task
+/// labels on containers): roles, display name and memo from the first container that has
+/// them when the workload itself has none; `mackerel.io/host` from all of them, `"false"`
+/// winning over `"true"`, and either over a value that is neither.
+fn labels_with_mackerel(workload: &Workload) -> BTreeMap<String, String> {
     let mut labels = workload.labels.clone();
-    if !labels.contains_key(ROLES_LABEL) {
-        if let Some(roles) = workload
-            .containers
-            .iter()
-            .find_map(|c| c.labels.get(ROLES_LABEL))
-        {
-            labels.insert(ROLES_LABEL.to_owned(), roles.clone());
+    for key in [ROLES_LABEL, DISPLAY_NAME_LABEL, MEMO_LABEL] {
+        if !labels.contains_key(key) {
+            if let Some(value) = workload.containers.iter().find_map(|c| c.labels.get(key)) {
+                labels.insert(key.to_owned(), value.clone());
+            }
         }
+    }
+    let values = std::iter::once(&workload.labels)
+        .chain(workload.containers.iter().map(|c| &c.labels))
+        .filter_map(|l| l.get(HOST_LABEL));
+    let mut host: Option<&String> = None;
+    for value in values {
+        let rank = |v: &String| match host_label_value(v) {
+            Some(false) => 2,
+            Some(true) => 1,
+            None => 0,
+        };
+        if host.is_none_or(|h| rank(value) > rank(h)) {
+            host = Some(value);
+        }
+    }
+    if let Some(host) = host {
+        labels.insert(HOST_LABEL.to_owned(), host.clone());
     }
     labels
 }
@@ -345,7 +365,7 @@ pub fn report(
         id: workload.id.clone(),
         name: workload.name.clone(),
         namespace: workload.namespace.clone(),
-        labels: labels_with_roles(workload),
+        labels: labels_with_mackerel(workload),
         controller: workload
             .controller
             .clone()
@@ -442,6 +462,48 @@ mod tests {
         assert_eq!(
             r.labels.get(ROLES_LABEL).map(String::as_str),
             Some("shop:web")
+        );
+    }
+
+    /// Any container's `mackerel.io/host` counts for its task, and "false" wins.
+    #[test]
+    fn the_host_label_of_a_task_comes_from_its_containers_and_false_wins() {
+        let with = |name: &str, id: u64, host: Option<&str>| {
+            let mut c = container(name, &[id]);
+            if let Some(v) = host {
+                c.labels.insert(HOST_LABEL.into(), v.into());
+            }
+            c
+        };
+        for (values, want) in [
+            (vec![None, None], None),
+            (vec![Some("true"), None], Some("true")),
+            (vec![Some("true"), Some("false")], Some("false")),
+            (vec![Some("false"), Some("TRUE")], Some("false")),
+            (vec![Some("maybe"), Some("true")], Some("true")),
+            (vec![Some("maybe"), None], Some("maybe")),
+        ] {
+            let containers = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| with(&format!("c{i}"), 11 + i as u64, *v))
+                .collect();
+            let w = task(containers, &[]);
+            let r = report(&w, w.limits, &[], &HashMap::new());
+            assert_eq!(
+                r.labels.get(HOST_LABEL).map(String::as_str),
+                want,
+                "{values:?}"
+            );
+        }
+        let mut c = container("a", &[11]);
+        c.labels
+            .insert(MEMO_LABEL.into(), "on call: web team".into());
+        let w = task(vec![c], &[]);
+        let r = report(&w, w.limits, &[], &HashMap::new());
+        assert_eq!(
+            r.labels.get(MEMO_LABEL).map(String::as_str),
+            Some("on call: web team")
         );
     }
 

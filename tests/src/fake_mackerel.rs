@@ -1,8 +1,8 @@
 //! A fake Mackerel API on 127.0.0.1 (random port), strict like the real one: 403 without the
 //! right `X-Api-Key`, JSON bodies checked field by field, ids returned on create, hosts found by
-//! customIdentifier. It records everything it accepted (hosts, retirements, metric points,
-//! graph definitions) and every request, and can be told to fail: unreachable, 503, 429 with
-//! Retry-After, 400 with a body, or slow.
+//! customIdentifier. It records everything it accepted (hosts with their display name and
+//! memo, status changes, retirements, metric points, graph definitions) and every request,
+//! and can be told to fail: unreachable, 503, 429 with Retry-After, 400 with a body, or slow.
 
 use std::{
     net::SocketAddr,
@@ -88,6 +88,9 @@ pub struct FakeHost {
     pub status: String,
     pub meta: Value,
     pub role_fullnames: Vec<String>,
+    /// `displayName` and `memo` as last sent (create or update); None when omitted.
+    pub display_name: Option<String>,
+    pub memo: Option<String>,
     pub retired: bool,
     /// Successful PUTs.
     pub updates: u32,
@@ -127,6 +130,8 @@ struct Records {
     hosts: Vec<FakeHost>,
     points: Vec<Point>,
     retirements: Vec<Retirement>,
+    /// (host id, status) of every status change accepted, in order.
+    statuses: Vec<(String, String)>,
     graph_defs: Vec<Value>,
     requests: Vec<RequestRecord>,
     faults: Vec<(Fault, Scope)>,
@@ -231,6 +236,11 @@ impl FakeMackerel {
 
     pub fn retirements(&self) -> Vec<Retirement> {
         self.records().retirements.clone()
+    }
+
+    /// (host id, status) of every POST /api/v0/hosts/<id>/status accepted, in order.
+    pub fn statuses(&self) -> Vec<(String, String)> {
+        self.records().statuses.clone()
     }
 
     pub fn graph_defs(&self) -> Vec<Value> {
@@ -485,8 +495,28 @@ fn valid_role_part(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// name, meta, customIdentifier and roleFullnames of a create or update body.
-fn host_fields(v: &Value) -> Result<(String, Value, Option<String>, Vec<String>), String> {
+/// What a create or update body says.
+struct HostFields {
+    name: String,
+    meta: Value,
+    custom_identifier: Option<String>,
+    roles: Vec<String>,
+    display_name: Option<String>,
+    memo: Option<String>,
+}
+
+/// An optional string field: absent or null is None, anything but a string is refused.
+fn optional_string(v: &Value, key: &str) -> Result<Option<String>, String> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("{key} must be a string")),
+    }
+}
+
+/// name, meta, customIdentifier, roleFullnames, displayName and memo of a create or update
+/// body.
+fn host_fields(v: &Value) -> Result<HostFields, String> {
     let bad = |m: &str| Err(m.to_string());
     let Some(name) = v
         .get("name")
@@ -499,12 +529,9 @@ fn host_fields(v: &Value) -> Result<(String, Value, Option<String>, Vec<String>)
     if !meta.is_object() {
         return bad("meta must be an object");
     }
-    let custom_identifier = match v.get("customIdentifier") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return bad("customIdentifier must be a string"),
-    };
+    let custom_identifier = optional_string(v, "customIdentifier")?.filter(|s| !s.is_empty());
+    let display_name = optional_string(v, "displayName")?;
+    let memo = optional_string(v, "memo")?;
     let mut roles = Vec::new();
     match v.get("roleFullnames") {
         None | Some(Value::Null) => {}
@@ -524,13 +551,22 @@ fn host_fields(v: &Value) -> Result<(String, Value, Option<String>, Vec<String>)
         }
         Some(_) => return bad("roleFullnames must be an array"),
     }
-    Ok((name.to_string(), meta, custom_identifier, roles))
+    Ok(HostFields {
+        name: name.to_string(),
+        meta,
+        custom_identifier,
+        roles,
+        display_name,
+        memo,
+    })
 }
 
 fn host_json(h: &FakeHost) -> Value {
     json!({
         "id": h.id,
         "name": h.name,
+        "displayName": h.display_name,
+        "memo": h.memo,
         "customIdentifier": h.custom_identifier,
         "status": h.status,
         "meta": h.meta,
@@ -610,12 +646,12 @@ async fn create_host(State(inner): State<Shared>, body: Bytes) -> Response {
         Ok(v) => v,
         Err(m) => return bad_request(m),
     };
-    let (name, meta, custom_identifier, role_fullnames) = match host_fields(&v) {
+    let f = match host_fields(&v) {
         Ok(f) => f,
         Err(m) => return bad_request(m),
     };
     let mut records = inner.records.lock().unwrap();
-    if let Some(ci) = &custom_identifier {
+    if let Some(ci) = &f.custom_identifier {
         let taken = records
             .hosts
             .iter()
@@ -631,11 +667,13 @@ async fn create_host(State(inner): State<Shared>, body: Bytes) -> Response {
     let id = format!("fakeHost{:04}", records.next_id);
     records.hosts.push(FakeHost {
         id: id.clone(),
-        name,
-        custom_identifier,
+        name: f.name,
+        custom_identifier: f.custom_identifier,
         status: "working".into(),
-        meta,
-        role_fullnames,
+        meta: f.meta,
+        role_fullnames: f.roles,
+        display_name: f.display_name,
+        memo: f.memo,
         retired: false,
         updates: 0,
     });
@@ -647,7 +685,7 @@ async fn update_host(State(inner): State<Shared>, Path(id): Path<String>, body: 
         Ok(v) => v,
         Err(m) => return bad_request(m),
     };
-    let (name, meta, custom_identifier, roles) = match host_fields(&v) {
+    let f = match host_fields(&v) {
         Ok(f) => f,
         Err(m) => return bad_request(m),
     };
@@ -655,11 +693,13 @@ async fn update_host(State(inner): State<Shared>, Path(id): Path<String>, body: 
     let Some(h) = records.hosts.iter_mut().find(|h| h.id == id && !h.retired) else {
         return error(StatusCode::NOT_FOUND, "Host not found");
     };
-    h.name = name;
-    h.meta = meta;
-    h.custom_identifier = custom_identifier;
+    h.name = f.name;
+    h.meta = f.meta;
+    h.custom_identifier = f.custom_identifier;
+    h.display_name = f.display_name;
+    h.memo = f.memo;
     // The API keeps roles that an update does not name.
-    for r in roles {
+    for r in f.roles {
         if !h.role_fullnames.contains(&r) {
             h.role_fullnames.push(r);
         }
@@ -682,6 +722,7 @@ async fn set_status(State(inner): State<Shared>, Path(id): Path<String>, body: B
         return error(StatusCode::NOT_FOUND, "Host not found");
     };
     h.status = status.to_string();
+    records.statuses.push((id, status.to_string()));
     Json(json!({ "success": true })).into_response()
 }
 

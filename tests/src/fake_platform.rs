@@ -437,6 +437,7 @@ pub struct FakePod {
     pub namespace: String,
     pub name: String,
     pub labels: Vec<(String, String)>,
+    pub annotations: Vec<(String, String)>,
     /// (kind, name) of the controlling owner.
     pub owner: Option<(String, String)>,
     pub host_network: bool,
@@ -453,6 +454,7 @@ impl FakePod {
             namespace: namespace.into(),
             name: name.into(),
             labels: Vec::new(),
+            annotations: Vec::new(),
             owner: None,
             host_network: false,
             phase: "Running".into(),
@@ -484,6 +486,11 @@ impl FakePod {
         self
     }
 
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.into(), value.into()));
+        self
+    }
+
     pub fn owned_by(mut self, kind: &str, name: &str) -> Self {
         self.owner = Some((kind.into(), name.into()));
         self
@@ -503,6 +510,11 @@ impl FakePod {
     pub fn to_json(&self) -> Value {
         let labels: serde_json::Map<String, Value> = self
             .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let annotations: serde_json::Map<String, Value> = self
+            .annotations
             .iter()
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect();
@@ -544,7 +556,8 @@ impl FakePod {
         json!({
             "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid,
                          "resourceVersion": "4242", "creationTimestamp": "2026-01-01T00:00:00Z",
-                         "labels": labels, "ownerReferences": owners},
+                         "labels": labels, "annotations": annotations,
+                         "ownerReferences": owners},
             "spec": {"nodeName": "node-1", "hostNetwork": self.host_network,
                      "containers": specs, "restartPolicy": "Always"},
             "status": {"phase": self.phase, "qosClass": "BestEffort", "podIP": "10.0.1.23",

@@ -101,6 +101,8 @@ fn task(task: usize, step: usize) -> HostReport {
             json!({"task_arn": arn(task), "task_family": "web"}),
         ))),
         roles_label: None,
+        display_name: None,
+        memo: None,
         containers: vec![
             container("app", task, step, 0),
             container("~internal~ecs~pause", task, step, 1),

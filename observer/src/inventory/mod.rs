@@ -32,6 +32,28 @@ pub use crate::snapshot::{NetworkMode, OwnerRef, WorkloadKind};
 /// Docker label (ECS task containers) or pod annotation whose value, "service:role,...",
 /// names the Mackerel roles of a task's or pod's host.
 pub const ROLES_LABEL: &str = "mackerel.io/roles";
+/// Docker label or pod annotation, `"true"` or `"false"`: whether the task or pod is a
+/// Mackerel host (`--mackerel-hosts`). For a task, any container's label counts; false wins.
+pub const HOST_LABEL: &str = "mackerel.io/host";
+/// Docker label or pod annotation: the Mackerel host's display name.
+pub const DISPLAY_NAME_LABEL: &str = "mackerel.io/display-name";
+/// Docker label or pod annotation: the Mackerel host's memo.
+pub const MEMO_LABEL: &str = "mackerel.io/memo";
+/// The labels and annotations observer reads for Mackerel, carried with a workload's labels.
+pub const MACKEREL_LABELS: [&str; 4] = [ROLES_LABEL, HOST_LABEL, DISPLAY_NAME_LABEL, MEMO_LABEL];
+
+/// A `mackerel.io/host` value: true, false, or None for anything else (ignored, with a
+/// warning where it is used).
+pub fn host_label_value(value: &str) -> Option<bool> {
+    let value = value.trim();
+    if value.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if value.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        None
+    }
+}
 
 /// Everything a source knows about the node at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize)]

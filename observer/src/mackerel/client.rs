@@ -17,7 +17,7 @@ use reqwest::{
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::model::HostMeta;
+use super::model::{HostMeta, HostStatus};
 use crate::body::{self, BodyError};
 
 /// Longest Retry-After honoured as given; a longer one is treated as this.
@@ -80,6 +80,10 @@ impl fmt::Display for ApiKey {
 #[serde(rename_all = "camelCase")]
 pub struct HostParam {
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memo: Option<String>,
     pub custom_identifier: String,
     pub meta: HostMeta,
     pub role_fullnames: Vec<String>,
@@ -319,6 +323,15 @@ impl Client {
         const CALL: &str = "updating host";
         let url = self.url(CALL, &["api", "v0", "hosts", host_id])?;
         let _: serde::de::IgnoredAny = self.send(CALL, Method::PUT, url, Some(param)).await?;
+        Ok(())
+    }
+
+    /// Sets a host's status (working, standby, maintenance, poweroff).
+    pub async fn set_host_status(&self, host_id: &str, status: HostStatus) -> Result<(), ApiError> {
+        const CALL: &str = "setting host status";
+        let url = self.url(CALL, &["api", "v0", "hosts", host_id, "status"])?;
+        let body = serde_json::json!({ "status": status.as_str() });
+        let _: serde::de::IgnoredAny = self.send(CALL, Method::POST, url, Some(&body)).await?;
         Ok(())
     }
 
@@ -573,13 +586,25 @@ mod tests {
             serde_json::json!({"hostId": "h1", "name": "container.cpu.app.usage",
                                "time": 1_767_225_600, "value": 12.5})
         );
-        let p = serde_json::to_value(HostParam {
+        let mut param = HostParam {
             name: "n".into(),
+            display_name: None,
+            memo: None,
             custom_identifier: "ci".into(),
             meta: HostMeta::observer(None),
             role_fullnames: vec!["s:r".into()],
-        })
-        .unwrap();
+        };
+        let p = serde_json::to_value(&param).unwrap();
+        // Omitted when empty, as the container agent sends them.
+        assert!(
+            p.get("displayName").is_none() && p.get("memo").is_none(),
+            "{p}"
+        );
+        param.display_name = Some("web".into());
+        param.memo = Some("m".into());
+        let p = serde_json::to_value(&param).unwrap();
+        assert_eq!(p["displayName"], "web");
+        assert_eq!(p["memo"], "m");
         assert_eq!(p["customIdentifier"], "ci");
         assert_eq!(p["roleFullnames"][0], "s:r");
         let g = serde_json::to_value(GraphMetric {

@@ -4,7 +4,8 @@
 //!
 //! - A live task without a host id is registered: found by customIdentifier (so a restarted
 //!   observer re-uses its hosts), else created. The API creates hosts in status working, its
-//!   default; the status of a found host is left as it is (someone may have set maintenance).
+//!   default, and the caller then sets `--mackerel-host-status-on-start` if given; the status
+//!   of a found host is left as it is (someone may have set maintenance).
 //! - A registered host whose name, meta or roles differ from what was last sent is updated.
 //! - A task missing from the reports is retired once `retire_after` has passed since the last
 //!   report that had it. Absence is judged by complete reports only: while the inventory is
@@ -170,6 +171,8 @@ impl HostTable {
             self.entries.entry(h.key.clone()).or_insert(Entry {
                 wanted: HostParam {
                     name: h.name,
+                    display_name: None,
+                    memo: None,
                     custom_identifier: h.key,
                     meta: HostMeta::observer(None),
                     role_fullnames: Vec::new(),
@@ -323,6 +326,8 @@ mod tests {
     fn param(key: &str, role: &str) -> HostParam {
         HostParam {
             name: format!("name-{key}"),
+            display_name: None,
+            memo: None,
             custom_identifier: key.to_string(),
             meta: HostMeta::observer(None),
             role_fullnames: vec![role.to_string()],

@@ -237,6 +237,8 @@ mod tests {
             identity: HostIdentity::kubernetes(pod, pod).unwrap(),
             meta: HostMeta::observer(None),
             roles_label: None,
+            display_name: None,
+            memo: None,
             containers: vec![ContainerMetrics {
                 name: "app".into(),
                 cpu_percent: cpu,

@@ -3,9 +3,10 @@
 //!
 //! [`sink::MackerelSink`] is the output: each interval [`report`] turns the snapshot's tasks and
 //! pods into a [`model::IntervalReport`] and hands it to [`sink::MackerelReporter::report`],
-//! which never blocks. A tokio task owns the rest: [`hosts`] decides which host to find,
-//! create, update or retire, [`names`] turns values into metric names, [`buffer`] keeps them
-//! until the API has taken them, and [`client`] makes the calls.
+//! which never blocks; [`select`] decides which workloads are hosts at all. A tokio task owns
+//! the rest: [`hosts`] decides which host to find, create, update or retire, [`names`] turns
+//! values into metric names, [`buffer`] keeps them until the API has taken them, and
+//! [`client`] makes the calls.
 
 pub mod buffer;
 pub mod client;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod names;
 pub mod orphans;
 pub mod report;
+pub mod select;
 pub mod sink;
 pub mod state;
 
@@ -24,8 +26,10 @@ use crate::defaults;
 
 pub use client::{ApiError, ApiKey};
 pub use model::{
-    CloudMeta, ContainerMetrics, HostIdentity, HostMeta, HostReport, IntervalReport, Roles,
+    CloudMeta, ContainerMetrics, HostIdentity, HostMeta, HostReport, HostStatus, IntervalReport,
+    Roles,
 };
+pub use select::{AllowedRoles, HostsMode, Selection};
 pub use sink::{MackerelReporter, MackerelSink, ShutdownSummary};
 
 /// Everything the reporter needs. [`MackerelConfig::new`] has the defaults; the fields can be
@@ -65,6 +69,10 @@ pub struct MackerelConfig {
     /// Also post the `custom.observer.*` series (loopback bytes, packets) and their graphs.
     /// Each container adds 4 of them to the 6 the container agent's names take.
     pub custom_series: bool,
+    /// Which tasks and pods become hosts, and what their labels may decide.
+    pub selection: Selection,
+    /// Set once on each host observer creates; a host found after a restart keeps its own.
+    pub host_status_on_start: Option<HostStatus>,
 }
 
 /// Where the settings come from: flags or environment, as the caller read them.
@@ -148,6 +156,8 @@ impl MackerelConfig {
             backoff_max: defaults::BACKOFF_MAX,
             refused_retry: hosts::DEFAULT_REFUSED_RETRY,
             custom_series: true,
+            selection: Selection::default(),
+            host_status_on_start: None,
         }
     }
 

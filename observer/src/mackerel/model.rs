@@ -31,7 +31,37 @@ pub struct HostReport {
     /// Raw value of the task's `mackerel.io/roles` Docker label or pod annotation, if any;
     /// merged with the configured `MACKEREL_ROLES` by the reporter.
     pub roles_label: Option<String>,
+    /// From the `mackerel.io/display-name` label or annotation, capped in length.
+    pub display_name: Option<String>,
+    /// From the `mackerel.io/memo` label or annotation, capped in length.
+    pub memo: Option<String>,
     pub containers: Vec<ContainerMetrics>,
+}
+
+/// A Mackerel host status, as POST /api/v0/hosts/<id>/status takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostStatus {
+    Working,
+    Standby,
+    Maintenance,
+    Poweroff,
+}
+
+impl HostStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Working => "working",
+            HostStatus::Standby => "standby",
+            HostStatus::Maintenance => "maintenance",
+            HostStatus::Poweroff => "poweroff",
+        }
+    }
+}
+
+impl fmt::Display for HostStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A host's name and its customIdentifier, the key observer finds it by after a restart.
@@ -306,7 +336,7 @@ fn check_role(entry: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     let mut chars = s.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
     first_ok && s.len() >= 2 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')

@@ -3,31 +3,34 @@
 
 use serde_json::json;
 
-use super::model::{
-    CloudMeta, ContainerMetrics, HostIdentity, HostMeta, HostReport, IntervalReport,
+use super::{
+    model::{CloudMeta, ContainerMetrics, HostIdentity, HostMeta, HostReport, IntervalReport},
+    select::{capped, Selector, MAX_DISPLAY_NAME_CHARS, MAX_MEMO_CHARS},
 };
 use crate::{
-    inventory::ecs::LABEL_TASK_ARN,
+    inventory::{ecs::LABEL_TASK_ARN, DISPLAY_NAME_LABEL, MEMO_LABEL},
     snapshot::{per_second, Snapshot},
     snapshot::{ContainerReport, WorkloadKind, WorkloadReport},
 };
 
 pub use crate::inventory::ROLES_LABEL;
 
-/// Hosts for the tasks and pods of `snapshot`; Compose projects and lone containers have none.
-/// Workloads that cannot be named (an ECS task without its ARN) are left out with a debug line.
-pub fn interval_report(snapshot: &Snapshot) -> IntervalReport {
-    let hosts = snapshot
-        .workloads
-        .iter()
-        .filter_map(|w| match host_report(w, snapshot) {
-            Ok(host) => host,
-            Err(e) => {
-                log::debug!("Mackerel: no host for {}: {e}", w.name);
-                None
-            }
-        })
-        .collect();
+/// Hosts for the tasks and pods of `snapshot` that `selector` chooses; Compose projects and
+/// lone containers have none. Workloads that cannot be named (an ECS task without its ARN)
+/// are left out with a debug line.
+pub fn interval_report(snapshot: &Snapshot, selector: &mut Selector) -> IntervalReport {
+    let mut hosts = Vec::new();
+    for w in &snapshot.workloads {
+        if let Err(why) = selector.verdict(w) {
+            log::debug!("Mackerel: no host for {}: {why}", w.name);
+            continue;
+        }
+        match host_report(w, snapshot, selector) {
+            Ok(Some(host)) => hosts.push(host),
+            Ok(None) => {}
+            Err(e) => log::debug!("Mackerel: no host for {}: {e}", w.name),
+        }
+    }
     IntervalReport {
         time: snapshot.time,
         interval: snapshot.interval,
@@ -39,7 +42,14 @@ pub fn interval_report(snapshot: &Snapshot) -> IntervalReport {
 fn host_report(
     w: &WorkloadReport,
     snapshot: &Snapshot,
+    selector: &mut Selector,
 ) -> Result<Option<HostReport>, super::model::IdentityError> {
+    // Ignored containers are left out of the host altogether, meta included.
+    let containers: Vec<&ContainerReport> = w
+        .containers
+        .iter()
+        .filter(|c| selector.keeps_container(&c.name))
+        .collect();
     let (identity, cloud) = match w.kind {
         WorkloadKind::EcsTask => {
             let Some(arn) = w.labels.get(LABEL_TASK_ARN) else {
@@ -51,7 +61,7 @@ fn host_report(
                 "task_definition": w.name,
                 "cluster": w.namespace,
                 "network_mode": w.network_mode.name(),
-                "containers": w.containers.iter().map(|c| &c.name).collect::<Vec<_>>(),
+                "containers": containers.iter().map(|c| &c.name).collect::<Vec<_>>(),
             }));
             (HostIdentity::ecs(arn)?, cloud)
         }
@@ -64,7 +74,7 @@ fn host_report(
                 "uid": w.id,
                 "labels": w.labels,
                 "controller": w.controller.as_ref().map(|o| json!({"kind": o.kind, "name": o.name})),
-                "containers": w.containers.iter().map(|c| &c.name).collect::<Vec<_>>(),
+                "containers": containers.iter().map(|c| &c.name).collect::<Vec<_>>(),
             }));
             (HostIdentity::kubernetes(pod, &w.id)?, cloud)
         }
@@ -73,10 +83,11 @@ fn host_report(
     Ok(Some(HostReport {
         identity,
         meta: HostMeta::observer(Some(cloud)),
-        roles_label: w.labels.get(ROLES_LABEL).cloned(),
-        containers: w
-            .containers
-            .iter()
+        roles_label: selector.roles_label(w),
+        display_name: capped(w.labels.get(DISPLAY_NAME_LABEL), MAX_DISPLAY_NAME_CHARS),
+        memo: capped(w.labels.get(MEMO_LABEL), MAX_MEMO_CHARS),
+        containers: containers
+            .into_iter()
             .map(|c| container_metrics(c, snapshot))
             .collect(),
     }))
@@ -192,7 +203,7 @@ mod tests {
             workload(WorkloadKind::ComposeProject, "proj", "proj", &[]),
             workload(WorkloadKind::EcsTask, "no-arn", "x:1", &[]),
         ]);
-        let r = interval_report(&s);
+        let r = interval_report(&s, &mut Selector::default());
         assert_eq!(r.time, s.time);
         assert_eq!(
             r.hosts.len(),
@@ -211,6 +222,65 @@ mod tests {
         );
     }
 
+    /// Selection happens here: a workload that is not a host has no report at all, an ignored
+    /// container gives its host nothing, and display name and memo come from the labels.
+    #[test]
+    fn the_selection_decides_hosts_containers_and_labels() {
+        use crate::{
+            inventory::HOST_LABEL,
+            mackerel::select::{parse_regex, AllowedRoles, Selection},
+        };
+        let pod = |name: &str, labels: &[(&str, &str)]| {
+            let mut w = workload(
+                WorkloadKind::KubernetesPod,
+                &format!("uid-{name}"),
+                &format!("shop/{name}"),
+                labels,
+            );
+            let mut sidecar = w.containers[0].clone();
+            sidecar.name = "istio-proxy".into();
+            w.containers.push(sidecar);
+            w
+        };
+        let s = snapshot(vec![
+            pod("out", &[(HOST_LABEL, "false")]),
+            pod(
+                "web",
+                &[
+                    (DISPLAY_NAME_LABEL, " Web frontend "),
+                    (MEMO_LABEL, "owned by team web"),
+                    (ROLES_LABEL, "shop:web,billing:db"),
+                ],
+            ),
+        ]);
+        let mut selector = Selector::new(Selection {
+            ignore_containers: Some(parse_regex("^istio-proxy$").unwrap()),
+            allowed_roles: Some(AllowedRoles::parse("shop:*").unwrap()),
+            ..Selection::default()
+        });
+        let r = interval_report(&s, &mut selector);
+        assert_eq!(r.hosts.len(), 1, "{:?}", r.hosts);
+        let host = &r.hosts[0];
+        assert_eq!(host.identity.name, "web");
+        assert_eq!(host.display_name.as_deref(), Some("Web frontend"));
+        assert_eq!(host.memo.as_deref(), Some("owned by team web"));
+        assert_eq!(host.roles_label.as_deref(), Some("shop:web"));
+        let names: Vec<_> = host.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["app"]);
+        assert_eq!(
+            host.meta.cloud.as_ref().unwrap().metadata["containers"],
+            serde_json::json!(["app"])
+        );
+        // Without rules, both pods and both containers.
+        let r = interval_report(&s, &mut Selector::default());
+        assert_eq!(r.hosts.len(), 1, "host=false still holds");
+        assert_eq!(r.hosts[0].containers.len(), 2);
+        assert_eq!(
+            r.hosts[0].roles_label.as_deref(),
+            Some("shop:web,billing:db")
+        );
+    }
+
     #[test]
     fn container_metrics_are_rates_with_loopback_apart() {
         let arn = "arn:aws:ecs:us-east-1:111122223333:task/prod/8f03e41243824aea923aca126495f665";
@@ -220,7 +290,7 @@ mod tests {
             "web:12",
             &[(LABEL_TASK_ARN, arn)],
         )]);
-        let c = &interval_report(&s).hosts[0].containers[0];
+        let c = &interval_report(&s, &mut Selector::default()).hosts[0].containers[0];
         assert_eq!(c.name, "app");
         assert_eq!(c.rx_bytes_per_sec, 2000.0);
         assert_eq!(c.tx_bytes_per_sec, 0.0);

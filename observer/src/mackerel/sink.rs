@@ -31,10 +31,11 @@ use super::{
     client::{ApiError, Client, ClientError, HostParam},
     hosts::{Action, HostTable, Retire},
     minutes::{Closed, Minutes},
-    model::{HostReport, IntervalReport, Roles, RolesError},
+    model::{HostReport, HostStatus, IntervalReport, Roles, RolesError},
     names,
     orphans::Orphans,
     report::interval_report,
+    select::Selector,
     state::{Saved, StateFile},
     MackerelConfig,
 };
@@ -154,15 +155,18 @@ const SHUTDOWN_MARGIN: Duration = Duration::from_millis(500);
 pub struct MackerelSink {
     reporter: Option<MackerelReporter>,
     runtime: tokio::runtime::Handle,
+    selector: Selector,
 }
 
 impl MackerelSink {
     /// Starts the reporter on the current tokio runtime.
     pub fn start(config: MackerelConfig) -> Result<Self, ClientError> {
         let runtime = tokio::runtime::Handle::current();
+        let selector = Selector::new(config.selection.clone());
         Ok(Self {
             reporter: Some(MackerelReporter::start(config)?),
             runtime,
+            selector,
         })
     }
 }
@@ -177,7 +181,7 @@ impl Sink for MackerelSink {
         // real), marked incomplete so that nothing is retired on it.
         if snapshot.platform.is_some() {
             if let Some(reporter) = &self.reporter {
-                reporter.report(interval_report(snapshot));
+                reporter.report(interval_report(snapshot, &mut self.selector));
             }
         }
         Ok(())
@@ -446,6 +450,8 @@ impl Worker {
             }
             live.push(HostParam {
                 name: host.identity.name,
+                display_name: host.display_name,
+                memo: host.memo,
                 custom_identifier: host.identity.custom_identifier,
                 meta,
                 role_fullnames: roles,
@@ -702,8 +708,11 @@ impl Worker {
                         Ok(id) => {
                             self.available();
                             log::info!("Mackerel: created host {id} ({}) for {key}", param.name);
-                            self.hosts.registered(&key, id, Some(param));
+                            self.hosts.registered(&key, id.clone(), Some(param));
                             self.state_dirty = true;
+                            if let Some(status) = self.config.host_status_on_start {
+                                self.status_on_start(&id, status).await?;
+                            }
                         }
                         Err(e) => return self.host_failed(&key, &param.name, e),
                     }
@@ -746,6 +755,29 @@ impl Worker {
             }
         }
         self.between_calls()
+    }
+
+    /// `--mackerel-host-status-on-start` on a host just created. Tried once: a failure leaves
+    /// the host working (the API's default), said in a warning.
+    async fn status_on_start(&mut self, host_id: &str, status: HostStatus) -> ControlFlow<()> {
+        match self
+            .bounded(self.client.set_host_status(host_id, status))
+            .await
+        {
+            Ok(()) => {
+                self.available();
+                log::info!("Mackerel: host {host_id} set to {status}");
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                log::warn!("Mackerel: {e} -- host {host_id} stays working, not {status}");
+                if e.is_retryable() {
+                    self.unavailable(&e)
+                } else {
+                    ControlFlow::Continue(())
+                }
+            }
+        }
     }
 
     /// Runs one call, cut short when the shutdown deadline passes.
@@ -928,6 +960,8 @@ mod tests {
             identity: HostIdentity::kubernetes(pod, &format!("uid-{pod}")).unwrap(),
             meta: HostMeta::observer(None),
             roles_label: label.map(str::to_string),
+            display_name: None,
+            memo: None,
             containers: vec![ContainerMetrics {
                 name: "app".into(),
                 cpu_percent: Some(1.0),

@@ -13,7 +13,7 @@ use observer_common::{Counter, TrafficValue};
 
 use super::{json::JsonSink, prometheus::PrometheusSink, Sink};
 use crate::{
-    inventory::{ecs::LABEL_TASK_ARN, ROLES_LABEL},
+    inventory::{ecs::LABEL_TASK_ARN, DISPLAY_NAME_LABEL, MEMO_LABEL, ROLES_LABEL},
     mackerel::{self, client::HostParam, names},
     snapshot::{
         CgroupTraffic, ContainerReport, Health, NetworkMode, OwnerRef, PlatformStatus, Snapshot,
@@ -73,6 +73,8 @@ fn snapshot() -> Snapshot {
         let labels = BTreeMap::from([
             (value.clone(), value.clone()),
             (ROLES_LABEL.to_owned(), format!("{value},ok:fine,{value}:x")),
+            (DISPLAY_NAME_LABEL.to_owned(), format!("x{value}")),
+            (MEMO_LABEL.to_owned(), format!("x{value}")),
             (
                 LABEL_TASK_ARN.to_owned(),
                 format!("arn:aws:ecs:r:1:task/c/{value}"),
@@ -257,7 +259,8 @@ fn sample_label_values(line: &str, out: &mut Vec<String>) -> Option<()> {
 #[test]
 fn mackerel_names_and_bodies_keep_their_shape() {
     let snapshot = snapshot();
-    let report = mackerel::report::interval_report(&snapshot);
+    let report =
+        mackerel::report::interval_report(&snapshot, &mut mackerel::select::Selector::default());
     assert!(!report.hosts.is_empty());
     for host in &report.hosts {
         for c in &host.containers {
@@ -273,6 +276,8 @@ fn mackerel_names_and_bodies_keep_their_shape() {
         // The host's name and identifier travel as JSON strings, whatever they hold.
         let param = HostParam {
             name: host.identity.name.clone(),
+            display_name: host.display_name.clone(),
+            memo: host.memo.clone(),
             custom_identifier: host.identity.custom_identifier.clone(),
             meta: host.meta.clone(),
             role_fullnames: roles.as_slice().to_vec(),
@@ -280,6 +285,9 @@ fn mackerel_names_and_bodies_keep_their_shape() {
         let body = serde_json::to_string(&param).unwrap();
         let back: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(back["name"], host.identity.name.as_str());
+        let display_name = host.display_name.as_deref().expect("a display name");
+        assert_eq!(back["displayName"], display_name);
+        assert!(display_name.chars().count() <= mackerel::select::MAX_DISPLAY_NAME_CHARS);
         assert_eq!(
             back["customIdentifier"],
             host.identity.custom_identifier.as_str()

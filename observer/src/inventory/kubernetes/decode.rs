@@ -295,15 +295,17 @@ pub fn parse_container_id(s: &str) -> Option<(Runtime, &str)> {
 /// Label the Deployment controller puts on the pods of each ReplicaSet it makes.
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 
-/// Pod labels, plus the `mackerel.io/roles` annotation when the pod has one: the one
-/// annotation observer reports on (Mackerel roles of the pod's host).
-fn with_roles_annotation(
+/// Pod labels, plus the `mackerel.io/*` annotations the pod has (roles, host, display name,
+/// memo of its Mackerel host): the only annotations observer reports on.
+fn with_mackerel_annotations(
     labels: &BTreeMap<String, String>,
     annotations: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut labels = labels.clone();
-    if let Some(roles) = annotations.get(crate::inventory::ROLES_LABEL) {
-        labels.insert(crate::inventory::ROLES_LABEL.to_owned(), roles.clone());
+    for key in crate::inventory::MACKEREL_LABELS {
+        if let Some(value) = annotations.get(key) {
+            labels.insert(key.to_owned(), value.clone());
+        }
     }
     labels
 }
@@ -390,7 +392,7 @@ impl Pod {
             id: meta.uid.clone(),
             name: format!("{}/{}", meta.namespace, meta.name),
             namespace: Some(meta.namespace.clone()),
-            labels: with_roles_annotation(&meta.labels, &meta.annotations),
+            labels: with_mackerel_annotations(&meta.labels, &meta.annotations),
             owner: self.owner(),
             controller: self.controller(),
             status: self.status.phase.clone(),
@@ -535,7 +537,8 @@ mod tests {
     fn the_roles_annotation_is_carried_with_the_labels() {
         let body = r#"{"kind":"PodList","apiVersion":"v1","metadata":{},"items":[{
             "metadata":{"name":"web-1","namespace":"shop","uid":"8712f785-1a3e-41ec-a00b-e2dcc77431cb",
-              "labels":{"app":"web"},"annotations":{"mackerel.io/roles":"shop:web","other":"x"}},
+              "labels":{"app":"web"},"annotations":{"mackerel.io/roles":"shop:web","other":"x",
+                "mackerel.io/host":"false","mackerel.io/memo":"m"}},
             "spec":{"containers":[{"name":"app"}]},"status":{"phase":"Running"}}]}"#;
         let list = PodList::decode(body.as_bytes()).unwrap();
         let w = list.pods[0].to_workload().unwrap();
@@ -544,6 +547,14 @@ mod tests {
             Some("shop:web")
         );
         assert_eq!(w.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(
+            w.labels.get("mackerel.io/host").map(String::as_str),
+            Some("false")
+        );
+        assert_eq!(
+            w.labels.get("mackerel.io/memo").map(String::as_str),
+            Some("m")
+        );
         assert!(
             !w.labels.contains_key("other"),
             "other annotations stay out"
