@@ -134,6 +134,9 @@ struct Records {
     statuses: Vec<(String, String)>,
     graph_defs: Vec<Value>,
     requests: Vec<RequestRecord>,
+    /// GET /api/v0/hosts with a service filter, and GET /api/v0/tsdb/latest, answered.
+    role_listings: u64,
+    latest_queries: u64,
     faults: Vec<(Fault, Scope)>,
     next_id: u64,
 }
@@ -171,6 +174,7 @@ impl FakeMackerel {
             .route("/api/v0/hosts/{id}/retire", post(retire_host))
             .route("/api/v0/hosts/{id}/status", post(set_status))
             .route("/api/v0/tsdb", post(post_metrics))
+            .route("/api/v0/tsdb/latest", get(latest_values))
             .route("/api/v0/graph-defs/create", post(create_graph_defs))
             .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
             .layer(middleware::from_fn_with_state(inner.clone(), front_door))
@@ -232,6 +236,12 @@ impl FakeMackerel {
             .filter(|p| p.name.ends_with(suffix))
             .map(|p| p.value * period.as_secs_f64())
             .sum()
+    }
+
+    /// Listings by role and latest-value queries answered: how often observers looked.
+    pub fn lookups(&self) -> (u64, u64) {
+        let r = self.records();
+        (r.role_listings, r.latest_queries)
     }
 
     pub fn retirements(&self) -> Vec<Retirement> {
@@ -570,7 +580,7 @@ fn host_json(h: &FakeHost) -> Value {
         "customIdentifier": h.custom_identifier,
         "status": h.status,
         "meta": h.meta,
-        "roles": {},
+        "roles": roles_json(&h.role_fullnames),
         "isRetired": h.retired,
     })
 }
@@ -599,8 +609,74 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `roles` as the API shows it: `{"service": ["role", ...]}`.
+fn roles_json(fullnames: &[String]) -> Value {
+    let mut out = serde_json::Map::new();
+    for r in fullnames {
+        if let Some((service, role)) = r.split_once(':') {
+            let list = out
+                .entry(service.to_string())
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Value::Array(list) = list {
+                list.push(Value::String(role.to_string()));
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// GET /api/v0/tsdb/latest?hostId=..&name=..: `{"tsdbLatest": {hostId: {name: {time, value}
+/// or null}}}`; both parameters are required, as the real API requires them.
+async fn latest_values(State(inner): State<Shared>, RawQuery(query): RawQuery) -> Response {
+    let mut ids = Vec::new();
+    let mut names = Vec::new();
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match percent_decode(k).as_str() {
+            "hostId" => ids.push(percent_decode(v)),
+            "name" => names.push(percent_decode(v)),
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("unknown parameter {other}"),
+                )
+            }
+        }
+    }
+    if ids.is_empty() || names.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "hostId and name are required");
+    }
+    let mut records = inner.records.lock().unwrap();
+    records.latest_queries += 1;
+    let mut out = serde_json::Map::new();
+    for id in &ids {
+        if !records.hosts.iter().any(|h| &h.id == id) {
+            return error(StatusCode::NOT_FOUND, &format!("host {id} not found"));
+        }
+        let mut per = serde_json::Map::new();
+        for name in &names {
+            let latest = records
+                .points
+                .iter()
+                .filter(|p| &p.host_id == id && &p.name == name)
+                .max_by_key(|p| p.time)
+                .map(|p| json!({"time": p.time, "value": p.value}));
+            per.insert(name.clone(), latest.unwrap_or(Value::Null));
+        }
+        out.insert(id.clone(), Value::Object(per));
+    }
+    Json(json!({ "tsdbLatest": out })).into_response()
+}
+
 async fn list_hosts(State(inner): State<Shared>, RawQuery(query): RawQuery) -> Response {
     let mut custom_identifier = None;
+    let mut service = None;
+    let mut roles = Vec::new();
     let mut statuses = Vec::new();
     for pair in query
         .as_deref()
@@ -612,14 +688,21 @@ async fn list_hosts(State(inner): State<Shared>, RawQuery(query): RawQuery) -> R
         match percent_decode(k).as_str() {
             "customIdentifier" => custom_identifier = Some(percent_decode(v)),
             "status" => statuses.push(percent_decode(v)),
+            "service" => service = Some(percent_decode(v)),
+            "role" => roles.push(percent_decode(v)),
             _ => {}
         }
+    }
+    if !roles.is_empty() && service.is_none() {
+        return error(StatusCode::BAD_REQUEST, "role needs service");
     }
     if statuses.is_empty() {
         statuses = vec!["working".into(), "standby".into()];
     }
-    let records = inner.records.lock().unwrap();
-    let hosts: Vec<Value> = records
+    let hosts: Vec<Value> = inner
+        .records
+        .lock()
+        .unwrap()
         .hosts
         .iter()
         .filter(|h| !h.retired && statuses.contains(&h.status))
@@ -628,8 +711,20 @@ async fn list_hosts(State(inner): State<Shared>, RawQuery(query): RawQuery) -> R
                 .as_ref()
                 .is_none_or(|ci| h.custom_identifier.as_ref() == Some(ci))
         })
+        .filter(|h| {
+            service.as_ref().is_none_or(|s| {
+                h.role_fullnames.iter().any(|r| {
+                    r.split_once(':').is_some_and(|(hs, hr)| {
+                        hs == s && (roles.is_empty() || roles.iter().any(|x| x == hr))
+                    })
+                })
+            })
+        })
         .map(host_json)
         .collect();
+    if service.is_some() {
+        records_role_listing(&inner);
+    }
     Json(json!({ "hosts": hosts })).into_response()
 }
 
@@ -868,4 +963,8 @@ mod tests {
         );
         assert_eq!(percent_decode("a+b%zz%4"), "a b%zz%4");
     }
+}
+
+fn records_role_listing(inner: &Inner) {
+    inner.records.lock().unwrap().role_listings += 1;
 }
