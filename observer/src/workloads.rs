@@ -265,6 +265,7 @@ impl Workload {
             limits: container.limits,
             containers: vec![container.clone()],
             cgroup_ids: Vec::new(),
+            unlisted_since: None,
         }
     }
 }
@@ -402,6 +403,7 @@ mod tests {
             },
             containers,
             cgroup_ids: own.to_vec(),
+            unlisted_since: None,
         }
     }
 

@@ -411,6 +411,8 @@ async fn ecs_tasks(
                 })
             }),
             (None, Some(arn)) => found(&|t| t["Arn"] == arn.as_str()),
+            // The agent builds the list by appending to a nil slice: none is `null`.
+            (None, None) if tasks.is_empty() => json_response(&json!({ "Tasks": null })),
             (None, None) => json_response(&json!({ "Tasks": tasks })),
         }
     })
