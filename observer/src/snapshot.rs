@@ -38,7 +38,7 @@ pub struct PlatformStatus {
     /// Set while the source fails: the workloads are the last good answer, from this time.
     pub stale_since: Option<SystemTime>,
     /// Why, while stale: the latest failure, or an answer that listed no workload while
-    /// workloads' cgroups still existed.
+    /// workloads' cgroups still held processes.
     pub stale_reason: Option<String>,
     /// Failed calls to the source's API since start, empty answers taken for outages included.
     pub failures_total: u64,
@@ -61,7 +61,7 @@ impl PlatformStatus {
     }
 }
 
-/// A workload in the snapshot that its platform no longer lists while its cgroups exist.
+/// A workload in the snapshot that its platform no longer lists while its cgroups hold processes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unlisted {
     pub kind: WorkloadKind,

@@ -110,7 +110,7 @@ pub struct Workload {
     /// sandbox (pause) containers the API does not list, CRI-O's conmon.
     pub cgroup_ids: Vec<u64>,
     /// Set by [`refresh::Refresher`]: the source's answers have not listed this workload since
-    /// then, nor said it stopped, and its cgroups still exist, so it is kept as it was last
+    /// then, nor said it stopped, and its cgroups still hold processes, so it is kept as it was last
     /// listed. None for a workload of the latest answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unlisted_since: Option<SystemTime>,

@@ -8,7 +8,8 @@
 //!
 //! An answer is not the only word on what runs: the kernel's is the other. A workload the
 //! previous inventory had and a new answer leaves out is gone only when none of its cgroups
-//! exists any more in cgroupfs, or when the answer says it stopped ([`Inventory::stopped`]);
+//! is left in cgroupfs with a process in it, or when the answer says it stopped
+//! ([`Inventory::stopped`]);
 //! until then it is kept, marked [`Workload::unlisted_since`], so its traffic, CPU and memory
 //! stay its own. An answer that lists nothing at all while workloads of the last one still
 //! have cgroups is not believed: it is an outage, like a failed fetch (see
@@ -245,7 +246,7 @@ impl Refresher {
 
     /// Takes a source's answer, with the kernel's word on what it leaves out.
     ///
-    /// Why two rules and not one: keeping each left-out workload while its cgroups exist would
+    /// Why two rules and not one: keeping each left-out workload while its cgroups run would
     /// by itself keep every workload of an empty answer too, so nothing would be retired and no
     /// count lost. But it would take the empty answer for a true one: nothing would say that
     /// the source is broken (no stale mark, no `failures_total`, no log line of an outage), the
@@ -290,7 +291,7 @@ impl Refresher {
     }
 
     /// Indices of the workloads of the current inventory that `answer` leaves out, does not
-    /// say stopped, and whose cgroups still exist. A workload one of whose containers the
+    /// say stopped, and a cgroup of which still runs something ([`Refresher::cgroup_runs`]). A workload one of whose containers the
     /// answer lists elsewhere is not among them: the platform knows where that container is.
     fn still_running(&self, answer: &Inventory) -> Vec<usize> {
         let listed: HashSet<(WorkloadKind, &str)> = (answer.workloads.iter())
@@ -309,22 +310,26 @@ impl Refresher {
                     .iter()
                     .any(|c| containers.contains(c.id.as_str()))
             })
-            .filter(|(_, w)| w.all_cgroup_ids().any(|id| self.cgroup_exists(id)))
+            .filter(|(_, w)| w.all_cgroup_ids().any(|id| self.cgroup_runs(id)))
             .map(|(i, _)| i)
             .collect()
     }
 
-    /// True when the cgroup `id` still exists: its directory (by the path it was attached
-    /// under) is there and is the same cgroup (inode = cgroup id).
-    fn cgroup_exists(&self, id: u64) -> bool {
+    /// True when the cgroup `id` still runs something: its directory (by the path it was
+    /// attached under) is there, is the same cgroup (inode = cgroup id), and it or a child
+    /// holds a process. Populated, not only present: a task's or pod's own cgroup outlives its
+    /// containers until the agent or kubelet removes it, which a restarting one may not do.
+    fn cgroup_runs(&self, id: u64) -> bool {
         let Some(path) = self.attached_paths.get(&id) else {
             return false;
         };
-        match &self.cgroup_root {
-            Some(root) => cgroupfs::cgroup_id(&root.join(path.trim_start_matches('/')))
-                .is_ok_and(|found| found == id),
-            None => true,
-        }
+        let Some(root) = &self.cgroup_root else {
+            return true;
+        };
+        let dir = root.join(path.trim_start_matches('/'));
+        // No readable cgroup.events (not cgroup2): the directory alone says.
+        cgroupfs::cgroup_id(&dir).is_ok_and(|found| found == id)
+            && cgroupfs::is_populated(&dir).unwrap_or(true)
     }
 
     /// Moves the current inventory's workloads at `kept` into `answer`, marked as not listed
@@ -353,15 +358,16 @@ impl Refresher {
                 ("their", "them")
             };
             log::info!(
-                "inventory ({name}): {} no longer listed, but {its} cgroups still exist: kept \
-                 (marked not listed) until they go or the source lists or stops {it}",
+                "inventory ({name}): {} no longer listed, but {its} cgroups still hold \
+                 processes: kept (marked not listed) until they are empty or the source lists \
+                 or stops {it}",
                 names(&newly),
             );
         }
         if !left.is_empty() {
             log::info!(
                 "inventory ({name}): {} no longer kept as not listed (listed again, stopped, or \
-                 no cgroup left)",
+                 nothing left in its cgroups)",
                 names(&left)
             );
         }
@@ -410,8 +416,8 @@ fn empty_answer(source: &str, degraded: bool, running: usize) -> String {
         format!("{running} {many}'")
     };
     format!(
-        "{who} listed no {many} while {whose} containers still run (their cgroups exist); \
-         treating it as an outage"
+        "{who} listed no {many} while {whose} containers still run (their cgroups hold \
+         processes); treating it as an outage"
     )
 }
 
@@ -732,6 +738,13 @@ mod tests {
             std::fs::remove_dir(dir).unwrap();
         }
 
+        /// Leaves the task's container cgroup in place with no process in it, as cgroupfs
+        /// says in `cgroup.events`.
+        fn empty(&self, task: &str) {
+            let dir = self.root.join(format!("ecs/{task}/{}", container_of(task)));
+            std::fs::write(dir.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        }
+
         /// What a walk of the hierarchy made before any removal shows.
         fn walk(&self) -> Vec<(u64, &str)> {
             self.cgroups
@@ -760,7 +773,7 @@ mod tests {
         w.unlisted_since
     }
 
-    /// An answer that lists nothing while the tasks' cgroups exist is an outage: last good
+    /// An answer that lists nothing while the tasks' cgroups hold processes is an outage: last good
     /// inventory kept, stale with a reason, counted, retried with backoff; once the cgroups
     /// are gone the same empty answer is the truth.
     #[tokio::test(start_paused = true)]
@@ -789,7 +802,7 @@ mod tests {
         assert_eq!(
             stale.reason,
             "script listed no workloads while 2 workloads' containers still run (their \
-             cgroups exist); treating it as an outage"
+             cgroups hold processes); treating it as an outage"
         );
         assert_eq!(r.failures_total(), 1);
         // Retried on the backoff (1 s), not the interval; still empty: still an outage.
@@ -853,7 +866,7 @@ mod tests {
     }
 
     /// Left out and its cgroup gone: gone, even while the last walk still lists the cgroup
-    /// (cgroupfs is asked, not the walk); kept while it ran, gone once its cgroup goes.
+    /// (cgroupfs is asked, not the walk); kept while it ran, gone once its cgroup is empty.
     #[tokio::test(start_paused = true)]
     async fn a_task_left_out_whose_cgroup_is_gone_is_removed() {
         let mut tree = Hierarchy::new("gone");
@@ -885,7 +898,8 @@ mod tests {
         r.tick(t0, &walk).await;
         let (inv, _) = r.tick(t0 + 10 * S, &walk).await;
         assert!(unlisted(inv, TASK_C).is_some());
-        tree.remove(TASK_C);
+        // Its cgroup lingers, but holds no process: nothing of it runs.
+        tree.empty(TASK_C);
         let (inv, _) = r.tick(t0 + 20 * S, &walk).await;
         assert_eq!(ids(inv), [TASK_A]);
     }
@@ -945,7 +959,7 @@ mod tests {
         assert_eq!(
             empty_answer("ecs", false, 3),
             "the ECS agent listed no tasks while 3 tasks' containers still run (their cgroups \
-             exist); treating it as an outage"
+             hold processes); treating it as an outage"
         );
         assert!(empty_answer("kubernetes", false, 1)
             .starts_with("the kubelet listed no pods while 1 pod's containers still run"));

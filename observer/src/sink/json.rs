@@ -115,7 +115,7 @@ struct WorkloadLine<'a> {
     platform: Option<&'static str>,
     stale: bool,
     stale_reason: Option<&'a str>,
-    /// RFC 3339: the platform has not listed it since then, its cgroups still exist.
+    /// RFC 3339: the platform has not listed it since then, its cgroups still hold processes.
     unlisted_since: Option<String>,
     kind: WorkloadKind,
     id: &'a str,

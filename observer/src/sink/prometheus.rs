@@ -30,7 +30,7 @@
 //! | `observer_traffic_map_full_drops_total` | counter | | packets not counted because the map was full |
 //! | `observer_metadata_api_errors_total` | counter | | failed metadata API calls |
 //! | `observer_inventory_stale` | gauge | `source` | 1 while the metadata API fails and workloads are its last good answer |
-//! | `observer_inventory_unlisted_workloads` | gauge | `source` | workloads the metadata API no longer lists while their cgroups still exist, kept |
+//! | `observer_inventory_unlisted_workloads` | gauge | `source` | workloads the metadata API no longer lists while their cgroups still hold processes, kept |
 //! | `observer_mackerel_queue_depth` | gauge | | values waiting for the Mackerel API (absent without the Mackerel output) |
 //! | `observer_sink_dropped_total` | counter | `sink` | intervals an output could not take because it was still delivering earlier ones |
 //! | `observer_cycles_total` | counter | | intervals measured |

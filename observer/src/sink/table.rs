@@ -218,7 +218,7 @@ fn render(out: &mut impl Write, snapshot: &Snapshot, max_rows: usize) -> std::io
     }
     let unlisted = snapshot.platform.as_ref().map_or(0, |p| p.unlisted.len());
     if unlisted > 0 {
-        write!(out, "  {unlisted} not listed, kept: their cgroups exist")?;
+        write!(out, "  {unlisted} not listed, kept: their cgroups run")?;
     }
     if snapshot.health.map_full_drops > 0 {
         write!(
@@ -489,7 +489,7 @@ cgroup 42                     2.5 kB/s       0 B/s       -           -
         let out = table(&s, 20);
         assert!(
             out.lines().next().unwrap().ends_with(
-                "inventory stale since 2026-11-18T10:50:00Z  1 not listed, kept: their cgroups exist"
+                "inventory stale since 2026-11-18T10:50:00Z  1 not listed, kept: their cgroups run"
             ),
             "{out}"
         );

@@ -212,7 +212,7 @@ fn own(e: &mut DescriptorEncoder, state: &State) -> std::fmt::Result {
     family(
         e,
         "inventory_unlisted_workloads",
-        "Workloads the metadata API no longer lists while their cgroups still exist: kept, \
+        "Workloads the metadata API no longer lists while their cgroups still hold processes: kept, \
          their traffic still their own.",
         None,
         own.inventory.map(|i| {

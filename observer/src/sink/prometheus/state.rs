@@ -98,7 +98,7 @@ pub struct InventoryState {
     pub source: &'static str,
     /// The metadata API fails; the workloads are its last good answer.
     pub stale: bool,
-    /// Workloads kept while the source does not list them (their cgroups exist).
+    /// Workloads kept while the source does not list them (their cgroups hold processes).
     pub unlisted: usize,
 }
 
