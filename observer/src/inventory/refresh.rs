@@ -9,11 +9,10 @@
 //! An answer is not the only word on what runs: the kernel's is the other. A workload the
 //! previous inventory had and a new answer leaves out is gone only when none of its cgroups
 //! is left in cgroupfs with a process in it, or when the answer says it stopped
-//! ([`Inventory::stopped`]);
-//! until then it is kept, marked [`Workload::unlisted_since`], so its traffic, CPU and memory
-//! stay its own. An answer that lists nothing at all while workloads of the last one still
-//! have cgroups is not believed: it is an outage, like a failed fetch (see
-//! [`Refresher::succeeded`] for why both rules are needed).
+//! ([`Inventory::stopped`]); until then it is kept, marked [`Workload::unlisted_since`], so
+//! its traffic, CPU and memory stay its own. An answer that lists nothing at all while
+//! workloads of the last one still run is not believed: it is an outage, like a failed fetch
+//! (`Refresher::succeeded` says why both rules are needed).
 //!
 //! Time is passed in (`now`, a tokio [`Instant`]) so the logic can be tested with paused time
 //! or made-up instants.
@@ -130,7 +129,7 @@ impl Refresher {
     }
 
     /// Looks in the cgroup v2 hierarchy mounted at `root` (the one the ids are of) whether a
-    /// workload that an answer leaves out still has cgroups. Without it, the last walk of the
+    /// workload that an answer leaves out still runs. Without it, the last walk of the
     /// hierarchy says (it may be [`crate::cycle::WALK_AT_LEAST_EVERY`] intervals old).
     pub fn with_cgroup_root(mut self, root: PathBuf) -> Self {
         self.cgroup_root = Some(root);
@@ -291,8 +290,9 @@ impl Refresher {
     }
 
     /// Indices of the workloads of the current inventory that `answer` leaves out, does not
-    /// say stopped, and a cgroup of which still runs something ([`Refresher::cgroup_runs`]). A workload one of whose containers the
-    /// answer lists elsewhere is not among them: the platform knows where that container is.
+    /// say stopped, and a cgroup of which still runs something ([`Refresher::cgroup_runs`]).
+    /// A workload one of whose containers the answer lists elsewhere is not among them: the
+    /// platform knows where that container is.
     fn still_running(&self, answer: &Inventory) -> Vec<usize> {
         let listed: HashSet<(WorkloadKind, &str)> = (answer.workloads.iter())
             .map(|w| (w.kind, w.id.as_str()))
