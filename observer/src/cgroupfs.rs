@@ -97,6 +97,18 @@ pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
     Ok(fs::metadata(dir)?.ino())
 }
 
+/// Whether a v2 cgroup or one of its descendants holds a process (`populated` of its
+/// `cgroup.events`, which every cgroup but the root has). An error when the file cannot be
+/// read or says neither.
+pub fn is_populated(dir: &Path) -> io::Result<bool> {
+    let events = fs::read_to_string(dir.join("cgroup.events"))?;
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("populated "))
+        .map(|v| v.trim() == "1")
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no populated line"))
+}
+
 /// cgroup id -> path relative to the v2 root ("/" is the root, "/docker/<id>" a container).
 #[derive(Debug, Default)]
 pub struct CgroupIndex {
@@ -173,6 +185,22 @@ impl CgroupIndex {
 mod tests {
     use super::*;
     use crate::mountinfo::parse;
+
+    #[test]
+    fn populated_comes_from_cgroup_events() {
+        let dir = std::env::temp_dir().join(format!("observer-events-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let events = |text: &str| {
+            fs::write(dir.join("cgroup.events"), text).unwrap();
+            is_populated(&dir).ok()
+        };
+        assert_eq!(events("populated 1\nfrozen 0\n"), Some(true));
+        assert_eq!(events("populated 0\nfrozen 0\n"), Some(false));
+        assert_eq!(events("frozen 0\n"), None);
+        fs::remove_file(dir.join("cgroup.events")).unwrap();
+        assert!(is_populated(&dir).is_err());
+        fs::remove_dir(&dir).unwrap();
+    }
 
     const HYBRID: &str = "\
 24 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw

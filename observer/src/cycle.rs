@@ -10,7 +10,7 @@ use observer_common::TrafficValue;
 use crate::{
     collect::{CollectError, Collector},
     inventory::{refresh::Refresher, Inventory},
-    snapshot::{host_traffic, Health, PlatformStatus, SinkStatus, Snapshot},
+    snapshot::{host_traffic, Health, PlatformStatus, SinkStatus, Snapshot, Unlisted},
     workloads::Joiner,
 };
 
@@ -96,7 +96,9 @@ impl Cycle {
                 let platform = PlatformStatus {
                     source: refresher.source_name(),
                     stale_since: refresher.stale().map(|s| s.since),
+                    stale_reason: refresher.stale().map(|s| s.reason.clone()),
                     failures_total: refresher.failures_total(),
+                    unlisted: unlisted(refresher.inventory()),
                 };
                 (workloads, self.joiner.held(), Some(platform))
             }
@@ -144,6 +146,19 @@ impl Cycle {
         }
         unknown.into_iter().map(|u| u.cgroup_id).collect()
     }
+}
+
+/// The workloads kept while their platform does not list them.
+fn unlisted(inventory: &Inventory) -> Vec<Unlisted> {
+    (inventory.workloads.iter())
+        .filter_map(|w| {
+            Some(Unlisted {
+                kind: w.kind,
+                id: w.id.clone(),
+                since: w.unlisted_since?,
+            })
+        })
+        .collect()
 }
 
 fn has_container_without_cgroup(inventory: &Inventory) -> bool {

@@ -94,8 +94,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let selected = sources::select(&source_config(&args)).await?;
     log::info!("platform: {} ({})", selected.platform, selected.reason);
-    let refresher = (selected.platform != Platform::None)
-        .then(|| Refresher::new(selected.source, RefreshConfig::for_interval(args.interval)));
+    let refresher = (selected.platform != Platform::None).then(|| {
+        Refresher::new(selected.source, RefreshConfig::for_interval(args.interval))
+            .with_cgroup_root(root.clone())
+    });
     let joiner = Joiner::new(cgroupfs_for_resources(&host), host_facts(&host));
 
     let pins = if args.no_pin {

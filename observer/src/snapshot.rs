@@ -37,14 +37,37 @@ pub struct PlatformStatus {
     pub source: &'static str,
     /// Set while the source fails: the workloads are the last good answer, from this time.
     pub stale_since: Option<SystemTime>,
-    /// Failed calls to the source's API since start.
+    /// Why, while stale: the latest failure, or an answer that listed no workload while
+    /// workloads' cgroups still held processes.
+    pub stale_reason: Option<String>,
+    /// Failed calls to the source's API since start, empty answers taken for outages included.
     pub failures_total: u64,
+    /// Workloads kept although the source's answers no longer list them: their cgroups still
+    /// exist and the source has not said they stopped. At most one per cgroup that exists.
+    pub unlisted: Vec<Unlisted>,
 }
 
 impl PlatformStatus {
     pub fn is_stale(&self) -> bool {
         self.stale_since.is_some()
     }
+
+    /// Since when the source has not listed this workload, if it is one kept unlisted.
+    pub fn unlisted_since(&self, kind: WorkloadKind, id: &str) -> Option<SystemTime> {
+        self.unlisted
+            .iter()
+            .find(|u| u.kind == kind && u.id == id)
+            .map(|u| u.since)
+    }
+}
+
+/// A workload in the snapshot that its platform no longer lists while its cgroups hold processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unlisted {
+    pub kind: WorkloadKind,
+    pub id: String,
+    /// The first answer that left it out.
+    pub since: SystemTime,
 }
 
 /// Traffic of one cgroup during the interval.

@@ -268,6 +268,7 @@ impl Workload {
             limits: container.limits,
             containers: vec![container.clone()],
             cgroup_ids: Vec::new(),
+            unlisted_since: None,
         }
     }
 }
@@ -422,6 +423,7 @@ mod tests {
             },
             containers,
             cgroup_ids: own.to_vec(),
+            unlisted_since: None,
         }
     }
 

@@ -411,6 +411,8 @@ async fn ecs_tasks(
                 })
             }),
             (None, Some(arn)) => found(&|t| t["Arn"] == arn.as_str()),
+            // The agent builds the list by appending to a nil slice: none is `null`.
+            (None, None) if tasks.is_empty() => json_response(&json!({ "Tasks": null })),
             (None, None) => json_response(&json!({ "Tasks": tasks })),
         }
     })
@@ -542,15 +544,27 @@ impl FakePod {
                        "resources": {"limits": limits}})
             })
             .collect();
+        // In an ended phase every container has terminated, as the kubelet reports it.
+        let ended = match self.phase.as_str() {
+            "Succeeded" => Some((0, "Completed")),
+            "Failed" => Some((1, "Error")),
+            _ => None,
+        };
         let statuses: Vec<Value> = self
             .containers
             .iter()
             .map(|c| {
-                json!({"name": c.name, "ready": true, "restartCount": 0,
+                let state = match ended {
+                    Some((code, reason)) => json!({"terminated": {
+                        "exitCode": code, "reason": reason, "containerID": c.container_id,
+                        "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:05:00Z"}}),
+                    None => json!({"running": {"startedAt": "2026-01-01T00:00:00Z"}}),
+                };
+                json!({"name": c.name, "ready": ended.is_none(), "restartCount": 0,
                        "image": "local/busybox:latest",
                        "imageID": "docker.io/local/busybox@sha256:d691691e9652791a60114e67b365688d20d19940dde7c4736ea30e660d8d3553",
-                       "containerID": c.container_id, "started": true,
-                       "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}})
+                       "containerID": c.container_id, "started": ended.is_none(),
+                       "state": state})
             })
             .collect();
         json!({

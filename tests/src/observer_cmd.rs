@@ -142,6 +142,19 @@ impl ObserverCmd {
         self.stdout.try_iter().collect()
     }
 
+    /// Every stdout line so far (without waiting): those [`ObserverCmd::wait_stdout`] read
+    /// and those that have arrived since.
+    pub fn stdout_so_far(&mut self) -> &[String] {
+        self.seen.extend(self.stdout.try_iter());
+        &self.seen
+    }
+
+    /// Every stderr line so far (without waiting).
+    pub fn log_so_far(&mut self) -> &[String] {
+        self.log.extend(self.stderr.try_iter());
+        &self.log
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };

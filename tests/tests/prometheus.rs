@@ -96,6 +96,8 @@ fn snapshot(workloads: Vec<WorkloadReport>) -> Snapshot {
             source: "kubernetes",
             stale_since: None,
             failures_total: 0,
+            stale_reason: None,
+            unlisted: Vec::new(),
         }),
         health: Health {
             programs_attached: 2,

@@ -256,7 +256,9 @@ async fn a_stopped_task_leaves_on_the_next_refresh() {
     assert_eq!(task_ids(refresher.refresh(t0).await), [&a, &b]);
     // The agent keeps listing a stopped task for hours, as STOPPED.
     agent.set_tasks(&[task_a.clone(), task_b.stopped()]);
-    assert_eq!(task_ids(refresher.refresh(t0 + 5 * S).await), [&a]);
+    let inv = refresher.refresh(t0 + 5 * S).await;
+    assert_eq!(task_ids(inv), [&a]);
+    assert_eq!(inv.stopped, [(WorkloadKind::EcsTask, b.clone())]);
     agent.set_tasks(&[task_a]);
     assert_eq!(task_ids(refresher.refresh(t0 + 10 * S).await), [&a]);
 }
@@ -324,6 +326,14 @@ async fn kubelet_source_sends_the_rotating_token_over_verified_tls() {
         inv.workloads.len(),
         2,
         "the Succeeded pod has no cgroups left"
+    );
+    assert_eq!(
+        inv.stopped,
+        [(
+            WorkloadKind::KubernetesPod,
+            "3c3f4a1d-2b7e-4e0a-8f4d-6d8c9b0a1e2f".to_owned()
+        )],
+        "but it is known to have ended"
     );
     let web = &inv.workloads[0];
     assert_eq!(web.kind, WorkloadKind::KubernetesPod);

@@ -76,6 +76,11 @@ pub struct Inventory {
     /// kept since then.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale: Option<Stale>,
+    /// Workloads the answer lists as ended (ECS `KnownStatus` STOPPED, pod phase Succeeded or
+    /// Failed): not in `workloads`, and gone whatever cgroups of theirs linger. At most one
+    /// answer's worth ([`MAX_ITEMS`]), replaced by every answer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stopped: Vec<(WorkloadKind, String)>,
 }
 
 /// Why an inventory is old: its source has been failing since `since`.
@@ -126,6 +131,11 @@ pub struct Workload {
     /// cgroups of this workload that no listed container claims: the task or pod cgroup itself,
     /// sandbox (pause) containers the API does not list, CRI-O's conmon.
     pub cgroup_ids: Vec<u64>,
+    /// Set by [`refresh::Refresher`]: the source's answers have not listed this workload since
+    /// then, nor said it stopped, and its cgroups still hold processes, so it is kept as it was last
+    /// listed. None for a workload of the latest answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unlisted_since: Option<SystemTime>,
 }
 
 /// One container as the platform lists it.
@@ -164,6 +174,17 @@ pub struct Limits {
     pub memory_bytes: Option<u64>,
 }
 
+impl Workload {
+    /// Every cgroup attached to it: its containers' and its own.
+    pub fn all_cgroup_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.containers
+            .iter()
+            .flat_map(|c| c.cgroup_ids.iter())
+            .chain(&self.cgroup_ids)
+            .copied()
+    }
+}
+
 impl Inventory {
     /// An inventory with nothing in it, from `source`, now.
     pub fn empty(source: &'static str) -> Self {
@@ -175,6 +196,7 @@ impl Inventory {
             standalone: Vec::new(),
             degraded: None,
             stale: None,
+            stopped: Vec::new(),
         }
     }
 
@@ -467,6 +489,7 @@ mod tests {
             limits: Limits::default(),
             containers: vec![container(CID_A), container(CID_B)],
             cgroup_ids: vec![98],
+            unlisted_since: None,
         });
         inv.standalone.push(container(LONE));
         inv

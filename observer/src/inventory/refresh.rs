@@ -6,18 +6,27 @@
 //! after an outage logs once too and replaces the inventory, so a task that stopped meanwhile
 //! is gone from it.
 //!
+//! An answer is not the only word on what runs: the kernel's is the other. A workload the
+//! previous inventory had and a new answer leaves out is gone only when none of its cgroups
+//! is left in cgroupfs with a process in it, or when the answer says it stopped
+//! ([`Inventory::stopped`]); until then it is kept, marked [`Workload::unlisted_since`], so
+//! its traffic, CPU and memory stay its own. An answer that lists nothing at all while
+//! workloads of the last one still run is not believed: it is an outage, like a failed fetch
+//! (`Refresher::succeeded` says why both rules are needed).
+//!
 //! Time is passed in (`now`, a tokio [`Instant`]) so the logic can be tested with paused time
 //! or made-up instants.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
+    path::PathBuf,
     time::{Duration, SystemTime},
 };
 
 use tokio::time::Instant;
 
-use super::{Inventory, InventorySource, Stale, Unmatched};
-use crate::{backoff::Backoff, defaults};
+use super::{Inventory, InventorySource, Stale, Unmatched, Workload, WorkloadKind};
+use crate::{backoff::Backoff, cgroupfs, defaults};
 
 /// How often and how patiently to ask.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +88,12 @@ pub struct Refresher {
     asked: HashSet<u64>,
     attempts: u64,
     failures_total: u64,
+    /// The cgroup v2 mount, where a workload's cgroups are looked for once an answer leaves it
+    /// out. None: the last walk of the hierarchy is taken at its word.
+    cgroup_root: Option<PathBuf>,
+    /// Path under the v2 root of every cgroup attached to a workload at the last attach: where
+    /// to look for it. Replaced at every attach, so bounded by the cgroups that exist.
+    attached_paths: HashMap<u64, String>,
 }
 
 impl std::fmt::Debug for Refresher {
@@ -108,7 +123,17 @@ impl Refresher {
             asked: HashSet::new(),
             attempts: 0,
             failures_total: 0,
+            cgroup_root: None,
+            attached_paths: HashMap::new(),
         }
+    }
+
+    /// Looks in the cgroup v2 hierarchy mounted at `root` (the one the ids are of) whether a
+    /// workload that an answer leaves out still runs. Without it, the last walk of the
+    /// hierarchy says (it may be [`crate::cycle::WALK_AT_LEAST_EVERY`] intervals old).
+    pub fn with_cgroup_root(mut self, root: PathBuf) -> Self {
+        self.cgroup_root = Some(root);
+        self
     }
 
     /// The source's name ("ecs", "kubernetes", "docker", "none").
@@ -140,7 +165,16 @@ impl Refresher {
     /// Attaches `cgroups` to the current inventory again, without asking for a fetch (after a
     /// walk of the hierarchy found the cgroups of containers the last fetch listed).
     pub fn attach(&mut self, cgroups: &[(u64, &str)]) -> Vec<Unmatched> {
-        self.inventory.attach_cgroups(cgroups.iter().copied())
+        let unmatched = self.inventory.attach_cgroups(cgroups.iter().copied());
+        let attached: HashSet<u64> = (self.inventory.workloads.iter())
+            .flat_map(Workload::all_cgroup_ids)
+            .collect();
+        self.attached_paths = cgroups
+            .iter()
+            .filter(|(id, _)| attached.contains(id))
+            .map(|(id, path)| (*id, (*path).to_owned()))
+            .collect();
+        unmatched
     }
 
     /// Asks for a fetch at the next [`Refresher::refresh`], before the interval is up (a new
@@ -166,12 +200,12 @@ impl Refresher {
         now: Instant,
         cgroups: &[(u64, &str)],
     ) -> (&Inventory, Vec<Unmatched>) {
-        let mut unmatched = self.inventory.attach_cgroups(cgroups.iter().copied());
+        let mut unmatched = self.attach(cgroups);
         if unmatched.iter().any(|u| !self.asked.contains(&u.cgroup_id)) {
             self.want_now();
         }
         if self.refresh_if_due(now).await {
-            unmatched = self.inventory.attach_cgroups(cgroups.iter().copied());
+            unmatched = self.attach(cgroups);
             // A fetch happened with these in view: they have had their chance.
             self.asked = unmatched.iter().map(|u| u.cgroup_id).collect();
         }
@@ -202,15 +236,38 @@ impl Refresher {
         self.attempts += 1;
         let timeout = self.config.timeout;
         match tokio::time::timeout(timeout, self.source.fetch()).await {
-            Ok(Ok(inventory)) => self.succeeded(inventory),
+            Ok(Ok(inventory)) => self.succeeded(now, inventory),
             Ok(Err(e)) => self.failed(now, e.to_string()),
             Err(_) => self.failed(now, format!("no answer within {timeout:?}")),
         }
         true
     }
 
-    fn succeeded(&mut self, inventory: Inventory) {
+    /// Takes a source's answer, with the kernel's word on what it leaves out.
+    ///
+    /// Why two rules and not one: keeping each left-out workload while its cgroups run would
+    /// by itself keep every workload of an empty answer too, so nothing would be retired and no
+    /// count lost. But it would take the empty answer for a true one: nothing would say that
+    /// the source is broken (no stale mark, no `failures_total`, no log line of an outage), the
+    /// next try would wait a whole interval instead of the backoff, and the rest of the answer
+    /// (workloads that start meanwhile, their labels) would be believed while the source that
+    /// gave it has plainly lost track (a kubelet or agent just restarted). An answer that lists
+    /// nothing while the node runs workloads carries no information, so it is a failure; a
+    /// partial answer is believed for what it lists, and the kernel decides about the rest.
+    fn succeeded(&mut self, now: Instant, mut inventory: Inventory) {
         let name = self.source.name();
+        let kept = self.still_running(&inventory);
+        // Only workloads the last answer listed make an empty answer an outage: ones kept
+        // unlisted already are the kernel's word alone, and must not hold the source stale
+        // for as long as a cgroup of theirs lingers.
+        let listed_before = |&i: &usize| self.inventory.workloads[i].unlisted_since.is_none();
+        let lists_nothing = inventory.workloads.is_empty() && inventory.stopped.is_empty();
+        if lists_nothing && kept.iter().any(listed_before) {
+            let reason = empty_answer(name, inventory.degraded.is_some(), kept.len());
+            self.failed(now, reason);
+            return;
+        }
+        self.carry_over(&mut inventory, &kept);
         if let Some(stale) = &self.inventory.stale {
             let down = SystemTime::now()
                 .duration_since(stale.since)
@@ -230,6 +287,90 @@ impl Refresher {
         }
         self.inventory = inventory;
         self.backoff.succeeded();
+    }
+
+    /// Indices of the workloads of the current inventory that `answer` leaves out, does not
+    /// say stopped, and a cgroup of which still runs something ([`Refresher::cgroup_runs`]).
+    /// A workload one of whose containers the answer lists elsewhere is not among them: the
+    /// platform knows where that container is.
+    fn still_running(&self, answer: &Inventory) -> Vec<usize> {
+        let listed: HashSet<(WorkloadKind, &str)> = (answer.workloads.iter())
+            .map(|w| (w.kind, w.id.as_str()))
+            .chain(answer.stopped.iter().map(|(kind, id)| (*kind, id.as_str())))
+            .collect();
+        let containers: HashSet<&str> = (answer.workloads.iter())
+            .flat_map(|w| &w.containers)
+            .chain(&answer.standalone)
+            .map(|c| c.id.as_str())
+            .collect();
+        (self.inventory.workloads.iter().enumerate())
+            .filter(|(_, w)| !listed.contains(&(w.kind, w.id.as_str())))
+            .filter(|(_, w)| {
+                !w.containers
+                    .iter()
+                    .any(|c| containers.contains(c.id.as_str()))
+            })
+            .filter(|(_, w)| w.all_cgroup_ids().any(|id| self.cgroup_runs(id)))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// True when the cgroup `id` still runs something: its directory (by the path it was
+    /// attached under) is there, is the same cgroup (inode = cgroup id), and it or a child
+    /// holds a process. Populated, not only present: a task's or pod's own cgroup outlives its
+    /// containers until the agent or kubelet removes it, which a restarting one may not do.
+    fn cgroup_runs(&self, id: u64) -> bool {
+        let Some(path) = self.attached_paths.get(&id) else {
+            return false;
+        };
+        let Some(root) = &self.cgroup_root else {
+            return true;
+        };
+        let dir = root.join(path.trim_start_matches('/'));
+        // No readable cgroup.events (not cgroup2): the directory alone says.
+        cgroupfs::cgroup_id(&dir).is_ok_and(|found| found == id)
+            && cgroupfs::is_populated(&dir).unwrap_or(true)
+    }
+
+    /// Moves the current inventory's workloads at `kept` into `answer`, marked as not listed
+    /// (since the first answer that left them out), and logs who starts and stops being kept.
+    fn carry_over(&mut self, answer: &mut Inventory, kept: &[usize]) {
+        let kept: HashSet<usize> = kept.iter().copied().collect();
+        let label = |w: &Workload| format!("{} ({})", w.name, w.id);
+        let (mut newly, mut left) = (Vec::new(), Vec::new());
+        let previous = std::mem::take(&mut self.inventory.workloads);
+        for (i, mut w) in previous.into_iter().enumerate() {
+            if kept.contains(&i) {
+                if w.unlisted_since.is_none() {
+                    newly.push(label(&w));
+                    w.unlisted_since = Some(SystemTime::now());
+                }
+                answer.workloads.push(w);
+            } else if w.unlisted_since.is_some() {
+                left.push(label(&w));
+            }
+        }
+        let name = self.source.name();
+        if !newly.is_empty() {
+            let (its, it) = if newly.len() == 1 {
+                ("its", "it")
+            } else {
+                ("their", "them")
+            };
+            log::info!(
+                "inventory ({name}): {} no longer listed, but {its} cgroups still hold \
+                 processes: kept (marked not listed) until they are empty or the source lists \
+                 or stops {it}",
+                names(&newly),
+            );
+        }
+        if !left.is_empty() {
+            log::info!(
+                "inventory ({name}): {} no longer kept as not listed (listed again, stopped, or \
+                 nothing left in its cgroups)",
+                names(&left)
+            );
+        }
     }
 
     fn failed(&mut self, now: Instant, reason: String) {
@@ -260,6 +401,41 @@ impl Refresher {
     }
 }
 
+/// Why an answer that lists nothing is taken for an outage, in the platform's words.
+fn empty_answer(source: &str, degraded: bool, running: usize) -> String {
+    let (who, one, many) = match source {
+        "ecs" if degraded => ("the ECS Docker-label fallback", "task", "tasks"),
+        "ecs" => ("the ECS agent", "task", "tasks"),
+        "kubernetes" => ("the kubelet", "pod", "pods"),
+        "docker" => ("the Docker engine", "workload", "workloads"),
+        other => (other, "workload", "workloads"),
+    };
+    let whose = if running == 1 {
+        format!("1 {one}'s")
+    } else {
+        format!("{running} {many}'")
+    };
+    format!(
+        "{who} listed no {many} while {whose} containers still run (their cgroups hold \
+         processes); treating it as an outage"
+    )
+}
+
+/// Up to five names, then how many more.
+fn names(all: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = all
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if all.len() > SHOWN {
+        text.push_str(&format!(" and {} more", all.len() - SHOWN));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use std::{
@@ -279,6 +455,8 @@ mod tests {
     /// What the fake source does at its next fetch.
     enum Step {
         Tasks(Vec<&'static str>),
+        /// Lists the first tasks as running and says the second ones stopped.
+        Stopped(Vec<&'static str>, Vec<&'static str>),
         Fail,
         Hang,
     }
@@ -321,6 +499,14 @@ mod tests {
                         inv.workloads = ids.into_iter().map(task).collect();
                         Ok(inv)
                     }
+                    Some(Step::Stopped(running, stopped)) => {
+                        let mut inv = Inventory::empty("script");
+                        inv.workloads = running.into_iter().map(task).collect();
+                        inv.stopped = (stopped.into_iter())
+                            .map(|id| (WorkloadKind::EcsTask, id.to_owned()))
+                            .collect();
+                        Ok(inv)
+                    }
                     Some(Step::Fail) | None => Err(SourceError::Status {
                         url: "http://agent/v1/tasks".into(),
                         status: 500,
@@ -357,6 +543,7 @@ mod tests {
                 cgroup_ids: Vec::new(),
             }],
             cgroup_ids: Vec::new(),
+            unlisted_since: None,
         }
     }
 
@@ -509,5 +696,275 @@ mod tests {
             3,
             "no fetch storm for a cgroup nobody lists"
         );
+    }
+
+    // ---- workloads an answer leaves out: the kernel's word ----
+
+    const TASK_C: &str = "cccccccccccccccccccccccccccccccc";
+
+    /// A directory tree standing in for the cgroup v2 hierarchy: a "cgroup" is a directory,
+    /// its id the directory's inode, as in cgroupfs. Removed when dropped.
+    struct Hierarchy {
+        root: PathBuf,
+        /// (id, path under the root) of every container cgroup made.
+        cgroups: Vec<(u64, String)>,
+    }
+
+    impl Hierarchy {
+        fn new(label: &str) -> Self {
+            let root = std::env::temp_dir()
+                .join(format!("observer-refresh-{label}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root).unwrap();
+            Self {
+                root,
+                cgroups: Vec::new(),
+            }
+        }
+
+        /// Makes `/ecs/<task>/<container>` and returns its id.
+        fn container(&mut self, task: &str) -> u64 {
+            let path = format!("/ecs/{task}/{}", container_of(task));
+            let dir = self.root.join(&path[1..]);
+            std::fs::create_dir_all(&dir).unwrap();
+            let id = cgroupfs::cgroup_id(&dir).unwrap();
+            self.cgroups.push((id, path));
+            id
+        }
+
+        /// Removes the task's container cgroup from the tree; a walk may still list it.
+        fn remove(&self, task: &str) {
+            let dir = self.root.join(format!("ecs/{task}/{}", container_of(task)));
+            std::fs::remove_dir(dir).unwrap();
+        }
+
+        /// Leaves the task's container cgroup in place with no process in it, as cgroupfs
+        /// says in `cgroup.events`.
+        fn empty(&self, task: &str) {
+            let dir = self.root.join(format!("ecs/{task}/{}", container_of(task)));
+            std::fs::write(dir.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        }
+
+        /// What a walk of the hierarchy made before any removal shows.
+        fn walk(&self) -> Vec<(u64, &str)> {
+            self.cgroups
+                .iter()
+                .map(|(id, p)| (*id, p.as_str()))
+                .collect()
+        }
+    }
+
+    impl Drop for Hierarchy {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    fn refresher_in(script: &Script, tree: &Hierarchy) -> Refresher {
+        refresher(script).with_cgroup_root(tree.root.clone())
+    }
+
+    fn unlisted(inv: &Inventory, id: &str) -> Option<SystemTime> {
+        let w = inv
+            .workloads
+            .iter()
+            .find(|w| w.id == id)
+            .expect("in the inventory");
+        w.unlisted_since
+    }
+
+    /// An answer that lists nothing while the tasks' cgroups hold processes is an outage: last good
+    /// inventory kept, stale with a reason, counted, retried with backoff; once the cgroups
+    /// are gone the same empty answer is the truth.
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_answer_while_cgroups_exist_is_an_outage() {
+        let mut tree = Hierarchy::new("outage");
+        let (a, b) = (tree.container(TASK_A), tree.container(TASK_B));
+        let script = Script::default();
+        script
+            .then(Step::Tasks(vec![TASK_A, TASK_B]))
+            .then(Step::Tasks(vec![]))
+            .then(Step::Tasks(vec![]))
+            .then(Step::Tasks(vec![TASK_A, TASK_B]))
+            .then(Step::Tasks(vec![]));
+        let mut r = refresher_in(&script, &tree);
+        let t0 = Instant::now();
+        let walk = tree.walk();
+        r.tick(t0, &walk).await;
+
+        let t1 = t0 + 10 * S;
+        let (inv, _) = r.tick(t1, &walk).await;
+        assert_eq!(ids(inv), [TASK_A, TASK_B], "the last good inventory");
+        assert!(inv.workloads.iter().all(|w| w.unlisted_since.is_none()));
+        assert_eq!(inv.workloads[0].containers[0].cgroup_ids, [a]);
+        assert_eq!(inv.workloads[1].containers[0].cgroup_ids, [b]);
+        let stale = inv.stale.clone().expect("stale");
+        assert_eq!(
+            stale.reason,
+            "script listed no workloads while 2 workloads' containers still run (their \
+             cgroups hold processes); treating it as an outage"
+        );
+        assert_eq!(r.failures_total(), 1);
+        // Retried on the backoff (1 s), not the interval; still empty: still an outage.
+        r.tick(t1 + S, &walk).await;
+        assert_eq!(script.calls(), 3);
+        assert_eq!(r.stale().unwrap().failures, 2);
+        assert_eq!(r.failures_total(), 2);
+        // Then the source lists them again: fresh, nothing marked.
+        let (inv, _) = r.tick(t1 + 3 * S, &walk).await;
+        assert_eq!(script.calls(), 4);
+        assert!(inv.stale.is_none());
+        assert_eq!(ids(inv), [TASK_A, TASK_B]);
+
+        // The tasks really stop (their cgroups go; the walk has not seen it yet): the next
+        // empty answer is believed.
+        tree.remove(TASK_A);
+        tree.remove(TASK_B);
+        let (inv, _) = r.tick(t1 + 13 * S, &walk).await;
+        assert!(inv.workloads.is_empty(), "{:?}", ids(inv));
+        assert!(inv.stale.is_none());
+        assert_eq!(r.failures_total(), 2);
+    }
+
+    /// One task left out while its cgroup exists: kept, marked since the first answer that
+    /// left it out, its cgroup still its own; listed again, it is a plain workload again.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_left_out_while_its_cgroup_exists_is_kept_and_marked() {
+        let mut tree = Hierarchy::new("kept");
+        let (_, b) = (tree.container(TASK_A), tree.container(TASK_B));
+        let script = Script::default();
+        script
+            .then(Step::Tasks(vec![TASK_A, TASK_B]))
+            .then(Step::Tasks(vec![TASK_A]))
+            .then(Step::Tasks(vec![TASK_A]))
+            .then(Step::Tasks(vec![TASK_A, TASK_B]));
+        let mut r = refresher_in(&script, &tree);
+        let t0 = Instant::now();
+        let walk = tree.walk();
+        r.tick(t0, &walk).await;
+
+        let before = SystemTime::now();
+        let (inv, unmatched) = r.tick(t0 + 10 * S, &walk).await;
+        assert!(inv.stale.is_none(), "a partial answer is no outage");
+        assert_eq!(ids(inv), [TASK_A, TASK_B]);
+        assert!(unlisted(inv, TASK_A).is_none());
+        let since = unlisted(inv, TASK_B).expect("B marked not listed");
+        assert!(since >= before);
+        assert_eq!(inv.workloads[1].containers[0].cgroup_ids, [b], "still B's");
+        assert!(unmatched.is_empty(), "B's cgroup asks for no fetch");
+        assert_eq!(r.failures_total(), 0);
+
+        // Left out again: the same mark, from the first time.
+        let (inv, _) = r.tick(t0 + 20 * S, &walk).await;
+        assert_eq!(unlisted(inv, TASK_B), Some(since));
+        assert_eq!(inv.workloads.len(), 2);
+
+        // Listed again: a plain workload, no mark.
+        let (inv, _) = r.tick(t0 + 30 * S, &walk).await;
+        assert_eq!(ids(inv), [TASK_A, TASK_B]);
+        assert!(inv.workloads.iter().all(|w| w.unlisted_since.is_none()));
+    }
+
+    /// Left out and its cgroup gone: gone, even while the last walk still lists the cgroup
+    /// (cgroupfs is asked, not the walk); kept while it ran, gone once its cgroup is empty.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_left_out_whose_cgroup_is_gone_is_removed() {
+        let mut tree = Hierarchy::new("gone");
+        tree.container(TASK_A);
+        tree.container(TASK_B);
+        let script = Script::default();
+        script
+            .then(Step::Tasks(vec![TASK_A, TASK_B]))
+            .then(Step::Tasks(vec![TASK_A]))
+            .then(Step::Tasks(vec![TASK_A]));
+        let mut r = refresher_in(&script, &tree);
+        let t0 = Instant::now();
+        let walk = tree.walk();
+        r.tick(t0, &walk).await;
+        tree.remove(TASK_B);
+        let (inv, _) = r.tick(t0 + 10 * S, &walk).await;
+        assert_eq!(ids(inv), [TASK_A]);
+        assert!(inv.stale.is_none());
+
+        // Kept while it ran, removed once its cgroup goes.
+        tree.container(TASK_C);
+        let script = Script::default();
+        script
+            .then(Step::Tasks(vec![TASK_A, TASK_C]))
+            .then(Step::Tasks(vec![TASK_A]))
+            .then(Step::Tasks(vec![TASK_A]));
+        let mut r = refresher_in(&script, &tree);
+        let walk: Vec<(u64, &str)> = tree.walk();
+        r.tick(t0, &walk).await;
+        let (inv, _) = r.tick(t0 + 10 * S, &walk).await;
+        assert!(unlisted(inv, TASK_C).is_some());
+        // Its cgroup lingers, but holds no process: nothing of it runs.
+        tree.empty(TASK_C);
+        let (inv, _) = r.tick(t0 + 20 * S, &walk).await;
+        assert_eq!(ids(inv), [TASK_A]);
+    }
+
+    /// The platform says it stopped: gone, whatever cgroup lingers; and an answer that only
+    /// says so lists something, so it is no outage.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_the_platform_says_stopped_is_removed_though_its_cgroup_lingers() {
+        let mut tree = Hierarchy::new("stopped");
+        tree.container(TASK_A);
+        tree.container(TASK_B);
+        tree.container(TASK_C);
+        let script = Script::default();
+        script
+            .then(Step::Tasks(vec![TASK_A, TASK_B, TASK_C]))
+            .then(Step::Stopped(vec![TASK_A], vec![TASK_B]))
+            .then(Step::Stopped(vec![], vec![TASK_A, TASK_C]));
+        let mut r = refresher_in(&script, &tree);
+        let t0 = Instant::now();
+        let walk = tree.walk();
+        r.tick(t0, &walk).await;
+        let (inv, _) = r.tick(t0 + 10 * S, &walk).await;
+        assert_eq!(ids(inv), [TASK_A, TASK_C], "B stopped; C only left out");
+        assert!(unlisted(inv, TASK_C).is_some());
+        let (inv, _) = r.tick(t0 + 20 * S, &walk).await;
+        assert!(inv.workloads.is_empty(), "{:?}", ids(inv));
+        assert!(inv.stale.is_none());
+    }
+
+    /// An empty answer when only workloads kept unlisted are left is no outage: they stay
+    /// kept, and the source is not held stale for as long as a cgroup lingers.
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_answer_after_only_unlisted_ones_is_believed() {
+        let mut tree = Hierarchy::new("only-unlisted");
+        tree.container(TASK_A);
+        tree.container(TASK_B);
+        let script = Script::default();
+        script
+            .then(Step::Tasks(vec![TASK_A, TASK_B]))
+            .then(Step::Stopped(vec![], vec![TASK_A]))
+            .then(Step::Tasks(vec![]));
+        let mut r = refresher_in(&script, &tree);
+        let t0 = Instant::now();
+        let walk = tree.walk();
+        r.tick(t0, &walk).await;
+        let (inv, _) = r.tick(t0 + 10 * S, &walk).await;
+        assert_eq!(ids(inv), [TASK_B]);
+        let since = unlisted(inv, TASK_B).unwrap();
+        let (inv, _) = r.tick(t0 + 20 * S, &walk).await;
+        assert!(inv.stale.is_none());
+        assert_eq!(unlisted(inv, TASK_B), Some(since));
+        assert_eq!(r.failures_total(), 0);
+    }
+
+    #[test]
+    fn outage_reasons_speak_the_platforms_words() {
+        assert_eq!(
+            empty_answer("ecs", false, 3),
+            "the ECS agent listed no tasks while 3 tasks' containers still run (their cgroups \
+             hold processes); treating it as an outage"
+        );
+        assert!(empty_answer("kubernetes", false, 1)
+            .starts_with("the kubelet listed no pods while 1 pod's containers still run"));
+        assert!(empty_answer("ecs", true, 2).starts_with("the ECS Docker-label fallback"));
+        let many: Vec<String> = (0..7).map(|i| i.to_string()).collect();
+        assert_eq!(names(&many), "0, 1, 2, 3, 4 and 2 more");
     }
 }

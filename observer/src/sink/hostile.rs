@@ -124,6 +124,8 @@ fn snapshot() -> Snapshot {
             source: "kubernetes",
             stale_since: None,
             failures_total: 0,
+            stale_reason: None,
+            unlisted: Vec::new(),
         }),
         health: Health {
             programs_attached: 2,

@@ -114,6 +114,9 @@ struct WorkloadLine<'a> {
     head: Head<'a>,
     platform: Option<&'static str>,
     stale: bool,
+    stale_reason: Option<&'a str>,
+    /// RFC 3339: the platform has not listed it since then, its cgroups still hold processes.
+    unlisted_since: Option<String>,
     kind: WorkloadKind,
     id: &'a str,
     name: &'a str,
@@ -178,17 +181,19 @@ fn workload_line<'a>(
     time: &'a str,
     snapshot: &'a Snapshot,
 ) -> WorkloadLine<'a> {
+    let platform = snapshot.platform.as_ref();
     WorkloadLine {
         head: Head {
             r#type: "task",
             time,
             interval_seconds: snapshot.interval.as_secs_f64(),
         },
-        platform: snapshot.platform.as_ref().map(|p| p.source),
-        stale: snapshot
-            .platform
-            .as_ref()
-            .is_some_and(|p| p.stale_since.is_some()),
+        platform: platform.map(|p| p.source),
+        stale: platform.is_some_and(|p| p.stale_since.is_some()),
+        stale_reason: platform.and_then(|p| p.stale_reason.as_deref()),
+        unlisted_since: platform
+            .and_then(|p| p.unlisted_since(w.kind, &w.id))
+            .map(|t| humantime::format_rfc3339_millis(t).to_string()),
         kind: w.kind,
         id: &w.id,
         name: &w.name,
@@ -255,7 +260,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::snapshot::{CgroupTraffic, Health, NetworkMode, PlatformStatus};
+    use crate::snapshot::{CgroupTraffic, Health, NetworkMode, PlatformStatus, Unlisted};
 
     fn lines(snapshot: &Snapshot) -> Vec<Value> {
         let mut sink = JsonSink::new(Vec::new());
@@ -337,7 +342,21 @@ mod tests {
         s.platform = Some(PlatformStatus {
             source: "ecs",
             stale_since: Some(UNIX_EPOCH),
-            failures_total: 0,
+            failures_total: 1,
+            stale_reason: Some("the ECS agent listed no tasks".into()),
+            unlisted: vec![
+                Unlisted {
+                    kind: WorkloadKind::EcsTask,
+                    id: "8f03e41243824aea923aca126495f665".into(),
+                    since: UNIX_EPOCH + Duration::from_millis(1_794_999_000_250),
+                },
+                // Same id, another kind: not this task.
+                Unlisted {
+                    kind: WorkloadKind::KubernetesPod,
+                    id: "0".into(),
+                    since: UNIX_EPOCH,
+                },
+            ],
         });
         s.workloads = vec![WorkloadReport {
             kind: WorkloadKind::EcsTask,
@@ -371,6 +390,8 @@ mod tests {
         assert_eq!(t["type"], "task");
         assert_eq!(t["platform"], "ecs");
         assert_eq!(t["stale"], true);
+        assert_eq!(t["stale_reason"], "the ECS agent listed no tasks");
+        assert_eq!(t["unlisted_since"], "2026-11-18T10:50:00.250Z");
         assert_eq!(t["kind"], "ecs_task");
         assert_eq!(t["network_mode"], "awsvpc");
         assert_eq!(t["rx_bytes"], 4000);
@@ -384,5 +405,17 @@ mod tests {
         assert_eq!(c["rx_bytes"], 4000);
         assert_eq!(c["cpu_percent"], Value::Null);
         assert_eq!(lines[2]["workloads"], 1);
+
+        // Listed and answering: both null.
+        s.platform = Some(PlatformStatus {
+            stale_since: None,
+            stale_reason: None,
+            unlisted: Vec::new(),
+            ..s.platform.clone().unwrap()
+        });
+        let t = &self::lines(&s)[1];
+        assert_eq!(t["stale"], false);
+        assert_eq!(t["stale_reason"], Value::Null);
+        assert_eq!(t["unlisted_since"], Value::Null);
     }
 }

@@ -30,6 +30,7 @@
 //! | `observer_traffic_map_full_drops_total` | counter | | packets not counted because the map was full |
 //! | `observer_metadata_api_errors_total` | counter | | failed metadata API calls |
 //! | `observer_inventory_stale` | gauge | `source` | 1 while the metadata API fails and workloads are its last good answer |
+//! | `observer_inventory_unlisted_workloads` | gauge | `source` | workloads the metadata API no longer lists while their cgroups still hold processes, kept |
 //! | `observer_mackerel_queue_depth` | gauge | | values waiting for the Mackerel API (absent without the Mackerel output) |
 //! | `observer_mackerel_dropped_values_total` | counter | | values dropped unsent: the API did not take them within the buffer's bounds |
 //! | `observer_sink_dropped_total` | counter | `sink` | intervals an output could not take because it was still delivering earlier ones |
@@ -281,6 +282,13 @@ mod tests {
             sample(&text, r#"observer_inventory_stale{source="kubernetes"}"#),
             Some("0")
         );
+        assert_eq!(
+            sample(
+                &text,
+                r#"observer_inventory_unlisted_workloads{source="kubernetes"}"#
+            ),
+            Some("0")
+        );
         assert!(!text.contains("mackerel"), "absent until set");
         assert!(text.contains(r#"pod="db""#));
         assert!(!text.contains("/test/"), "never a cgroup path");
@@ -301,8 +309,20 @@ mod tests {
             ended: false,
         }];
         s.platform.as_mut().unwrap().failures_total = 2;
+        s.platform.as_mut().unwrap().unlisted = vec![crate::snapshot::Unlisted {
+            kind: crate::snapshot::WorkloadKind::KubernetesPod,
+            id: "web".into(),
+            since: std::time::UNIX_EPOCH,
+        }];
         sink.emit(&s).unwrap();
         let (_, _, text) = get(handle, "/metrics", None).await;
+        assert_eq!(
+            sample(
+                &text,
+                r#"observer_inventory_unlisted_workloads{source="kubernetes"}"#
+            ),
+            Some("1")
+        );
         assert_eq!(sample(&text, "observer_mackerel_queue_depth"), Some("12"));
         assert_eq!(
             sample(&text, "observer_mackerel_dropped_values_total"),

@@ -216,6 +216,10 @@ fn render(out: &mut impl Write, snapshot: &Snapshot, max_rows: usize) -> std::io
             humantime::format_rfc3339_seconds(since)
         )?;
     }
+    let unlisted = snapshot.platform.as_ref().map_or(0, |p| p.unlisted.len());
+    if unlisted > 0 {
+        write!(out, "  {unlisted} not listed, kept: their cgroups run")?;
+    }
     if snapshot.health.map_full_drops > 0 {
         write!(
             out,
@@ -334,6 +338,8 @@ mod tests {
                 source: "ecs",
                 stale_since: None,
                 failures_total: 0,
+                stale_reason: None,
+                unlisted: Vec::new(),
             }),
             health: Health::default(),
         }
@@ -464,6 +470,8 @@ cgroup 42                     2.5 kB/s       0 B/s       -           -
             source: "kubernetes",
             stale_since: Some(UNIX_EPOCH + Duration::from_secs(1_794_999_000)),
             failures_total: 0,
+            stale_reason: None,
+            unlisted: Vec::new(),
         });
         let out = table(&s, 20);
         assert!(
@@ -471,6 +479,18 @@ cgroup 42                     2.5 kB/s       0 B/s       -           -
                 .next()
                 .unwrap()
                 .ends_with("inventory stale since 2026-11-18T10:50:00Z"),
+            "{out}"
+        );
+        s.platform.as_mut().unwrap().unlisted = vec![crate::snapshot::Unlisted {
+            kind: WorkloadKind::KubernetesPod,
+            id: "u".into(),
+            since: UNIX_EPOCH,
+        }];
+        let out = table(&s, 20);
+        assert!(
+            out.lines().next().unwrap().ends_with(
+                "inventory stale since 2026-11-18T10:50:00Z  1 not listed, kept: their cgroups run"
+            ),
             "{out}"
         );
     }

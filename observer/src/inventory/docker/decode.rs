@@ -221,6 +221,7 @@ pub fn group_by_compose(containers: Vec<Container>) -> (Vec<Workload>, Vec<Conta
                 limits: Limits::default(),
                 containers,
                 cgroup_ids: Vec::new(),
+                unlisted_since: None,
             }
         })
         .collect();

@@ -183,6 +183,7 @@ impl TaskResponse {
             limits: Limits::default(),
             containers,
             cgroup_ids: Vec::new(),
+            unlisted_since: None,
         })
     }
 }
@@ -282,6 +283,7 @@ pub fn workloads_from_labels(containers: Vec<Container>) -> (Vec<Workload>, Vec<
                     limits: Limits::default(),
                     containers: Vec::new(),
                     cgroup_ids: Vec::new(),
+                    unlisted_since: None,
                 });
                 tasks.last_mut().expect("just pushed")
             }

@@ -25,11 +25,13 @@ use crate::{
         http::{base_url, get, ECS_AGENT},
         sources::{BuildError, SourceConfig},
         Container, Inventory, InventoryFuture, InventorySource, NetworkMode, SourceError,
+        WorkloadKind,
     },
 };
 
 /// The agent's status for a task that has stopped; the agent keeps listing such tasks for
-/// hours (`ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION`), but they have no cgroups left.
+/// hours (`ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION`). They are no workloads, and a cgroup of
+/// theirs that lingers does not keep them ([`Inventory::stopped`]).
 const STOPPED: &str = "STOPPED";
 
 /// The ECS agent introspection API, with the Docker socket as helper and fallback.
@@ -167,16 +169,24 @@ impl InventorySource for EcsSource {
     }
 }
 
-/// The inventory the agent's two answers describe: its running (not STOPPED) tasks.
+/// The inventory the agent's two answers describe: its running (not STOPPED) tasks, and the
+/// ids of the STOPPED ones in [`Inventory::stopped`].
+///
+/// Only `KnownStatus` says a task stopped: a task whose `DesiredStatus` is STOPPED is still
+/// stopping, its containers may run, so it is listed like any other until the agent knows.
 pub fn from_agent_answers(metadata: &AgentMetadata, tasks: &TasksResponse) -> Inventory {
     let node = metadata.node_info();
     let mut inventory = Inventory::empty("ecs");
     inventory.fetched_at = SystemTime::now();
-    inventory.workloads = tasks
-        .tasks
-        .iter()
-        .filter(|t| t.known_status != STOPPED)
+    let (stopped, running): (Vec<_>, Vec<_>) =
+        tasks.tasks.iter().partition(|t| t.known_status == STOPPED);
+    inventory.workloads = running
+        .into_iter()
         .filter_map(|t| t.to_workload(node.cluster.as_deref()))
+        .collect();
+    inventory.stopped = stopped
+        .into_iter()
+        .filter_map(|t| Some((WorkloadKind::EcsTask, t.task_id()?.to_owned())))
         .collect();
     inventory.node = node;
     inventory
@@ -291,8 +301,15 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("container-instance"));
-        // The fixture's second task is STOPPED: it has no cgroups, so it is not listed.
+        // The fixture's second task is STOPPED: not a workload, but known to have ended.
         assert_eq!(inv.workloads.len(), 1);
+        assert_eq!(
+            inv.stopped,
+            [(
+                WorkloadKind::EcsTask,
+                "090eff9b-1ce3-4db6-848a-a8d14064fd24".to_owned()
+            )]
+        );
         assert_eq!(inv.workloads[0].namespace.as_deref(), Some("cluster_name"));
         assert_eq!(inv.workloads[0].network_mode, NetworkMode::Awsvpc);
         assert!(inv.degraded.is_none() && inv.stale.is_none());

@@ -400,6 +400,7 @@ impl Pod {
             limits: self.limits(),
             containers,
             cgroup_ids: Vec::new(),
+            unlisted_since: None,
         })
     }
 

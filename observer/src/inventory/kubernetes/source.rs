@@ -15,11 +15,12 @@ use super::decode::{KubeletError, PodList};
 use crate::inventory::{
     http::{base_url, error_chain, read_body, KUBELET},
     sources::{BuildError, SourceConfig},
-    Inventory, InventoryFuture, InventorySource, SourceError,
+    Inventory, InventoryFuture, InventorySource, SourceError, WorkloadKind,
 };
 
-/// Pod phases whose containers have all ended: such pods stay in `/pods` until deleted, but
-/// have no cgroups left.
+/// Pod phases whose containers have all ended: such pods stay in `/pods` until deleted. They
+/// are no workloads, and a cgroup of theirs that lingers does not keep them
+/// ([`Inventory::stopped`]).
 const ENDED_PHASES: [&str; 2] = ["Succeeded", "Failed"];
 
 /// The kubelet's `/pods`.
@@ -117,14 +118,15 @@ impl KubeletSource {
         let mut inventory = Inventory::empty("kubernetes");
         inventory.fetched_at = SystemTime::now();
         inventory.node.instance = self.node_name.clone();
-        inventory.workloads = list
-            .pods
-            .iter()
-            .filter(|p| {
-                let phase = p.status.phase.as_deref().unwrap_or_default();
-                !ENDED_PHASES.contains(&phase)
-            })
-            .filter_map(|p| p.to_workload())
+        let (ended, live): (Vec<_>, Vec<_>) = list.pods.iter().partition(|p| {
+            let phase = p.status.phase.as_deref().unwrap_or_default();
+            ENDED_PHASES.contains(&phase)
+        });
+        inventory.workloads = live.into_iter().filter_map(|p| p.to_workload()).collect();
+        inventory.stopped = ended
+            .into_iter()
+            .filter(|p| !p.metadata.uid.is_empty())
+            .map(|p| (WorkloadKind::KubernetesPod, p.metadata.uid.clone()))
             .collect();
         Ok(inventory)
     }

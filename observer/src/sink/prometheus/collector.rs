@@ -204,8 +204,21 @@ fn own(e: &mut DescriptorEncoder, state: &State) -> std::fmt::Result {
         "inventory_stale",
         "1 while the metadata API fails and workloads are the last good answer, else 0.",
         None,
-        own.inventory
-            .map(|(source, stale)| (SourceLabel { source }, ConstGauge::new(i64::from(stale)))),
+        own.inventory.map(|i| {
+            let source = SourceLabel { source: i.source };
+            (source, ConstGauge::new(i64::from(i.stale)))
+        }),
+    )?;
+    family(
+        e,
+        "inventory_unlisted_workloads",
+        "Workloads the metadata API no longer lists while their cgroups still hold processes: kept, \
+         their traffic still their own.",
+        None,
+        own.inventory.map(|i| {
+            let source = SourceLabel { source: i.source };
+            (source, ConstGauge::new(i.unlisted as i64))
+        }),
     )?;
     single(
         e,

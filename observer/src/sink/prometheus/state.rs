@@ -78,8 +78,8 @@ pub struct Own {
     pub map_full_drops: u64,
     /// Failed calls to the platform's metadata API, since start.
     pub metadata_api_errors: u64,
-    /// `Some((source, stale))` once a platform is known.
-    pub inventory: Option<(&'static str, bool)>,
+    /// Once a platform is known.
+    pub inventory: Option<InventoryState>,
     /// Values waiting for the Mackerel API; None while no Mackerel output says otherwise.
     pub mackerel_queue_depth: Option<u64>,
     pub mackerel_dropped_values: Option<u64>,
@@ -91,6 +91,16 @@ pub struct Own {
     pub last_cycle_time: Option<SystemTime>,
     /// When the latest interval was recorded (monotonic, for /healthz).
     pub last_cycle_at: Option<Instant>,
+}
+
+/// How the platform's inventory stands, as of the latest interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InventoryState {
+    pub source: &'static str,
+    /// The metadata API fails; the workloads are its last good answer.
+    pub stale: bool,
+    /// Workloads kept while the source does not list them (their cgroups hold processes).
+    pub unlisted: usize,
 }
 
 /// Everything the endpoint shows.
@@ -155,10 +165,11 @@ impl State {
         own.map_full_drops = own
             .map_full_drops
             .saturating_add(snapshot.health.map_full_drops);
-        own.inventory = snapshot
-            .platform
-            .as_ref()
-            .map(|p| (p.source, p.stale_since.is_some()));
+        own.inventory = snapshot.platform.as_ref().map(|p| InventoryState {
+            source: p.source,
+            stale: p.is_stale(),
+            unlisted: p.unlisted.len(),
+        });
         own.cycles += 1;
         own.last_cycle_time = Some(snapshot.time);
         own.last_cycle_at = Some(now);
@@ -271,6 +282,8 @@ pub(crate) mod tests {
                 source: "kubernetes",
                 stale_since: None,
                 failures_total: 0,
+                stale_reason: None,
+                unlisted: Vec::new(),
             }),
             health: Health {
                 programs_attached: 2,
@@ -307,7 +320,14 @@ pub(crate) mod tests {
         assert_eq!(w.totals.traffic.0.rx.bytes, 3000);
         assert_eq!(state.own.cycles, 3);
         assert_eq!(state.own.map_full_drops, 3);
-        assert_eq!(state.own.inventory, Some(("kubernetes", false)));
+        assert_eq!(
+            state.own.inventory,
+            Some(InventoryState {
+                source: "kubernetes",
+                stale: false,
+                unlisted: 0
+            })
+        );
         assert_eq!(
             state.host,
             TrafficTotals::default(),
@@ -374,16 +394,33 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn staleness_follows_the_latest_snapshot() {
+    fn staleness_and_unlisted_workloads_follow_the_latest_snapshot() {
         let mut state = State::default();
         let mut s = snapshot(vec![], vec![]);
+        let unlisted = |id: &str| crate::snapshot::Unlisted {
+            kind: WorkloadKind::EcsTask,
+            id: id.into(),
+            since: UNIX_EPOCH,
+        };
         s.platform = Some(PlatformStatus {
             source: "ecs",
             stale_since: Some(UNIX_EPOCH),
             failures_total: 0,
+            stale_reason: None,
+            unlisted: vec![unlisted("a"), unlisted("b")],
         });
         state.record(&s, Instant::now());
-        assert_eq!(state.own.inventory, Some(("ecs", true)));
+        assert_eq!(
+            state.own.inventory,
+            Some(InventoryState {
+                source: "ecs",
+                stale: true,
+                unlisted: 2
+            })
+        );
+        s.platform.as_mut().unwrap().unlisted.pop();
+        state.record(&s, Instant::now());
+        assert_eq!(state.own.inventory.unwrap().unlisted, 1);
         s.platform = None;
         state.record(&s, Instant::now());
         assert_eq!(state.own.inventory, None);

@@ -126,6 +126,7 @@ impl SyntheticTasks {
                 limits: Limits::default(),
                 containers: Vec::new(),
                 cgroup_ids: Vec::new(),
+                unlisted_since: None,
             };
             for h in &hierarchies {
                 let dir = h.join("ecs").join(&task_id);
