@@ -722,12 +722,12 @@ fn check_state(state: &StateDir, task_def: &Value, tasks: usize, when: &str) -> 
     );
     eprintln!(
         "state {when}: {MACKEREL_FILE} in the state volume, {} bytes, mode {:o} (dir {:o}), uid \
-         {uid}: {hosts} hosts, {} buffered chunks, open period {}",
+         {uid}: {hosts} hosts, {} buffered chunks, open period from {}",
         facts.file_bytes,
         facts.file_mode,
         facts.dir_mode,
         saved["buffer"].as_array().map_or(0, Vec::len),
-        saved["open"]
+        saved["open"]["start"]
     );
     hosts
 }

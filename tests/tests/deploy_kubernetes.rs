@@ -1412,13 +1412,13 @@ fn check_state(node: &Node, uid: u32, pods: usize, when: &str) -> Result<usize> 
     );
     eprintln!(
         "state {when}: {} in the state volume, {} bytes, mode {:o} (dir {:o}), uid {uid}: {hosts} \
-         hosts, {} buffered chunks, open period {}",
+         hosts, {} buffered chunks, open period from {}",
         state_dir::MACKEREL_FILE,
         facts.file_bytes,
         facts.file_mode,
         facts.dir_mode,
         saved["buffer"].as_array().map_or(0, Vec::len),
-        saved["open"]
+        saved["open"]["start"]
     );
     Ok(hosts)
 }
