@@ -61,11 +61,18 @@ ECS_CAPABILITIES = {
     "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "SYSLOG", "WAKE_ALARM",
 }
 
+# The host directory the manifests give observer for its state (the Mackerel hosts, unsent
+# values and open minute), mounted at the same path in the container.
+STATE_HOST_DIR = "/var/lib/observer"
+# Host trees that are no place for observer's state: API filesystems, or shared by every node.
+NOT_NODE_STATE = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/run", "/mnt", "/home")
+
 # containerPath -> (host path, read-only), per platform.
 HOST_MOUNTS = {
     "/host/sys/fs/cgroup": ("/sys/fs/cgroup", True),
     "/host/proc": ("/proc", True),
     "/sys/fs/bpf": ("/sys/fs/bpf", False),
+    STATE_HOST_DIR: (STATE_HOST_DIR, False),
 }
 ECS_MOUNTS = {**HOST_MOUNTS, "/var/run/docker.sock": ("/var/run/docker.sock", True)}
 
@@ -101,6 +108,46 @@ def known_env_vars() -> tuple[set[str], str]:
         names = set(re.findall(r"\[env: ([A-Z0-9_]+)=", out.stdout))
         return names, "target/debug/observer --help"
     return names, "nothing (no observer/src, no target/debug/observer)"
+
+
+def observer_state_dir() -> tuple[str | None, str]:
+    """observer's default --state-dir (observer/src/defaults.rs), and where it was found."""
+    defaults = ROOT / "observer" / "src" / "defaults.rs"
+    if defaults.exists():
+        m = re.search(r'\bSTATE_DIR:\s*&str\s*=\s*"([^"]+)"', defaults.read_text())
+        if m:
+            return m.group(1), "observer/src/defaults.rs"
+    binary = ROOT / "target" / "debug" / "observer"
+    if binary.exists():
+        out = subprocess.run([binary, "--help"], capture_output=True, text=True, check=False)
+        m = re.search(r"--state-dir <[A-Z_]+>.*?\[default: ([^\]]+)\]", out.stdout, re.DOTALL)
+        if m:
+            return m.group(1), "target/debug/observer --help"
+    return None, "nothing (no observer/src/defaults.rs STATE_DIR, no target/debug/observer)"
+
+
+def state_mount(default: str | None, env: dict[str, Any], mounts: list[tuple[str, str | None, bool]],
+                what: str) -> list[str]:
+    """The directory observer keeps its state in (OBSERVER_STATE_DIR, else the default) is a
+    read-write mount of a node-local host directory. `mounts`: (container path, host path,
+    read-only)."""
+    path = env.get("OBSERVER_STATE_DIR") or default
+    if not path:
+        return [f"{what}: observer's default --state-dir is unknown"]
+    path = path.rstrip("/") or "/"
+    exact = [m for m in mounts if m[0].rstrip("/") == path]
+    if not exact:
+        return [f"{what}: nothing is mounted at {path}, observer's state dir: on a read-only root "
+                "filesystem the Mackerel state cannot be written, and a restart loses and reposts"]
+    p: list[str] = []
+    for _, host, read_only in exact:
+        if read_only:
+            p.append(f"{what}: the state dir {path} is mounted read-only; observer writes its state there")
+        if not host:
+            p.append(f"{what}: the state dir {path} is not a host directory (it would not outlive the container)")
+        elif any(host == d or host.startswith(d + "/") for d in NOT_NODE_STATE) or host == "/":
+            p.append(f"{what}: the state dir {path} comes from host path {host}, not a node-local directory")
+    return p
 
 
 def knows_health_subcommand() -> bool:
@@ -485,9 +532,57 @@ def k8s_contract(manifests: dict[str, list[dict]], kustomization: dict, image: s
     got_mounts = {m.get("mountPath"): (host.get(m.get("name")), bool(m.get("readOnly")))
                   for m in mounts}
     want("mounts (mountPath -> host path, read-only)", got_mounts, HOST_MOUNTS)
+    # The state dir may be missing on a new node (the kubelet makes it); every other host path is
+    # a filesystem the kubelet cannot create, so it must be there already.
+    state_volumes = {m.get("name") for m in mounts if m.get("mountPath") in (STATE_HOST_DIR,)}
     for v in volumes:
-        if "hostPath" in v and v["hostPath"].get("type") != "Directory":
-            p.append(f"volume {v.get('name')} hostPath type is {v['hostPath'].get('type')!r}, want Directory")
+        want_type = "DirectoryOrCreate" if v.get("name") in state_volumes else "Directory"
+        if "hostPath" in v and v["hostPath"].get("type") != want_type:
+            p.append(f"volume {v.get('name')} hostPath type is {v['hostPath'].get('type')!r}, want {want_type}")
+    return p
+
+
+def ecs_state(td: dict, default: str | None) -> list[str]:
+    p: list[str] = []
+    volumes = {v.get("name"): (v.get("host") or {}).get("sourcePath") for v in td.get("volumes") or []}
+    for c in td.get("containerDefinitions") or []:
+        env = {e.get("name"): e.get("value") for e in c.get("environment") or []}
+        mounts = [(m.get("containerPath", ""), volumes.get(m.get("sourceVolume")), bool(m.get("readOnly")))
+                  for m in c.get("mountPoints") or []]
+        p += state_mount(default, env, mounts, f"task-definition.json container {c.get('name')}")
+    return p
+
+
+def cfn_state(template: dict, default: str | None) -> list[str]:
+    p: list[str] = []
+    for r in resources_of(template, "AWS::ECS::TaskDefinition"):
+        props = r.get("Properties") or {}
+        volumes = {v.get("Name"): (v.get("Host") or {}).get("SourcePath") for v in props.get("Volumes") or []}
+        for c in props.get("ContainerDefinitions") or []:
+            env = {e.get("Name"): e.get("Value") for e in c.get("Environment") or []}
+            mounts = [(m.get("ContainerPath", ""), volumes.get(m.get("SourceVolume")), bool(m.get("ReadOnly")))
+                      for m in c.get("MountPoints") or []]
+            p += state_mount(default, env, mounts, f"cloudformation.yaml container {c.get('Name')}")
+    return p
+
+
+def k8s_state(manifests: dict[str, list[dict]], default: str | None) -> list[str]:
+    p: list[str] = []
+    for d in (d for ds in manifests.values() for d in ds if d.get("kind") == "DaemonSet"):
+        pod = d["spec"]["template"]["spec"]
+        volumes = {v.get("name"): v.get("hostPath") for v in pod.get("volumes") or []}
+        for c in pod.get("containers") or []:
+            env = {e.get("name"): e.get("value") for e in c.get("env") or []}
+            mounts = [(m.get("mountPath", ""), (volumes.get(m.get("name")) or {}).get("path"),
+                       bool(m.get("readOnly"))) for m in c.get("volumeMounts") or []]
+            what = f"DaemonSet container {c.get('name')}"
+            p += state_mount(default, env, mounts, what)
+            path = (env.get("OBSERVER_STATE_DIR") or default or "").rstrip("/")
+            for m in c.get("volumeMounts") or []:
+                hp = volumes.get(m.get("name")) or {}
+                if m.get("mountPath", "").rstrip("/") == path and hp.get("type") != "DirectoryOrCreate":
+                    p.append(f"{what}: the state dir's hostPath type is {hp.get('type')!r}, want "
+                             "DirectoryOrCreate (a new node has no such directory yet)")
     return p
 
 
@@ -563,10 +658,11 @@ def main() -> int:
     kustomization = yaml.safe_load(KUSTOMIZATION.read_text())
     k8s_version = kv_utils.latest_version()
     known, known_from = known_env_vars()
+    state_dir, state_from = observer_state_dir()
     r = Report()
 
     print(f"deploy check: image {image}; Kubernetes schemas {k8s_version} (strict); "
-          f"observer's env names from {known_from}")
+          f"observer's env names from {known_from}; its state dir {state_dir} from {state_from}")
 
     print("(a) ECS schema")
     r.check("task-definition.json is a valid RegisterTaskDefinition input (botocore ecs model)",
@@ -592,6 +688,10 @@ def main() -> int:
     r.check("every environment variable set is one observer knows",
             env_known(td, template, manifests, known) if known else ["found no env names of observer's"],
             f"{len(env_names(td, template, manifests))} names")
+    r.check("the state dir observer uses is a read-write mount of a node-local host directory "
+            "(task-definition.json, cloudformation.yaml, DaemonSet with DirectoryOrCreate)",
+            ecs_state(td, state_dir) + cfn_state(template, state_dir) + k8s_state(manifests, state_dir),
+            f"{state_dir}")
     r.check("observer has the `health` subcommand the ECS health check runs",
             [] if knows_health_subcommand() else ["no `health` subcommand found in observer/src"])
 
@@ -669,6 +769,68 @@ def main() -> int:
     r.must_reject("DaemonSet setting an env var observer does not know (OBSERVER_HOSTROOT)",
                   env_known(td, template, mutated(manifests, lambda m: ds_container(m)["env"].append(
                       {"name": "OBSERVER_HOSTROOT", "value": "/host"})), known))
+    # The state dir: gone, read-only, elsewhere, or not creatable on a new node.
+    def td_state_mount(t: dict) -> dict:
+        return next(m for m in t["containerDefinitions"][0]["mountPoints"]
+                    if m["containerPath"] == STATE_HOST_DIR)
+
+    def td_without_state(t: dict) -> None:
+        c = t["containerDefinitions"][0]
+        c["mountPoints"].remove(td_state_mount(t))
+        t["volumes"] = [v for v in t["volumes"] if v["host"]["sourcePath"] != STATE_HOST_DIR]
+
+    r.must_reject("task definition without the state volume (mount and volume both removed)",
+                  ecs_state(mutated(td, td_without_state), state_dir))
+    r.must_reject("task definition without the state volume (the contract's mounts)",
+                  ecs_contract(mutated(td, td_without_state), image))
+    r.must_reject("task definition with the state volume read-only",
+                  ecs_state(mutated(td, lambda t: set_path(td_state_mount(t), ["readOnly"], True)), state_dir))
+    r.must_reject("task definition pointing OBSERVER_STATE_DIR where nothing is mounted",
+                  ecs_state(mutated(td, lambda t: t["containerDefinitions"][0]["environment"].append(
+                      {"name": "OBSERVER_STATE_DIR", "value": "/var/lib/observer-state"})), state_dir))
+    r.must_reject("task definition whose state volume is the host's /tmp",
+                  ecs_state(mutated(td, lambda t: set_path(
+                      next(v for v in t["volumes"] if v["host"]["sourcePath"] == STATE_HOST_DIR),
+                      ["host", "sourcePath"], "/tmp/observer")), state_dir))
+
+    def cfn_state_mount(t: dict) -> dict:
+        return next(m for m in cfn_task(t)["Properties"]["ContainerDefinitions"][0]["MountPoints"]
+                    if m["ContainerPath"] == STATE_HOST_DIR)
+
+    r.must_reject("template with the state volume read-only (the check)",
+                  cfn_state(mutated(template, lambda t: set_path(cfn_state_mount(t), ["ReadOnly"], True)),
+                            state_dir))
+    r.must_reject("template with the state volume read-only (drift from the JSON)",
+                  cfn_matches_json(mutated(template, lambda t: set_path(cfn_state_mount(t), ["ReadOnly"], True)),
+                                   td))
+
+    def ds_state_mount(m: dict) -> dict:
+        return next(v for v in ds_container(m)["volumeMounts"] if v["mountPath"] == STATE_HOST_DIR)
+
+    def ds_state_volume(m: dict) -> dict:
+        name = ds_state_mount(m)["name"]
+        return next(v for v in ds_pod(m)["volumes"] if v["name"] == name)
+
+    def ds_without_state(m: dict) -> None:
+        name = ds_state_mount(m)["name"]
+        ds_container(m)["volumeMounts"].remove(ds_state_mount(m))
+        ds_pod(m)["volumes"] = [v for v in ds_pod(m)["volumes"] if v["name"] != name]
+
+    r.must_reject("DaemonSet without the state volume",
+                  k8s_state(mutated(manifests, ds_without_state), state_dir))
+    r.must_reject("DaemonSet with the state volume read-only",
+                  k8s_state(mutated(manifests, lambda m: set_path(ds_state_mount(m), ["readOnly"], True)),
+                            state_dir))
+    r.must_reject("DaemonSet with the state dir's hostPath type Directory (fails on a new node)",
+                  k8s_state(mutated(manifests, lambda m: set_path(ds_state_volume(m), ["hostPath", "type"],
+                                                                   "Directory")), state_dir))
+    r.must_reject("DaemonSet mounting the state volume beside observer's state dir",
+                  k8s_state(mutated(manifests, lambda m: set_path(ds_state_mount(m), ["mountPath"],
+                                                                   "/var/lib/observer-state")), state_dir))
+    r.must_reject("DaemonSet with the state volume under the host's /run (not kept per node)",
+                  k8s_state(mutated(manifests, lambda m: set_path(ds_state_volume(m), ["hostPath", "path"],
+                                                                   "/run/observer")), state_dir))
+
     r.must_reject("kustomization missing a manifest",
                   k8s_contract(manifests, mutated(kustomization, lambda k: k["resources"].pop()), image))
 

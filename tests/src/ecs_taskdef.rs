@@ -17,7 +17,7 @@
 //! - `awslogs` needs CloudWatch: the container logs to Docker's `json-file` driver instead, which
 //!   `docker logs` reads.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{Map, Value};
@@ -161,6 +161,10 @@ pub struct Overrides {
     /// engine cannot grant it (a dockerd without CAP_SYS_RESOURCE cannot raise a hard limit:
     /// runc then fails the container). Naming one the definition does not set fails.
     pub ulimits: BTreeMap<String, (i64, i64)>,
+    /// Host path replacing a volume's `host.sourcePath`, by volume name: a directory the test
+    /// made instead of the host's real one (e.g. /var/lib/observer). Naming a volume the
+    /// definition does not declare fails.
+    pub volume_sources: BTreeMap<String, PathBuf>,
 }
 
 /// A container health check as Docker runs it.
@@ -527,7 +531,7 @@ pub fn docker_run(task_def: &Value, container: &str, overrides: &Overrides) -> R
     }
 
     // Volumes.
-    let mut volumes: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut volumes: BTreeMap<&str, String> = BTreeMap::new();
     if let Some(list) = task.get("volumes") {
         for (i, v) in array(list, "volumes")?.iter().enumerate() {
             let v_what = format!("volumes[{i}]");
@@ -555,11 +559,30 @@ pub fn docker_run(task_def: &Value, container: &str, overrides: &Overrides) -> R
                     .with_context(|| format!("volume {name} has no host.sourcePath"))?,
                 &format!("{v_what}.host.sourcePath"),
             )?;
+            let source = match overrides.volume_sources.get(name) {
+                Some(dir) => {
+                    notes.push(format!(
+                        "volume {name}: host path {source} replaced by the test with {}",
+                        dir.display()
+                    ));
+                    dir.to_str()
+                        .with_context(|| format!("volume {name}: the test's path is not UTF-8"))?
+                        .to_owned()
+                }
+                None => source.to_owned(),
+            };
             ensure!(
                 volumes.insert(name, source).is_none(),
                 "two volumes are named {name}"
             );
         }
+    }
+    for name in overrides.volume_sources.keys() {
+        ensure!(
+            volumes.contains_key(name.as_str()),
+            "the test replaces the host path of volume {name}, which the task definition does \
+             not declare"
+        );
     }
     if let Some(list) = field("mountPoints") {
         for (i, m) in array(list, &at("mountPoints"))?.iter().enumerate() {
@@ -844,6 +867,7 @@ mod tests {
             secrets: [("MACKEREL_APIKEY".to_owned(), "k3y".to_owned())].into(),
             labels: vec![("test".into(), "deploy".into())],
             ulimits: BTreeMap::new(),
+            volume_sources: BTreeMap::new(),
         }
     }
 
@@ -986,6 +1010,39 @@ mod tests {
             .to_string();
         assert!(
             err.contains("nofile") && err.contains("does not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_volumes_host_path_can_be_replaced_but_not_invented() {
+        let mut o = overrides();
+        o.volume_sources
+            .insert("bpffs".into(), PathBuf::from("/tmp/obs-test-bpf"));
+        let run = docker_run(&manifest_like(), "observer", &o).unwrap();
+        let args = run.args();
+        assert!(
+            args.contains(&"/tmp/obs-test-bpf:/sys/fs/bpf".to_owned()),
+            "{args:?}"
+        );
+        assert!(
+            !args.iter().any(|a| a.starts_with("/sys/fs/bpf:")),
+            "{args:?}"
+        );
+        assert!(
+            run.notes
+                .iter()
+                .any(|n| n.contains("host path /sys/fs/bpf replaced")),
+            "{:?}",
+            run.notes
+        );
+        o.volume_sources
+            .insert("state".into(), PathBuf::from("/tmp/x"));
+        let err = docker_run(&manifest_like(), "observer", &o)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("volume state") && err.contains("does not declare"),
             "{err}"
         );
     }

@@ -162,8 +162,13 @@ impl Drop for FakeMackerel {
 }
 
 impl FakeMackerel {
-    /// Starts a fake that accepts `api_key` only.
+    /// Starts a fake that accepts `api_key` only, on 127.0.0.1.
     pub async fn start(api_key: &str) -> Self {
+        Self::start_at(api_key, "127.0.0.1:0").await
+    }
+
+    /// The same on `addr` (e.g. a veth's host side, for an observer in a namespace).
+    pub async fn start_at(api_key: &str, addr: &str) -> Self {
         let inner = Arc::new(Inner {
             api_key: api_key.to_string(),
             records: Mutex::new(Records::default()),
@@ -179,9 +184,9 @@ impl FakeMackerel {
             .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
             .layer(middleware::from_fn_with_state(inner.clone(), front_door))
             .with_state(inner.clone());
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(addr)
             .await
-            .expect("binding 127.0.0.1:0");
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         let addr = listener.local_addr().expect("local address");
         let listener = Gate {
             listener,

@@ -44,6 +44,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -181,6 +182,11 @@ pub struct Inputs<'a> {
     pub runtime_default_seccomp: Option<SeccompGenerator<'a>>,
     /// Variables the test adds after the manifest's (not part of the manifest: reported).
     pub test_env: &'a [(String, String)],
+    /// Host path replacing a hostPath volume's `path`, by volume name: a directory under one
+    /// the test made instead of the node's real one (e.g. /var/lib/observer). The volume's
+    /// type is then checked (and DirectoryOrCreate honoured) on that path. Naming a volume the
+    /// pod does not declare fails.
+    pub host_paths: &'a BTreeMap<String, PathBuf>,
 }
 
 /// Kubernetes QoS class, from the container's requests and limits.
@@ -756,13 +762,36 @@ pub fn translate(daemonset: &Value, inputs: &Inputs<'_>) -> Result<Pod> {
         let mut hp = vol
             .obj("hostPath")?
             .with_context(|| format!("{at}: only hostPath volumes are honoured"))?;
-        let path = hp
+        let manifest_path = hp
             .str("path")?
             .with_context(|| format!("{at}.hostPath.path: missing"))?;
+        let path = match inputs.host_paths.get(name) {
+            Some(p) => p
+                .to_str()
+                .with_context(|| format!("{at}: the test's host path is not UTF-8"))?,
+            None => manifest_path,
+        };
         let kind = hp.str("type")?.unwrap_or("");
         let meta = fs::metadata(path);
         match kind {
             "" => {}
+            // As the kubelet does: made 0755 (root-owned, the kubelet's user) if missing, and
+            // then it must be a directory.
+            "DirectoryOrCreate" => {
+                if meta.is_err() {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o755)
+                        .create(path)
+                        .with_context(|| {
+                            format!("{at}: creating hostPath {path} (DirectoryOrCreate)")
+                        })?;
+                }
+                ensure!(
+                    fs::metadata(path).is_ok_and(|m| m.is_dir()),
+                    "{at}: hostPath {path} is not a directory on this node (type DirectoryOrCreate)"
+                );
+            }
             "Directory" => ensure!(
                 meta.as_ref().is_ok_and(|m| m.is_dir()),
                 "{at}: hostPath {path} is not a directory on this node (type Directory)"
@@ -781,6 +810,12 @@ pub fn translate(daemonset: &Value, inputs: &Inputs<'_>) -> Result<Pod> {
         hp.done(&mut ignored)?;
         vol.done(&mut ignored)?;
         volumes.insert(name.to_owned(), path.to_owned());
+    }
+    for name in inputs.host_paths.keys() {
+        ensure!(
+            volumes.contains_key(name),
+            "the test replaces the host path of volume {name}, which the pod does not declare"
+        );
     }
 
     let containers = pod.list("containers")?;
@@ -1615,6 +1650,25 @@ mod tests {
     }
 
     fn translate_with(ds: &Value, secrets: &BTreeMap<(String, String), String>) -> Result<Pod> {
+        // The manifest's state dir is the node's /var/lib/observer, which DirectoryOrCreate
+        // would make: a directory of the test's instead.
+        let state = TempDir::new("obs-k8s-unit-state")?;
+        translate_paths(
+            ds,
+            secrets,
+            &[("state", state.path().join("observer"))].into(),
+        )
+    }
+
+    fn translate_paths(
+        ds: &Value,
+        secrets: &BTreeMap<(String, String), String>,
+        host_paths: &BTreeMap<&str, PathBuf>,
+    ) -> Result<Pod> {
+        let host_paths: BTreeMap<String, PathBuf> = host_paths
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
         let image = image();
         let inputs = Inputs {
             image: &image,
@@ -1631,6 +1685,7 @@ mod tests {
             service_account_dir: Some(Path::new("/tmp/sa")),
             runtime_default_seccomp: Some(&fake_seccomp),
             test_env: &[("OBSERVER_INTERVAL".into(), "2s".into())],
+            host_paths: &host_paths,
         };
         translate(ds, &inputs)
     }
@@ -1883,6 +1938,60 @@ mod tests {
             let err = format!("{:#}", translate_with(&ds, &BTreeMap::new()).unwrap_err());
             assert!(err.contains(want), "wanted {want:?} in: {err}");
         }
+    }
+
+    #[test]
+    fn directory_or_create_is_made_as_the_kubelet_makes_it() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let dir = TempDir::new("obs-k8s-unit-doc").unwrap();
+        let state = dir.path().join("var/lib/observer");
+        let pod = translate_paths(
+            &daemonset(),
+            &BTreeMap::new(),
+            &[("state", state.clone())].into(),
+        )
+        .unwrap();
+        let meta = fs::metadata(&state).expect("DirectoryOrCreate made the directory");
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(meta.uid(), euid);
+        let m = mount(&pod, "/var/lib/observer");
+        assert_eq!(m["source"], state.to_str().unwrap());
+        let opts = m["options"].as_array().unwrap();
+        assert!(!opts.iter().any(|o| o == "ro"), "{m}");
+        // There already: used as it is.
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+        translate_paths(
+            &daemonset(),
+            &BTreeMap::new(),
+            &[("state", state.clone())].into(),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::metadata(&state).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+        // A file in its place fails, as the kubelet fails the pod.
+        let file = dir.path().join("file");
+        fs::write(&file, b"").unwrap();
+        let err = translate_paths(&daemonset(), &BTreeMap::new(), &[("state", file)].into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DirectoryOrCreate"), "{err}");
+        // A volume the pod does not have.
+        let err = translate_paths(
+            &daemonset(),
+            &BTreeMap::new(),
+            &[("state", state.clone()), ("cache", state)].into(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("volume cache") && err.contains("does not declare"),
+            "{err}"
+        );
     }
 
     #[test]

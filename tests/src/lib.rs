@@ -14,6 +14,7 @@ pub mod netns;
 pub mod observer_cmd;
 pub mod process;
 pub mod prometheus_server;
+pub mod state_dir;
 pub mod stats;
 pub mod sysctl;
 pub mod traffic;

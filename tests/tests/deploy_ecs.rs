@@ -21,7 +21,10 @@
 //! /host/sys/fs/cgroup; its state pinned in /sys/fs/bpf/observer and taken over by the new
 //! containers; the container's health check (`/observer health`) makes it "healthy"; `docker
 //! stop` ends it with exit code 0 within the stop timeout; `observer detach` at the end
-//! removes the pins and unloads every program.
+//! removes the pins and unloads every program. The task definition's state volume (the
+//! instance's /var/lib/observer) is pointed at a directory under one the test made: after the
+//! `docker stop` and after the SIGKILL it holds observer's Mackerel state (mackerel.json, 0600,
+//! owned by the container's user), and each new container takes up the hosts it names.
 //!
 //! Needs root, a running dockerd and the image (`cargo xtask image`; OBSERVER_TEST_IMAGE
 //! names another); says SKIPPED otherwise (under CI a skip fails). Everything it makes is
@@ -54,6 +57,7 @@ use testbed::{
     fake_platform::{task_arn, FakeEcsAgent, FakeTask},
     host_bpffs::{self, HostBpffs, PIN_DIR},
     sh,
+    state_dir::{StateDir, MACKEREL_FILE, NODE_STATE_DIR},
     traffic::{at_in, trafficgen},
     unique, NetNs, Spawned, TestCgroup,
 };
@@ -66,6 +70,8 @@ const TASK_DEFINITION: &str = concat!(
 );
 /// The container of the task definition that is observer.
 const CONTAINER: &str = "observer";
+/// The task definition's volume for observer's state dir.
+const STATE_VOLUME: &str = "observer-state";
 /// The image `cargo xtask image` builds (the manifest's); this variable names another.
 const IMAGE_ENV: &str = "OBSERVER_TEST_IMAGE";
 const DEFAULT_IMAGE: &str = "registry.example.com/observer/observer:0.1.0";
@@ -130,6 +136,8 @@ struct Made {
     iptables_rules: Vec<Vec<String>>,
     /// The test mounted the bpffs at /sys/fs/bpf.
     bpffs_mounted: bool,
+    /// The instance's real state dir existed before the test (the test must not make it).
+    node_state_existed: bool,
 }
 
 #[test]
@@ -153,7 +161,10 @@ fn the_ecs_task_definition_runs_observer_healthy_and_reporting_every_task_across
         return;
     }
     let started = Instant::now();
-    let made = Mutex::new(Made::default());
+    let made = Mutex::new(Made {
+        node_state_existed: Path::new(NODE_STATE_DIR).exists(),
+        ..Made::default()
+    });
     let result = catch_unwind(AssertUnwindSafe(|| scenario(&image, &made)));
     let made = made.into_inner().unwrap_or_else(|e| e.into_inner());
     let leftovers = leftovers(&made);
@@ -178,6 +189,8 @@ fn scenario(image: &str, made: &Mutex<Made>) {
         .unwrap_or_else(|e| panic!("{TASK_DEFINITION}: {e}"));
     let task_def: Value = serde_json::from_str(&text).expect("the task definition is JSON");
     let observer_name = unique("obs-deploy-ecs");
+    // Stands in for the instance's /var/lib/observer; Docker creates the directory itself.
+    let state = StateDir::new("obs-deploy-ecs-state").expect("the state dir's parent");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -219,6 +232,7 @@ fn scenario(image: &str, made: &Mutex<Made>) {
             secrets: [("MACKEREL_APIKEY".to_owned(), API_KEY.to_owned())].into(),
             labels: vec![(CLEANUP_LABEL.into(), TEST.into())],
             ulimits: ecs_taskdef::memlock_this_engine_grants(&task_def, CONTAINER),
+            volume_sources: [(STATE_VOLUME.to_owned(), state.path())].into(),
         },
     )
     .unwrap_or_else(|e| panic!("deploy/ecs/task-definition.json: {e:#}"));
@@ -491,9 +505,11 @@ fn scenario(image: &str, made: &Mutex<Made>) {
             );
         }
 
-        // 6. docker stop: SIGTERM, and an exit of its own within the stop timeout.
+        // 6. docker stop: SIGTERM, and an exit of its own within the stop timeout; the
+        // Mackerel state is in the state volume.
         stop_gracefully(&observer, stop_timeout);
         let down = Instant::now();
+        let saved_hosts = check_state(&state, &task_def, tasks.len(), "after docker stop");
         eprintln!(
             "run 1 stopped after {} batches",
             traffic.batches.load(Ordering::SeqCst)
@@ -504,6 +520,7 @@ fn scenario(image: &str, made: &Mutex<Made>) {
         traffic.wait_more(2, "while no observer runs (after docker stop)");
         let second = start_again(&args, 2, made);
         let gap_stop = take_over(&second, down);
+        took_up(&second, saved_hosts);
 
         // 8. A SIGKILL (the OOM killer, a lost instance), once the second run's last report
         // is on stdout and in Mackerel: what it counted since is only in the pinned maps.
@@ -525,9 +542,11 @@ fn scenario(image: &str, made: &Mutex<Made>) {
             traffic.batches.load(Ordering::SeqCst)
         );
         assert_eq!(exit, "137", "docker kill -s KILL: exit code");
+        let saved_hosts = check_state(&state, &task_def, tasks.len(), "after docker kill");
         traffic.wait_more(2, "while no observer runs (after docker kill)");
         let third = start_again(&args, 3, made);
         let gap_kill = take_over(&third, down);
+        took_up(&third, saved_hosts);
         // Past the new run's first report, which holds the gap.
         wait_for("the third run's first report", INTERVAL * 3, || {
             third.logs().0.contains("{\"type\":\"observer\"")
@@ -683,6 +702,44 @@ fn take_over(run: &ObserverContainer, down: Instant) -> Duration {
     run.wait_log("attached ", Duration::from_secs(10));
     eprintln!("{} took over after {gap:.1?}: {pinned}", run.name);
     gap
+}
+
+/// The state volume holds observer's Mackerel state, private to the container's user, naming
+/// at least every task's host; returns how many hosts it names.
+fn check_state(state: &StateDir, task_def: &Value, tasks: usize, when: &str) -> usize {
+    let uid: u32 = task_def["containerDefinitions"][0]["user"]
+        .as_str()
+        .and_then(|u| u.split(':').next()?.parse().ok())
+        .expect("the task definition's numeric user");
+    let facts = state
+        .check_file(uid)
+        .unwrap_or_else(|e| panic!("the state volume {when}: {e:#}"));
+    let saved = state.read().unwrap_or_else(|e| panic!("{e:#}"));
+    let hosts = saved["hosts"].as_array().map_or(0, Vec::len);
+    assert!(
+        hosts >= tasks,
+        "the state file {when} names {hosts} hosts, fewer than the {tasks} tasks: {saved}"
+    );
+    eprintln!(
+        "state {when}: {MACKEREL_FILE} in the state volume, {} bytes, mode {:o} (dir {:o}), uid \
+         {uid}: {hosts} hosts, {} buffered chunks, open period from {}",
+        facts.file_bytes,
+        facts.file_mode,
+        facts.dir_mode,
+        saved["buffer"].as_array().map_or(0, Vec::len),
+        saved["open"]["start"]
+    );
+    hosts
+}
+
+/// The new container took up the hosts the state file named.
+fn took_up(run: &ObserverContainer, hosts: usize) {
+    let line = run.wait_log("Mackerel: took up", Duration::from_secs(10));
+    assert!(
+        line.contains(&format!("Mackerel: took up {hosts} hosts")),
+        "{line} (the state file named {hosts} hosts)"
+    );
+    eprintln!("{}: {}", run.name, line.trim());
 }
 
 /// docker stop: SIGTERM, an exit 0 of its own within the stop timeout, the partial interval
@@ -1240,6 +1297,9 @@ fn leftovers(made: &Made) -> Vec<String> {
         }
     }
     left.extend(host_bpffs::leftovers(made.bpffs_mounted));
+    if !made.node_state_existed && Path::new(NODE_STATE_DIR).exists() {
+        left.push(format!("{NODE_STATE_DIR} (the instance's real state dir)"));
+    }
     if let (false, Some(host_if)) = (made.iptables_rules.is_empty(), &made.host_if) {
         let rules = sh("iptables", &["-S", "FORWARD"]).unwrap_or_default();
         for line in rules.lines().filter(|l| l.contains(host_if.as_str())) {

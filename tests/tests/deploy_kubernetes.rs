@@ -19,8 +19,11 @@
 //! bpf() to CAP_BPF and perf_event_open() to CAP_PERFMON in that profile since 1.6.9 and 1.7.0.
 //!
 //! Not from the DaemonSet: `OBSERVER_INTERVAL=2s` (the manifest keeps the 60 s default; the
-//! test would otherwise wait a minute for readiness), and probes are polled every 100 ms to
-//! time readiness, more often than the manifest's periods.
+//! test would otherwise wait a minute for readiness), probes are polled every 100 ms to
+//! time readiness, more often than the manifest's periods, and the state volume's hostPath
+//! (/var/lib/observer) is a directory under one the test made, which the DirectoryOrCreate
+//! type then creates as the kubelet would. The restart test also gives the optional Mackerel
+//! Secret, with a fake Mackerel API on the node IP and `OBSERVER_MACKEREL_INTERVAL=2s`.
 //!
 //! Needs root, dockerd, runc and ctr (`cargo xtask setup --for-tests`) and the image
 //! (`cargo xtask image`); says SKIPPED otherwise. Every container, namespace, cgroup, server
@@ -44,13 +47,16 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 use testbed::{
     docker::{skip_unless_docker, Containers, Run},
+    fake_mackerel::FakeMackerel,
     fake_platform::{FakeKubelet, FakePod},
     host_bpffs::{self, HostBpffs, PIN_DIR},
     k8s_pod::{
         self, capability_names, containerd_runtime_default, seccomp_allows, Exit, Inputs, Pod,
         Rootfs, Runc, Seccomp, TempDir,
     },
-    sh, skip, unique, NetNs,
+    sh, skip,
+    state_dir::{self, StateDir},
+    unique, NetNs,
 };
 
 const DEFAULT_IMAGE: &str = "registry.example.com/observer/observer:0.1.0";
@@ -71,6 +77,12 @@ const MSS: u64 = 1448;
 const ATTACHED: &str = "attached count_ingress";
 /// observer on the host, for `observer detach`.
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer-e2e");
+/// The DaemonSet's volume for observer's state dir.
+const STATE_VOLUME: &str = "state";
+/// The optional Secret's key, when a test gives it.
+const MACKEREL_KEY: &str = "deploy-k8s-mackerel-key-5c2a90e1";
+/// What the test sets for the Mackerel period: one per interval.
+const TEST_MACKEREL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The host's /sys/fs/bpf is every observer pod's bpffs hostPath: while the restart test has a
 /// bpffs mounted there, the other tests (whose observers would pin into it too) wait.
@@ -148,6 +160,10 @@ struct Node {
     pod_uid: String,
     /// The containerd version whose RuntimeDefault profiles were used.
     containerd: Mutex<String>,
+    /// Stands in for the node's /var/lib/observer (the state volume's hostPath).
+    state: StateDir,
+    /// A fake Mackerel API on the node IP, when the test gives the optional Secret.
+    mackerel: Option<FakeMackerel>,
 }
 
 impl Node {
@@ -192,7 +208,16 @@ impl Node {
             pod_name: format!("observer-{}", &uuid()[..5]),
             pod_uid: uuid(),
             containerd: Mutex::new(String::new()),
+            state: StateDir::new("obs-k8s-state")?,
+            mackerel: None,
         })
+    }
+
+    /// Gives the pod the optional Mackerel Secret, with a fake API on the node IP.
+    async fn with_mackerel(mut self) -> Self {
+        self.mackerel =
+            Some(FakeMackerel::start_at(MACKEREL_KEY, &format!("{}:0", self.node_ip)).await);
+        self
     }
 
     /// The DaemonSet's pod translated for a new container; `daemonset` may be a variant.
@@ -206,7 +231,20 @@ impl Node {
             ("KUBERNETES_SERVICE_HOST".to_owned(), node_ip.clone()),
             ("KUBERNETES_SERVICE_PORT".to_owned(), "443".to_owned()),
         ];
-        let test_env = [("OBSERVER_INTERVAL".to_owned(), TEST_INTERVAL.to_owned())];
+        let mut test_env = vec![("OBSERVER_INTERVAL".to_owned(), TEST_INTERVAL.to_owned())];
+        let mut secrets = BTreeMap::new();
+        if let Some(mackerel) = &self.mackerel {
+            test_env.push(("MACKEREL_APIBASE".to_owned(), mackerel.url()));
+            test_env.push((
+                "OBSERVER_MACKEREL_INTERVAL".to_owned(),
+                format!("{}s", TEST_MACKEREL_INTERVAL.as_secs()),
+            ));
+            secrets.insert(
+                ("observer-mackerel".to_owned(), "apikey".to_owned()),
+                MACKEREL_KEY.to_owned(),
+            );
+        }
+        let host_paths = [(STATE_VOLUME.to_owned(), self.state.path())].into();
         let generate = |caps: &[String]| -> Result<Value> {
             let (profile, version) = containerd_runtime_default(caps)?;
             *self.containerd.lock().unwrap() = version;
@@ -221,13 +259,14 @@ impl Node {
             node_name: NODE_NAME,
             host_ip: &node_ip,
             pod_ip: &pod_ip,
-            // The optional Mackerel secret is not there: observer runs without Mackerel.
-            secrets: &BTreeMap::new(),
+            // Without the optional Mackerel Secret observer runs without Mackerel.
+            secrets: &secrets,
             service_env: &service_env,
             netns: Some(Path::new(&netns)),
             service_account_dir: Some(self.service_account.path()),
             runtime_default_seccomp: Some(&generate),
             test_env: &test_env,
+            host_paths: &host_paths,
         };
         k8s_pod::translate(daemonset, &inputs)
     }
@@ -1048,8 +1087,11 @@ async fn a_sigterm_during_start_up_is_not_lost() -> Result<()> {
 /// by the test if missing): observer pins its state there with CAP_BPF alone, each new
 /// container takes over the programs of the one before, which kept counting in the gap, and
 /// the JSON lines of the three runs add up to what every pod and container sent (within 2 %,
-/// plus what TCP resent): nothing lost, nothing twice. `observer detach` at the end removes
-/// the pins and unloads every program.
+/// plus what TCP resent): nothing lost, nothing twice. With the Mackerel Secret given, the
+/// state volume (DirectoryOrCreate) holds observer's Mackerel state, private to the container's
+/// user, after the SIGTERM and after the SIGKILL; each new container takes up its hosts, Mackerel
+/// has one host per pod across the three runs, and their txBytes add up the same way.
+/// `observer detach` at the end removes the pins and unloads every program.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemonset_pod_takes_over_and_loses_nothing() -> Result<()> {
     const TEST: &str = "a_restarted_daemonset_pod_takes_over_and_loses_nothing";
@@ -1062,15 +1104,17 @@ async fn a_restarted_daemonset_pod_takes_over_and_loses_nothing() -> Result<()> 
     let mounted = bpffs.mounted();
     let result = restarts(&bpffs).await;
     drop(bpffs);
-    let left = host_bpffs::leftovers(mounted);
+    let mut left = host_bpffs::leftovers(mounted);
+    left.extend(result.as_ref().ok().and_then(|made| made.clone()));
     eprintln!("test took {:.1?}", started.elapsed());
     result?;
     ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
 }
 
-async fn restarts(bpffs: &HostBpffs) -> Result<()> {
-    let node = Node::new().await?;
+/// Returns what it left that it must not have (the node's real state dir).
+async fn restarts(bpffs: &HostBpffs) -> Result<Option<String>> {
+    let node = Node::new().await?.with_mackerel().await;
     let mut docker = Containers::new();
     let web = TestPod::start(
         &mut docker,
@@ -1142,11 +1186,21 @@ async fn restarts(bpffs: &HostBpffs) -> Result<()> {
         "run 1: SIGTERM to exit 0 in {stopped:.1?}, after {} batches",
         traffic.count()
     );
+    ensure!(
+        log.contains("Mackerel: all values delivered"),
+        "no complete Mackerel flush on SIGTERM:\n{}",
+        tail(&log)
+    );
+    let uid = pod.config["process"]["user"]["uid"]
+        .as_u64()
+        .context("the container's uid")? as u32;
+    let saved_hosts = check_state(&node, uid, pods.len(), "after SIGTERM")?;
     traffic
         .wait_more(2, "while no observer runs (after SIGTERM)")
         .await?;
     let (_, run) = start_pinned(&node, &[&web, &agent], true).await?;
     let gap_term = down.elapsed();
+    took_up(&run, saved_hosts).await?;
     runs.push(run);
     traffic.wait_more(3, "in the second run").await?;
 
@@ -1172,11 +1226,13 @@ async fn restarts(bpffs: &HostBpffs) -> Result<()> {
         "SIGKILL: {exit:?}"
     );
     eprintln!("run 2: SIGKILLed after {} batches", traffic.count());
+    let saved_hosts = check_state(&node, uid, pods.len(), "after SIGKILL")?;
     traffic
         .wait_more(2, "while no observer runs (after SIGKILL)")
         .await?;
     let (pod, run) = start_pinned(&node, &[&web, &agent], true).await?;
     let gap_kill = down.elapsed();
+    took_up(&run, saved_hosts).await?;
     runs.push(run);
     // Past the new run's first report, which holds the gap.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1275,6 +1331,55 @@ async fn restarts(bpffs: &HostBpffs) -> Result<()> {
         }
     }
 
+    // Mackerel: one host per pod across the three runs, and its txBytes add up the same way.
+    let mackerel = node
+        .mackerel
+        .as_ref()
+        .context("the restart test gives Mackerel")?;
+    let hosts = mackerel.hosts();
+    eprintln!(
+        "Mackerel: {} hosts, {} points ({} stored)",
+        hosts.len(),
+        mackerel.points().len(),
+        mackerel.stored().len()
+    );
+    let mut identifiers: Vec<&str> = hosts
+        .iter()
+        .filter_map(|h| h.custom_identifier.as_deref())
+        .collect();
+    identifiers.sort_unstable();
+    let before = identifiers.len();
+    identifiers.dedup();
+    ensure!(
+        identifiers.len() == before,
+        "a host made twice across the restarts: {hosts:#?}"
+    );
+    for (p, resent) in pods.iter().zip(&resent) {
+        let mine: Vec<_> = hosts
+            .iter()
+            .filter(|h| h.custom_identifier.as_deref() == Some(&format!("{}.kubernetes", p.uid)))
+            .collect();
+        ensure!(mine.len() == 1, "pod {}: hosts {mine:#?}", p.name);
+        ensure!(
+            !mine[0].retired,
+            "pod {}: a live pod's host was retired",
+            p.name
+        );
+        let sum = mackerel.bytes_told(&mine[0].id, ".txBytes.delta", TEST_MACKEREL_INTERVAL);
+        let sent = p.payload() * batches;
+        eprintln!(
+            "pod {}/{}: sent {sent}, Mackerel sum of txBytes.delta x period {sum:.1} ({:+.3} %)",
+            p.namespace,
+            p.name,
+            percent_off(sum, sent)
+        );
+        ensure!(
+            within(sum.round() as u64, sent, *resent),
+            "pod {}: Mackerel's txBytes.delta add up to {sum:.1} for {sent} sent (+{resent} resent)",
+            p.name
+        );
+    }
+
     // Uninstalled: `observer detach` removes the pins, and with them every program.
     let ids: Vec<String> = runs
         .iter()
@@ -1289,7 +1394,56 @@ async fn restarts(bpffs: &HostBpffs) -> Result<()> {
     );
     host_bpffs::check_unloaded(&ids)?;
     eprintln!("observer detach removed the pins; programs {ids:?} unloaded");
-    Ok(())
+    Ok(node.state.node_dir_made())
+}
+
+/// The state volume holds observer's Mackerel state, private to the container's user, naming
+/// at least the test pods' hosts; returns how many hosts it names.
+fn check_state(node: &Node, uid: u32, pods: usize, when: &str) -> Result<usize> {
+    let facts = node
+        .state
+        .check_file(uid)
+        .with_context(|| format!("the state volume {when}"))?;
+    let saved = node.state.read()?;
+    let hosts = saved["hosts"].as_array().map_or(0, Vec::len);
+    ensure!(
+        hosts >= pods,
+        "the state file {when} names {hosts} hosts, fewer than the {pods} pods: {saved}"
+    );
+    eprintln!(
+        "state {when}: {} in the state volume, {} bytes, mode {:o} (dir {:o}), uid {uid}: {hosts} \
+         hosts, {} buffered chunks, open period from {}",
+        state_dir::MACKEREL_FILE,
+        facts.file_bytes,
+        facts.file_mode,
+        facts.dir_mode,
+        saved["buffer"].as_array().map_or(0, Vec::len),
+        saved["open"]["start"]
+    );
+    Ok(hosts)
+}
+
+/// The new container took up the hosts the state file named.
+async fn took_up(run: &Runc, hosts: usize) -> Result<()> {
+    let want = format!("Mackerel: took up {hosts} hosts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = run.log();
+        if let Some(line) = log.lines().find(|l| l.contains("Mackerel: took up")) {
+            ensure!(
+                line.contains(&want),
+                "{line} (the state file named {hosts} hosts)"
+            );
+            eprintln!("container {}: {}", &run.id[..12], line.trim());
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the new container did not take up the Mackerel state within 10 s:\n{}",
+            tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A new observer container in the DaemonSet's pod (a new container id, as the kubelet's

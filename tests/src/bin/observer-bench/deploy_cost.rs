@@ -10,6 +10,7 @@ use testbed::{
     ecs_taskdef::{self, Overrides},
     fake_mackerel::FakeMackerel,
     sh,
+    state_dir::StateDir,
 };
 
 const TASK_DEFINITION: &str = concat!(
@@ -76,6 +77,8 @@ pub fn deploy_cost() -> anyhow::Result<()> {
     let task_def: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(TASK_DEFINITION)?)?;
     let name = format!("obs-bench-observer-{}", std::process::id());
+    // Not the host's /var/lib/observer: a directory of the bench's own, removed afterwards.
+    let state = StateDir::new("obs-bench-state")?;
     let run = ecs_taskdef::docker_run(
         &task_def,
         "observer",
@@ -88,6 +91,7 @@ pub fn deploy_cost() -> anyhow::Result<()> {
             ],
             secrets: [("MACKEREL_APIKEY".to_owned(), "bench-key".to_owned())].into(),
             ulimits: ecs_taskdef::memlock_this_engine_grants(&task_def, "observer"),
+            volume_sources: [("observer-state".to_owned(), state.path())].into(),
             ..Overrides::default()
         },
     )?;
