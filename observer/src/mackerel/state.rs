@@ -10,7 +10,7 @@
 use std::{
     fs,
     io::{self, Write},
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -64,16 +64,25 @@ pub struct StateFile {
 }
 
 impl StateFile {
-    /// Creates the directory if needed (mode 0700: the file says which hosts exist).
+    /// Creates the directory if needed, mode 0700 (the file says which hosts exist); one the
+    /// platform made for a mount (0755, as the kubelet and Docker make them) is narrowed to
+    /// 0700 when observer owns it.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let dir_error = |source| StateError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|source| StateError::Dir {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+            .map_err(dir_error)?;
+        let meta = fs::metadata(dir).map_err(dir_error)?;
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.permissions().mode() & 0o077 != 0 && meta.uid() == me {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(dir_error)?;
+        }
         Ok(Self {
             path: dir.join(FILE),
         })
@@ -194,8 +203,20 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_made_by_the_platform_is_narrowed() {
+        let d = dir("narrowed");
+        fs::create_dir_all(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        StateFile::open(&d).unwrap();
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
     fn stored_and_loaded_with_private_modes() {
-        use std::os::unix::fs::PermissionsExt;
         let d = dir("roundtrip");
         let f = StateFile::open(&d).unwrap();
         assert_eq!(f.load().unwrap(), None);
