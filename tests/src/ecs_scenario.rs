@@ -1,4 +1,4 @@
-//! What the ECS end-to-end tests (tests/tests/e2e_ecs.rs, tests/tests/deploy_ecs.rs) share:
+//! What the ECS end-to-end tests (e2e_ecs.rs, deploy_ecs.rs, the Mackerel lifecycle tests) share:
 //! task ids, commands in containers with a time limit, the FORWARD rules that let bridge
 //! containers reach a sink in a test namespace, and the tolerance of a byte count.
 
@@ -196,4 +196,39 @@ pub fn unix_seconds(rfc3339: &str) -> Option<i64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some(days * 86_400 + hh * 3600 + mm * 60 + ss.floor() as i64)
+}
+
+/// An ECS task of one real container (busybox `sleep`) under `/ecs/<task id>`, for a fake agent
+/// to list: what the Mackerel lifecycle tests need (hosts, not traffic).
+pub struct SleepingTask {
+    pub id: String,
+    pub arn: String,
+    pub docker_id: String,
+}
+
+impl SleepingTask {
+    /// Starts it in `containers` (removed with them).
+    pub fn start(
+        containers: &mut crate::docker::Containers,
+        cluster: &str,
+    ) -> anyhow::Result<Self> {
+        let id = task_id();
+        let docker_id = containers.start(
+            crate::docker::Run::new()
+                .name(&unique("sleeping-task"))
+                .cgroup_parent(&format!("/ecs/{id}"))
+                .cmd(&["sleep", "3600"]),
+        )?;
+        Ok(Self {
+            arn: crate::fake_platform::task_arn(cluster, &id),
+            id,
+            docker_id,
+        })
+    }
+
+    /// The task as the fake agent lists it: RUNNING, its container named `app`.
+    pub fn listed(&self, cluster: &str, family: &str) -> crate::fake_platform::FakeTask {
+        crate::fake_platform::FakeTask::running(cluster, &self.id, family, "1")
+            .container(&self.docker_id, "app")
+    }
 }

@@ -8,10 +8,10 @@
 use std::time::{Duration, Instant};
 
 use testbed::{
-    docker::{skip_unless_docker, Containers, Run},
-    ecs_scenario::{task_id, wait_for},
+    docker::{skip_unless_docker, Containers},
+    ecs_scenario::{wait_for, SleepingTask},
     fake_mackerel::FakeMackerel,
-    fake_platform::{task_arn, FakeEcsAgent, FakeTask},
+    fake_platform::FakeEcsAgent,
     ObserverCmd,
 };
 
@@ -20,33 +20,6 @@ const API_KEY: &str = "orphans-mackerel-key-9c1e";
 const CLUSTER: &str = "orphans";
 const ROLES: &str = "orphans:task";
 const SILENT: Duration = Duration::from_secs(10);
-
-struct Task {
-    id: String,
-    arn: String,
-    docker_id: String,
-}
-
-fn start_task(containers: &mut Containers) -> Task {
-    let id = task_id();
-    let docker_id = containers
-        .start(
-            Run::new()
-                .name(&testbed::unique("orphan-task"))
-                .cgroup_parent(&format!("/ecs/{id}"))
-                .cmd(&["sleep", "3600"]),
-        )
-        .expect("docker run");
-    Task {
-        arn: task_arn(CLUSTER, &id),
-        id,
-        docker_id,
-    }
-}
-
-fn fake_task(t: &Task) -> FakeTask {
-    FakeTask::running(CLUSTER, &t.id, "orphans", "1").container(&t.docker_id, "app")
-}
 
 fn observer(
     node: &str,
@@ -113,10 +86,12 @@ fn hosts_of_a_silent_node_are_retired_by_a_peer_once_each() {
         agent.set_cluster(CLUSTER);
     }
     let mut containers = Containers::new();
-    let a_tasks = [start_task(&mut containers), start_task(&mut containers)];
-    let p_task = start_task(&mut containers);
-    agent_a.set_tasks(&a_tasks.iter().map(fake_task).collect::<Vec<_>>());
-    agent_p.set_tasks(&[fake_task(&p_task)]);
+    let start = |c: &mut Containers| SleepingTask::start(c, CLUSTER).expect("docker run");
+    let a_tasks = [start(&mut containers), start(&mut containers)];
+    let p_task = start(&mut containers);
+    let listed = |t: &SleepingTask| t.listed(CLUSTER, "orphans");
+    agent_a.set_tasks(&a_tasks.iter().map(listed).collect::<Vec<_>>());
+    agent_p.set_tasks(&[listed(&p_task)]);
 
     // 1. A and P make their hosts; P watches for silent peers.
     let mut a = observer("node-a", &agent_a, &mackerel, false);

@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use testbed::{
-    docker::{skip_unless_docker, Containers, Run},
-    ecs_scenario::{task_id, wait_for},
+    docker::{skip_unless_docker, Containers},
+    ecs_scenario::{wait_for, SleepingTask},
     fake_mackerel::FakeMackerel,
-    fake_platform::{task_arn, FakeEcsAgent, FakeTask},
+    fake_platform::FakeEcsAgent,
     ObserverCmd,
 };
 
@@ -32,27 +32,14 @@ fn an_empty_task_list_while_tasks_run_retires_nothing_until_they_stop() {
     let agent = rt.block_on(FakeEcsAgent::start());
     agent.set_cluster(CLUSTER);
     let mut containers = Containers::new();
-    let tasks: Vec<(String, String)> = (0..2)
-        .map(|_| {
-            let id = task_id();
-            let docker_id = containers
-                .start(
-                    Run::new()
-                        .name(&testbed::unique("retirement-task"))
-                        .cgroup_parent(&format!("/ecs/{id}"))
-                        .cmd(&["sleep", "3600"]),
-                )
-                .expect("docker run");
-            (id, docker_id)
-        })
+    let tasks: Vec<SleepingTask> = (0..2)
+        .map(|_| SleepingTask::start(&mut containers, CLUSTER).expect("docker run"))
         .collect();
-    let arns: Vec<String> = tasks.iter().map(|(id, _)| task_arn(CLUSTER, id)).collect();
+    let arns: Vec<String> = tasks.iter().map(|t| t.arn.clone()).collect();
     agent.set_tasks(
         &tasks
             .iter()
-            .map(|(id, docker)| {
-                FakeTask::running(CLUSTER, id, "retirement", "1").container(docker, "app")
-            })
+            .map(|t| t.listed(CLUSTER, "retirement"))
             .collect::<Vec<_>>(),
     );
     let (agent_url, mackerel_url) = (agent.url(), mackerel.url());
@@ -124,8 +111,8 @@ fn an_empty_task_list_while_tasks_run_retires_nothing_until_they_stop() {
     );
 
     // Now they really stop: their hosts go, each once.
-    for (_, docker) in &tasks {
-        containers.remove(docker).unwrap();
+    for t in &tasks {
+        containers.remove(&t.docker_id).unwrap();
     }
     let stopped = Instant::now();
     wait_for("both hosts retired", Duration::from_secs(30), || {
