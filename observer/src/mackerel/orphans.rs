@@ -26,6 +26,7 @@ use std::{
 use super::{
     client::{Host, Latest},
     names,
+    state::SavedHost,
 };
 
 /// What the watcher knows of one host of another node.
@@ -38,6 +39,15 @@ struct Watch {
     last: Option<(i64, u64)>,
     /// When this observer last saw `last` change (or first saw the host).
     changed_at: Instant,
+}
+
+/// What a listing gave: the other nodes' hosts to ask about (with the series to ask for) and
+/// this node's own.
+#[derive(Debug, Default)]
+pub struct Listed {
+    pub ids: Vec<String>,
+    pub probes: Vec<String>,
+    pub own: Vec<SavedHost>,
 }
 
 /// One host to retire, and why.
@@ -89,10 +99,12 @@ impl Orphans {
     }
 
     /// The hosts the roles' listings gave (duplicates allowed); keeps those of this cluster
-    /// and other nodes. Returns the hosts whose latest values to ask for, with the series.
-    pub fn listed(&mut self, now: Instant, hosts: Vec<Host>) -> (Vec<String>, Vec<String>) {
+    /// and other nodes. Returns the hosts whose latest values to ask for, with the series, and
+    /// this node's own hosts (which a run that lost its state file would not know of).
+    pub fn listed(&mut self, now: Instant, hosts: Vec<Host>) -> Listed {
         self.next_check = Some(now + self.check_every);
         let mut seen: BTreeMap<String, Watch> = BTreeMap::new();
+        let mut own = Vec::new();
         for h in hosts {
             if h.is_retired || seen.contains_key(&h.id) {
                 continue;
@@ -100,7 +112,17 @@ impl Orphans {
             let Some((node, cluster, probe)) = origin(&h.meta) else {
                 continue;
             };
-            if node == self.node || Some(&cluster) != self.cluster.as_ref() {
+            if Some(&cluster) != self.cluster.as_ref() {
+                continue;
+            }
+            if node == self.node {
+                if let Some(key) = h.custom_identifier.filter(|k| !k.is_empty()) {
+                    own.push(SavedHost {
+                        key,
+                        host_id: h.id,
+                        name: h.name,
+                    });
+                }
                 continue;
             }
             let watch = match self.watched.remove(&h.id) {
@@ -129,7 +151,9 @@ impl Orphans {
             .collect();
         probes.sort();
         probes.dedup();
-        (ids, probes)
+        own.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+        own.dedup_by(|a, b| a.host_id == b.host_id);
+        Listed { ids, probes, own }
     }
 
     /// The latest values the API gave for the watched hosts.
@@ -289,12 +313,15 @@ mod tests {
         let t0 = Instant::now();
         let mut o = watcher("b");
         assert_eq!(o.check_every(), CHECK);
-        let (ids, probes) = o.listed(
+        let listed = o.listed(
             t0,
             vec![
                 host("a1", "a", "prod"),
                 host("a1", "a", "prod"),
-                host("b1", "b", "prod"),
+                Host {
+                    custom_identifier: Some("arn-b1".into()),
+                    ..host("b1", "b", "prod")
+                },
                 host("x1", "x", "staging"),
                 Host {
                     meta: json!({}),
@@ -302,8 +329,17 @@ mod tests {
                 },
             ],
         );
-        assert_eq!(ids, ["a1"]);
-        assert_eq!(probes, ["interface.app.rxBytes.delta"]);
+        assert_eq!(listed.ids, ["a1"]);
+        assert_eq!(listed.probes, ["interface.app.rxBytes.delta"]);
+        // This node's own host, to take up if this run does not know it.
+        assert_eq!(
+            listed.own,
+            [SavedHost {
+                key: "arn-b1".into(),
+                host_id: "b1".into(),
+                name: "name-b1".into()
+            }]
+        );
         assert!(!o.due(t0 + CHECK / 2));
         assert!(o.due(t0 + CHECK));
     }

@@ -544,7 +544,10 @@ impl Worker {
             }
             self.between_calls()?;
         }
-        let (ids, probes) = self.orphans_listed(listed);
+        let super::orphans::Listed { ids, probes, own } = self.orphans_listed(listed);
+        // Hosts of this node a lost state file forgot: known again, retired after the grace
+        // period if no task of theirs runs.
+        self.hosts.restore(Instant::now(), own);
         // The API takes a bounded number of hosts per query.
         for ids in ids.chunks(LATEST_HOSTS_PER_CALL) {
             match self.bounded(self.client.latest(ids, &probes)).await {
@@ -597,10 +600,10 @@ impl Worker {
         ControlFlow::Continue(())
     }
 
-    fn orphans_listed(&mut self, listed: Vec<super::client::Host>) -> (Vec<String>, Vec<String>) {
+    fn orphans_listed(&mut self, listed: Vec<super::client::Host>) -> super::orphans::Listed {
         match &mut self.orphans {
             Some(o) => o.listed(Instant::now(), listed),
-            None => (Vec::new(), Vec::new()),
+            None => super::orphans::Listed::default(),
         }
     }
 
