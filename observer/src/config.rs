@@ -222,8 +222,8 @@ pub struct Args {
     pub mackerel_interval: Duration,
 
     /// Most values kept for Mackerel while its API cannot take them, as a count (500000) or
-    /// as memory (24MiB, at 48 bytes a value); the oldest go first, and 6 hours of data at
-    /// most. The default fits a 256 MiB memory limit with room to spare.
+    /// as memory (44MiB, at 88 bytes a value at most); the oldest go first, and 6 hours of
+    /// data at most. The default fits a 256 MiB memory limit with room to spare.
     #[arg(long, env = "OBSERVER_MACKEREL_BUFFER", default_value = "500000",
           value_parser = parse_buffer)]
     pub mackerel_buffer: usize,
@@ -430,8 +430,8 @@ mod tests {
         assert!(parse_mackerel_interval("0s").is_err());
         assert!(parse_mackerel_interval("2h").is_err());
         assert_eq!(parse_buffer("500000"), Ok(500_000));
-        assert_eq!(parse_buffer("24MiB"), Ok((24 << 20) / 48));
-        assert_eq!(parse_buffer("48 MB"), Ok(1_000_000));
+        assert_eq!(parse_buffer("44MiB"), Ok((44 << 20) / 88));
+        assert_eq!(parse_buffer("88 MB"), Ok(1_000_000));
         assert!(parse_buffer("10").unwrap_err().contains("1000 to 50000000"));
         assert!(parse_buffer("1TiB").unwrap_err().contains("unknown unit"));
         assert!(parse_buffer("99999999999999999999999").is_err());
