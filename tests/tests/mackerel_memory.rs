@@ -2,7 +2,7 @@
 //! report an hour of simulated minutes while the API answers 503. The buffer holds at most
 //! `--mackerel-buffer` values (the oldest dropped and counted), and the heap the reporter holds
 //! stays within that bound at the documented bytes per value. A test binary of its own, with a
-//! counting allocator: nothing else runs in it, so the live bytes are the reporter's.
+//! counting allocator, its tests one at a time: the live bytes are the reporter's.
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -20,6 +20,8 @@ use testbed::fake_mackerel::{FakeMackerel, Fault, Scope};
 struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
+/// The tests here measure the whole process's heap: one at a time.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 // SAFETY: forwards to the system allocator, counting what is live.
 unsafe impl GlobalAlloc for Counting {
@@ -83,6 +85,7 @@ fn pod(i: usize, minute: u64) -> HostReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_hour_of_outage_for_a_hundred_pods_stays_within_the_buffer_bound() {
+    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
     let server = FakeMackerel::start(KEY).await;
     // Down from the start: no host is ever registered, every value waits.
     server.fail(Fault::Unavailable, Scope::all());
@@ -150,6 +153,7 @@ async fn an_hour_of_outage_for_a_hundred_pods_stays_within_the_buffer_bound() {
 /// The buffer alone, fed the same hour: what a value costs, against the planning figure.
 #[test]
 fn a_buffered_value_costs_at_most_the_planning_figure() {
+    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
     use observer::mackerel::buffer::{Buffer, DEFAULT_MAX_AGE};
     let names: Vec<String> = (0..20)
         .map(|i| format!("container.cpu.app{i}.usage"))
