@@ -32,7 +32,6 @@ use std::{
     collections::{BTreeMap, HashSet},
     fmt,
     net::IpAddr,
-    path::Path,
     process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -169,18 +168,24 @@ impl fmt::Debug for PluginSet {
 impl PluginSet {
     /// Resolves each plugin's user (root refused) and checks observer may switch to it.
     pub fn from_config(config: PluginsConfig) -> Result<Self, SetupError> {
-        Self::with_passwd(config, Path::new(PASSWD))
-    }
-
-    fn with_passwd(config: PluginsConfig, passwd: &Path) -> Result<Self, SetupError> {
-        let passwd = std::fs::read_to_string(passwd).unwrap_or_default();
+        // A scratch image has no /etc/passwd: `nobody` is then 65534, other names refused.
+        let passwd = std::fs::read_to_string(PASSWD).unwrap_or_default();
         // SAFETY: geteuid and getegid cannot fail.
         let own = unsafe { (libc::geteuid(), libc::getegid()) };
-        let caps = effective_caps();
+        Self::checked(config, &passwd, own, effective_caps())
+    }
+
+    /// `config` for a process of ids `own` and effective capabilities `caps`.
+    fn checked(
+        config: PluginsConfig,
+        passwd: &str,
+        own: (u32, u32),
+        caps: u64,
+    ) -> Result<Self, SetupError> {
         let mut plugins = BTreeMap::new();
         for (name, config) in config.plugins {
             let (uid, gid) =
-                resolve_user(&config.user, &passwd).map_err(|reason| SetupError::User {
+                resolve_user(&config.user, passwd).map_err(|reason| SetupError::User {
                     plugin: name.clone(),
                     user: config.user.clone(),
                     reason,
@@ -654,6 +659,38 @@ mod tests {
             .contains("not in /etc/passwd"));
         assert!(resolve_user("bad", PASSWD_TEXT).is_err());
         assert!(resolve_user("a:b", PASSWD_TEXT).is_err());
+    }
+
+    #[test]
+    fn switching_users_needs_setuid_and_setgid_and_says_so() {
+        let config = || PluginsConfig::parse("[plugin.p]\ncommand = [\"/bin/p\"]\n").unwrap();
+        let setid = (1 << CAP_SETUID) | (1 << CAP_SETGID);
+        let s = PluginSet::checked(config(), PASSWD_TEXT, (0, 0), setid).unwrap();
+        assert_eq!(s.plugins["p"].ids, Some((65534, 65534)));
+        let e = PluginSet::checked(config(), PASSWD_TEXT, (0, 0), 0)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "plugin p runs as uid 65534 gid 65534, and observer (uid 0) lacks CAP_SETUID and \
+             CAP_SETGID to switch to it: grant CAP_SETUID and CAP_SETGID, or run observer as that user"
+        );
+        let e = PluginSet::checked(config(), PASSWD_TEXT, (0, 0), 1 << CAP_SETUID)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lacks CAP_SETGID to"), "{e}");
+        // Already that user: nothing to switch.
+        let s = PluginSet::checked(config(), PASSWD_TEXT, (65534, 65534), 0).unwrap();
+        assert_eq!(s.plugins["p"].ids, None);
+        let root =
+            PluginsConfig::parse("[plugin.p]\ncommand = [\"/bin/p\"]\nuser = \"root\"\n").unwrap();
+        let e = PluginSet::checked(root, PASSWD_TEXT, (0, 0), setid)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("plugin p: user \"root\": is uid 0 gid 0: plugins never run as root"),
+            "{e}"
+        );
     }
 
     #[test]
