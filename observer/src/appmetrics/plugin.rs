@@ -33,7 +33,10 @@ use std::{
     fmt,
     net::IpAddr,
     process::Stdio,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -376,7 +379,9 @@ impl Run {
             config.max_series,
             config.use_plugin_timestamp,
         );
-        let exit_code = (!done.status.success()).then(|| done.status.code().unwrap_or(-1));
+        // Killed at the cap by observer: not the plugin's failure.
+        let exit_code =
+            (!truncated && !done.status.success()).then(|| done.status.code().unwrap_or(-1));
         if exit_code.is_some() && values.samples.is_empty() {
             return Err(PluginError::Failed {
                 plugin: self.plugin().to_owned(),
@@ -437,7 +442,7 @@ impl Run {
             program: config.program.clone(),
             source,
         })?;
-        let group = Group(child.id().map(|id| id as libc::pid_t));
+        let group = Group::new(child.id());
         let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take())
         else {
             unreachable!("both piped above");
@@ -457,7 +462,7 @@ impl Run {
         };
         let result = tokio::time::timeout(config.timeout, work).await;
         // Stragglers too: whatever is left of the group goes, whichever way the run ended.
-        group.kill();
+        group.end();
         match result {
             Err(_) => {
                 // SIGKILL was sent: the wait is short, and kill_on_drop reaps it otherwise.
@@ -484,13 +489,35 @@ impl Run {
 }
 
 /// The process group of a run (its leader's pid); killing an empty group does nothing.
-struct Group(Option<libc::pid_t>);
+/// Killed at most once after the run: its id is not used again once it may be free.
+struct Group {
+    pgid: Option<libc::pid_t>,
+    ended: AtomicBool,
+}
 
 impl Group {
+    fn new(leader: Option<u32>) -> Self {
+        let pgid = leader
+            .and_then(|p| libc::pid_t::try_from(p).ok())
+            .filter(|&p| p > 1);
+        Self {
+            pgid,
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    /// While the run goes on (the output cap): the group is surely still there.
     fn kill(&self) {
-        if let Some(pgid) = self.0.filter(|&p| p > 1) {
+        if let Some(pgid) = self.pgid {
             // SAFETY: kill has no memory effects; a negative pid names the group.
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+
+    /// When the run is over: whatever is left of the group, once.
+    fn end(&self) {
+        if !self.ended.swap(true, Ordering::Relaxed) {
+            self.kill();
         }
     }
 }
@@ -498,7 +525,7 @@ impl Group {
 impl Drop for Group {
     /// A caller that drops a run mid-way leaves no process behind.
     fn drop(&mut self) {
-        self.kill();
+        self.end();
     }
 }
 
@@ -775,6 +802,14 @@ mod tests {
         assert_eq!(s.logged.lock().unwrap().len(), MAX_LOGGED_UNKNOWN);
         s.retain_workloads(|w| w == "w1");
         assert_eq!(s.logged.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn runs_can_be_spawned_on_the_runtime() {
+        fn send<T: Send + 'static>(_: T) {}
+        let s = set("[plugin.p]\ncommand = [\"/bin/p\"]\n");
+        let run = s.runs_for("w", &labels("p"), &target()).remove(0);
+        send(async move { (run.values().await.is_ok(), run.meta().await.is_ok()) });
     }
 
     #[test]
