@@ -610,4 +610,33 @@ use_plugin_timestamp = true
             assert!(Template::parse(bad).is_err(), "{bad}");
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fuzz;
+
+        const SEED: &str = "[plugin.gostats]\ncommand = [\"mackerel-plugin-gostats\", \"-host\", \"{addr}\", \"-port={port}\"]\nuser = \"nobody\"\ntimeout = \"10s\"\nenv = { A = \"\u{e9}\" }\nmax_series = 5\n";
+
+        proptest! {
+            #![proptest_config(fuzz::config(1000))]
+
+            /// No panic (line numbers come from byte spans); what passes holds what it must.
+            #[test]
+            fn mutated_files(text in fuzz::mutated_text(vec![SEED.to_owned()], 8)) {
+                match PluginsConfig::parse(&text) {
+                    Ok(c) => {
+                        for p in c.plugins.values() {
+                            prop_assert!(valid_name(&p.name));
+                            let plain = !p.program.is_empty() && !p.program.contains(['{', '}']);
+                            prop_assert!(plain);
+                            prop_assert!(p.timeout <= MAX_TIMEOUT && !p.env.contains_key("MACKEREL_APIKEY"));
+                        }
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+        }
+    }
 }

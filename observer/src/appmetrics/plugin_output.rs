@@ -444,4 +444,69 @@ trailing text is not read"#;
             MAX_LABEL_CHARS
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::fuzz;
+
+        fn check_values(text: &[u8]) -> Result<(), TestCaseError> {
+            let v = parse_values(text, NOW, 20, true);
+            prop_assert!(v.samples.len() <= 20);
+            for s in &v.samples {
+                prop_assert!(s.name.starts_with(PREFIX) && valid_metric_name(&s.name, false));
+                prop_assert!(s.value.is_finite() && s.time.abs_diff(NOW) < TIME_WINDOW_SECS as u64);
+            }
+            Ok(())
+        }
+
+        fn check_meta(text: &[u8]) -> Result<(), TestCaseError> {
+            if let Ok(m) = parse_meta(text) {
+                prop_assert!(m.graph_defs.len() <= MAX_GRAPHS);
+                for g in &m.graph_defs {
+                    prop_assert!(g.name.starts_with(PREFIX) && valid_metric_name(&g.name, true));
+                    prop_assert!(UNITS.contains(&g.unit.as_str()));
+                    prop_assert!(g.display_name.chars().count() <= MAX_LABEL_CHARS);
+                    prop_assert!(g.metrics.len() <= MAX_GRAPH_METRICS);
+                    let graph_prefix = format!("{}.", g.name);
+                    for m in &g.metrics {
+                        prop_assert!(m.name.starts_with(&graph_prefix));
+                        prop_assert!(valid_metric_name(&m.name, true));
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        const SEED: &str = "# mackerel-agent-plugin\n{\"graphs\": {\"dice\": {\"label\": \"My Dice\", \"unit\": \"integer\", \"metrics\": [{\"name\": \"d6\", \"label\": \"d6\", \"stacked\": true}]}}}\n";
+        const KEYS: &[&str] = &[
+            "graphs", "dice", "label", "unit", "metrics", "name", "stacked", "integer", "*",
+        ];
+
+        proptest! {
+            #![proptest_config(fuzz::config(1000))]
+
+            #[test]
+            fn any_output(text in prop::collection::vec(any::<u8>(), 0..600)) {
+                check_values(&text)?;
+                check_meta(&text)?;
+            }
+
+            #[test]
+            fn lines_of_plugin_words(text in fuzz::words(&["custom.", "a.b", ".", "\t", " ", "\n", "1", "-2.5e3", "NaN", "inf", "1767225600", "#", "*"], 60)) {
+                check_values(text.as_bytes())?;
+            }
+
+            #[test]
+            fn mutated_meta(text in fuzz::mutated_text(vec![SEED.to_owned()], 6)) {
+                check_meta(text.as_bytes())?;
+            }
+
+            #[test]
+            fn meta_of_known_keys(value in fuzz::json_value(KEYS)) {
+                check_meta(format!("# mackerel-agent-plugin\n{value}").as_bytes())?;
+            }
+        }
+    }
 }
