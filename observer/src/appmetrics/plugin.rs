@@ -11,7 +11,7 @@
 //! ```text
 //! let set = PluginSet::from_config(PluginsConfig::load(path)?)?;    // once, at start
 //! for run in set.runs_for(&workload.id, &workload.labels, &target) { // per workload
-//!     tokio::spawn(async move { run.values().await });               // Values or PluginError
+//!     tokio::spawn(async move { run.values().await });               // PluginOutput or PluginError
 //! }
 //! run.meta().await   // once per plugin and workload: the graph definitions (Meta)
 //! ```
