@@ -6,6 +6,7 @@ mod image;
 mod setup;
 mod sys;
 mod tally;
+mod vm;
 
 use std::os::unix::process::CommandExt as _;
 
@@ -68,6 +69,14 @@ enum Task {
     /// Validate deploy/ offline (ECS task definition, CloudFormation, Kubernetes manifests) with
     /// pinned validators in a venv under target/; `test` runs this too.
     CheckDeploy,
+    /// Boot the kernels operators run (Debian's 5.10, 6.1, 6.12) in QEMU with pure cgroup v2
+    /// and run the in-VM suite (tests/src/bin/vm-suite.rs) in each; reports per kernel. The
+    /// kernels are fetched from the Debian archive once and cached in target/vm-cache.
+    VmTest {
+        /// Which kernel: 5.10, 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+    },
     /// Set up for tests, then run the observer-bench binary (release): `cargo xtask bench -- ARGS`.
     Bench {
         /// Arguments for observer-bench, after `--`.
@@ -90,6 +99,10 @@ fn main() -> Result<()> {
         Task::Image { binary_only } => image::image(binary_only),
         Task::CheckDeploy => deploy_check::check_deploy(),
         Task::Bench { args } => bench(&args),
+        Task::VmTest { kernel } => {
+            setup::setup(false)?;
+            vm::vm_test(&kernel)
+        }
     }
 }
 
