@@ -56,8 +56,13 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
 ];
 /// The whole life of one VM, boot to power-off; a guest still running then is killed.
 const VM_TIMEOUT: Duration = Duration::from_secs(420);
-/// The binaries that go into the initramfs, from target/release.
-const BINARIES: &[&str] = &["observer", "trafficgen", "vm-suite"];
+/// The binaries that go into the initramfs (built, name in the VM), all from the tests package:
+/// observer-e2e is observer's own main.
+const BINARIES: &[(&str, &str)] = &[
+    ("observer-e2e", "observer"),
+    ("trafficgen", "trafficgen"),
+    ("vm-suite", "vm-suite"),
+];
 
 /// The kernels `--kernel` names: one of [`KERNELS`] or `all`.
 pub fn select(name: &str) -> Result<Vec<Kernel>> {
@@ -137,49 +142,61 @@ fn cache_dir() -> PathBuf {
 }
 
 /// `cargo xtask vm-test`: every selected kernel booted and checked; fails unless all pass.
-pub fn vm_test(kernel: &str) -> Result<()> {
-    let kernels = select(kernel)?;
+pub fn vm_test(kernel: &str, release: bool) -> Result<()> {
+    let results = run(&select(kernel)?, release)?;
+    if results
+        .iter()
+        .any(|(_, o)| !o.as_ref().is_ok_and(Outcome::passed))
+    {
+        bail!("vm-test failed on some kernels");
+    }
+    Ok(())
+}
+
+/// What each kernel did: Err when its VM could not be set up or started; an Err of the whole
+/// when nothing could boot (no QEMU, no initramfs). Prints the per-kernel report.
+pub fn run(kernels: &[Kernel], release: bool) -> Result<Vec<(Kernel, Result<Outcome>)>> {
     let started = Instant::now();
     host_packages()?;
-    sys::run(&mut cargo::cargo([
-        "build",
-        "--release",
-        "--package",
-        "observer",
-        "--package",
-        "observer-tests",
-        "--bin",
-        "observer",
-        "--bin",
-        "trafficgen",
-        "--bin",
-        "vm-suite",
-    ]))
-    .context("building the binaries that go into the VM")?;
-    let initramfs = initramfs().context("building the initramfs")?;
-    let mut results = Vec::new();
-    for k in &kernels {
-        let vmlinuz = fetch_kernel(k).with_context(|| format!("fetching kernel {}", k.name))?;
-        say!(
-            "vm-test {}: booting {} under QEMU (TCG)",
-            k.name,
-            vmlinuz.display()
-        );
-        let outcome = boot(k, &vmlinuz, &initramfs);
-        results.push((k, outcome));
+    let mut build = cargo::cargo(["build", "--package", "observer-tests"]);
+    if release {
+        build.arg("--release");
     }
-    let mut failed = false;
-    for (k, outcome) in &results {
+    for (bin, _) in BINARIES {
+        build.args(["--bin", bin]);
+    }
+    sys::run(&mut build).context("building the binaries that go into the VM")?;
+    let profile = if release { "release" } else { "debug" };
+    let initramfs = initramfs(profile).context("building the initramfs")?;
+    let mut results = Vec::new();
+    for k in kernels {
+        let outcome = fetch_kernel(k)
+            .with_context(|| format!("fetching kernel {}", k.name))
+            .and_then(|vmlinuz| {
+                say!(
+                    "vm-test {}: booting {} under QEMU (TCG)",
+                    k.name,
+                    vmlinuz.display()
+                );
+                boot(k, &vmlinuz, &initramfs)
+            });
+        results.push((*k, outcome));
+    }
+    report(&results);
+    say!("vm-test: {:.0} s in all", started.elapsed().as_secs_f64());
+    Ok(results)
+}
+
+fn report(results: &[(Kernel, Result<Outcome>)]) {
+    for (k, outcome) in results {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
-                failed = true;
                 say!("vm-test {}: FAILED to run: {e:#}", k.name);
                 continue;
             }
         };
         let verdict = if outcome.passed() { "passed" } else { "FAILED" };
-        failed |= !outcome.passed();
         say!(
             "vm-test {} ({}): {verdict}; booted in {}, whole VM {:.1} s",
             k.name,
@@ -202,11 +219,6 @@ pub fn vm_test(kernel: &str) -> Result<()> {
             say!("  FAIL: {problem}");
         }
     }
-    say!("vm-test: {:.0} s in all", started.elapsed().as_secs_f64());
-    if failed {
-        bail!("vm-test failed on some kernels");
-    }
-    Ok(())
 }
 
 fn host_packages() -> Result<()> {
@@ -344,17 +356,17 @@ poweroff -f
 "#;
 
 /// target/vm-cache/initramfs.cpio: busybox, the binaries with their libraries, and /init.
-fn initramfs() -> Result<PathBuf> {
+fn initramfs(profile: &str) -> Result<PathBuf> {
     let root = cache_dir().join("initramfs");
     let _ = std::fs::remove_dir_all(&root);
     for dir in ["bin", "proc", "sys", "dev", "tmp"] {
         std::fs::create_dir_all(root.join(dir))?;
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("copying /bin/busybox")?;
-    let release = cargo::target_dir().join("release");
-    for name in BINARIES {
-        let binary = release.join(name);
-        std::fs::copy(&binary, root.join("bin").join(name))
+    let built = cargo::target_dir().join(profile);
+    for (name, in_vm) in BINARIES {
+        let binary = built.join(name);
+        std::fs::copy(&binary, root.join("bin").join(in_vm))
             .with_context(|| format!("copying {}", binary.display()))?;
         let ldd = sys::output(sys::command("ldd").arg(&binary)).unwrap_or_default();
         for lib in libraries(&ldd) {
