@@ -41,8 +41,9 @@ impl fmt::Display for KernelVersion {
 
 /// `uname -r`.
 pub fn release() -> Option<String> {
-    // SAFETY: uname fills the struct we pass; the release field is NUL-terminated.
+    // SAFETY: utsname is plain bytes, for which all zeroes is a valid value.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills the struct we pass; the release field is NUL-terminated.
     if unsafe { libc::uname(&mut uts) } != 0 {
         return None;
     }
