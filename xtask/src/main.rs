@@ -249,10 +249,10 @@ fn vm_tests(
 ) -> Result<()> {
     let results = match vm::run(vm::KERNELS, false) {
         Ok(results) => results,
-        Err(e) => vm::KERNELS
-            .iter()
-            .map(|k| (*k, Err(anyhow::anyhow!("{e:#}"))))
-            .collect(),
+        Err(e) => {
+            total.failed += 1;
+            return Err(e.context("building what goes into the VMs"));
+        }
     };
     let mut failed = false;
     for (k, outcome) in results {

@@ -153,11 +153,18 @@ pub fn vm_test(kernel: &str, release: bool) -> Result<()> {
     Ok(())
 }
 
-/// What each kernel did: Err when its VM could not be set up or started; an Err of the whole
-/// when nothing could boot (no QEMU, no initramfs). Prints the per-kernel report.
+/// What each kernel did: Err when its VM could not be set up (QEMU not installable, the
+/// kernel not fetched) or started. An Err of the whole is a broken build of what goes into the
+/// VM. Prints the per-kernel report.
 pub fn run(kernels: &[Kernel], release: bool) -> Result<Vec<(Kernel, Result<Outcome>)>> {
     let started = Instant::now();
-    host_packages()?;
+    if let Err(e) = host_packages() {
+        let why = format!("{e:#}");
+        return Ok(kernels
+            .iter()
+            .map(|k| (*k, Err(anyhow::anyhow!("{why}"))))
+            .collect());
+    }
     let mut build = cargo::cargo(["build", "--package", "observer-tests"]);
     if release {
         build.arg("--release");
