@@ -18,6 +18,7 @@ mod fuzz;
 pub mod health;
 pub mod host_paths;
 pub mod inventory;
+pub mod kernel;
 pub mod mackerel;
 pub mod mountinfo;
 pub mod pin;

@@ -3,6 +3,8 @@
 
 use std::{fs, path::Path};
 
+use crate::kernel::{self, KernelVersion};
+
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -21,6 +23,16 @@ pub enum PreflightError {
     )]
     MissingCapabilities { missing: String },
     #[error(
+        "this kernel is {running} and observer needs {oldest} or newer: it attaches its \
+         programs to the cgroup v2 root with bpf links, which came in Linux {oldest} (Amazon \
+         Linux 2's 5.10, Amazon Linux 2023 and Bottlerocket's 6.1 and every later kernel have \
+         them)"
+    )]
+    KernelTooOld {
+        running: KernelVersion,
+        oldest: KernelVersion,
+    },
+    #[error(
         "this kernel exposes no BTF (/sys/kernel/btf/vmlinux is missing): observer needs a kernel \
          built with CONFIG_DEBUG_INFO_BTF=y (Amazon Linux 2023, Bottlerocket and current distro \
          kernels have it)"
@@ -28,7 +40,7 @@ pub enum PreflightError {
     NoBtf,
     #[error(
         "this kernel cannot load cgroup_skb programs: it needs CONFIG_BPF_SYSCALL and \
-         CONFIG_CGROUP_BPF (kernel 5.7 or newer for bpf links)"
+         CONFIG_CGROUP_BPF, which every distribution kernel has"
     )]
     NoCgroupBpf,
 }
@@ -58,6 +70,18 @@ pub fn missing_capabilities(caps: u64) -> Vec<&'static str> {
     missing
 }
 
+/// Fails for a kernel older than [`kernel::OLDEST`]; an unreadable version passes (the kernel
+/// decides at load time).
+pub fn check_kernel(running: Option<KernelVersion>) -> Result<(), PreflightError> {
+    match running {
+        Some(running) if running < kernel::OLDEST => Err(PreflightError::KernelTooOld {
+            running,
+            oldest: kernel::OLDEST,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Everything observer needs from the host before it loads its programs.
 pub fn check() -> Result<(), PreflightError> {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -70,6 +94,7 @@ pub fn check() -> Result<(), PreflightError> {
             });
         }
     }
+    check_kernel(KernelVersion::running())?;
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(PreflightError::NoBtf);
     }
@@ -89,6 +114,26 @@ mod tests {
         assert_eq!(effective_capabilities(status), Some(0x1ff_ffff_ffff));
         assert_eq!(effective_capabilities("Name: x\n"), None);
         assert_eq!(effective_capabilities("CapEff:\tzz\n"), None);
+    }
+
+    #[test]
+    fn a_kernel_older_than_5_7_is_refused_with_a_sentence() {
+        let err = check_kernel(Some(KernelVersion::new(5, 4)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("this kernel is 5.4 and observer needs 5.7 or newer"),
+            "{err}"
+        );
+        assert!(check_kernel(Some(KernelVersion::new(4, 14))).is_err());
+    }
+
+    #[test]
+    fn supported_and_unknown_kernels_pass() {
+        assert!(check_kernel(Some(KernelVersion::new(5, 7))).is_ok());
+        assert!(check_kernel(Some(KernelVersion::new(5, 10))).is_ok());
+        assert!(check_kernel(Some(KernelVersion::new(6, 12))).is_ok());
+        assert!(check_kernel(None).is_ok());
     }
 
     #[test]

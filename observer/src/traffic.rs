@@ -97,7 +97,7 @@ impl TrafficReader {
             reported,
             capacity,
             cpus,
-            batch_supported: true,
+            batch_supported: crate::kernel::Features::running().batch_lookups,
         })
     }
 
@@ -122,7 +122,7 @@ impl TrafficReader {
         let entries = if self.batch_supported {
             match lookup_batch(&self.traffic_fd, self.cpus) {
                 Ok(entries) => entries,
-                // Kernels before 5.6 have no batch operations: fall back to key by key.
+                // A kernel that refuses them anyway (a build without them): key by key.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
                     self.batch_supported = false;
                     self.read_key_by_key()?

@@ -10,6 +10,8 @@ pub struct TestCgroup {
     path: PathBuf,
     rel: String,
     id: u64,
+    /// Parents made for it (innermost first), removed after it.
+    parents: Vec<PathBuf>,
 }
 
 impl TestCgroup {
@@ -27,6 +29,52 @@ impl TestCgroup {
             path,
             rel: format!("/{name}"),
             id,
+            parents: Vec::new(),
+        })
+    }
+
+    /// Makes `<root>/<rel>` exactly (e.g. `ecstasks.slice/ecstasks-<task>.slice/docker-<id>.scope`,
+    /// a platform's layout), with the parents that are missing. Each parent made gets the
+    /// controllers of its own parent enabled for its children, as systemd does, so the leaf has
+    /// cpu.stat and memory.* on a pure v2 host. Fails if the leaf exists already.
+    pub fn nested(root: &Path, rel: &str) -> anyhow::Result<Self> {
+        let rel = rel.trim_matches('/');
+        let mut parents = Vec::new();
+        let mut dir = root.to_path_buf();
+        let components: Vec<&str> = rel.split('/').collect();
+        let made = (|| -> anyhow::Result<()> {
+            for parent in &components[..components.len() - 1] {
+                let controllers = fs::read_to_string(dir.join("cgroup.subtree_control"))?;
+                dir.push(parent);
+                if !dir.exists() {
+                    fs::create_dir(&dir)?;
+                    parents.push(dir.clone());
+                    let enable: Vec<String> = controllers
+                        .split_whitespace()
+                        .map(|c| format!("+{c}"))
+                        .collect();
+                    if !enable.is_empty() {
+                        fs::write(dir.join("cgroup.subtree_control"), enable.join(" "))?;
+                    }
+                }
+            }
+            fs::create_dir(root.join(rel))?;
+            Ok(())
+        })();
+        parents.reverse();
+        if let Err(e) = made {
+            for p in &parents {
+                let _ = fs::remove_dir(p);
+            }
+            return Err(e);
+        }
+        let path = root.join(rel);
+        let id = observer::cgroupfs::cgroup_id(&path)?;
+        Ok(Self {
+            path,
+            rel: format!("/{rel}"),
+            id,
+            parents,
         })
     }
 
@@ -61,12 +109,25 @@ impl TestCgroup {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             match fs::remove_dir(&self.path) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Ok(()) => return self.remove_parents(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.remove_parents(),
                 Err(e) if Instant::now() > deadline => return Err(e.into()),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+}
+
+impl TestCgroup {
+    fn remove_parents(&self) -> anyhow::Result<()> {
+        for parent in &self.parents {
+            match fs::remove_dir(parent) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow::anyhow!("{}: {e}", parent.display())),
+            }
+        }
+        Ok(())
     }
 }
 

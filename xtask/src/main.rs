@@ -6,6 +6,7 @@ mod image;
 mod setup;
 mod sys;
 mod tally;
+mod vm;
 
 use std::os::unix::process::CommandExt as _;
 
@@ -68,6 +69,18 @@ enum Task {
     /// Validate deploy/ offline (ECS task definition, CloudFormation, Kubernetes manifests) with
     /// pinned validators in a venv under target/; `test` runs this too.
     CheckDeploy,
+    /// Boot the kernels operators run (Debian's 5.10, 6.1, 6.12) in QEMU with pure cgroup v2
+    /// and run the in-VM suite (tests/src/bin/vm-suite.rs) in each; reports per kernel. The
+    /// kernels are fetched from the Debian archive once and cached in target/vm-cache.
+    VmTest {
+        /// Which kernel: 5.10, 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Put the debug builds into the VM (what `test` does, reusing its builds) instead of
+        /// release ones.
+        #[arg(long)]
+        debug: bool,
+    },
     /// Set up for tests, then run the observer-bench binary (release): `cargo xtask bench -- ARGS`.
     Bench {
         /// Arguments for observer-bench, after `--`.
@@ -90,6 +103,10 @@ fn main() -> Result<()> {
         Task::Image { binary_only } => image::image(binary_only),
         Task::CheckDeploy => deploy_check::check_deploy(),
         Task::Bench { args } => bench(&args),
+        Task::VmTest { kernel, debug } => {
+            setup::setup(false)?;
+            vm::vm_test(&kernel, !debug)
+        }
     }
 }
 
@@ -172,18 +189,28 @@ fn test(args: &[String]) -> Result<()> {
         say!("integration tests: skipped, tests/Cargo.toml (package observer-tests) does not exist yet");
         None
     };
-    let skips = tally::read_skips(&std::fs::read_to_string(&skip_log).unwrap_or_default());
+    let mut skips = tally::read_skips(&std::fs::read_to_string(&skip_log).unwrap_or_default());
     // A skipped test returned early, so libtest counted it as passed: move it to skipped.
     total.passed = total.passed.saturating_sub(skips.len() as u64);
+    // The kernels operators run, each in a VM with pure cgroup v2 (this host has one kernel
+    // and hybrid cgroups): one test per kernel, after the integration tests, whose debug
+    // builds go into the VM.
+    let vms = if has_name_filter(args) {
+        say!("vm-test: not run, a test name filter was given (run it alone: cargo xtask vm-test)");
+        Ok(())
+    } else {
+        vm_tests(&mut total, &mut skips)
+    };
     for (name, why) in &skips {
         say!("skipped {name}: {why}");
     }
     let verdict = |r: &Result<()>| if r.is_ok() { "passed" } else { "FAILED" };
     say!(
-        "test summary: unit tests {}, deploy check {}, integration tests {}",
+        "test summary: unit tests {}, deploy check {}, integration tests {}, kernels in VMs {}",
         verdict(&unit),
         verdict(&deploy),
-        integration.as_ref().map_or("skipped", verdict)
+        integration.as_ref().map_or("skipped", verdict),
+        verdict(&vms)
     );
     // One plain closing line that counts every test run, whatever cargo printed last.
     println!(
@@ -193,9 +220,61 @@ fn test(args: &[String]) -> Result<()> {
         skips.len(),
         total.ignored
     );
-    if unit.is_err() || deploy.is_err() || image.is_err() || integration.is_some_and(|r| r.is_err())
+    if unit.is_err()
+        || deploy.is_err()
+        || image.is_err()
+        || vms.is_err()
+        || integration.is_some_and(|r| r.is_err())
     {
         bail!("some tests failed");
+    }
+    Ok(())
+}
+
+/// True when the extra test arguments hold a test name filter (not only flags).
+fn has_name_filter(args: &[String]) -> bool {
+    args.iter().any(|a| !a.starts_with('-'))
+}
+
+/// True when the environment says this is CI (as tests/src/lib.rs `in_ci` reads it).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// `vm-test --kernel all` as part of `test`: a kernel that ran counts passed or failed; one
+/// whose VM could not be set up or started is a skip, except under CI, where it fails.
+fn vm_tests(
+    total: &mut tally::Tally,
+    skips: &mut std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    let results = match vm::run(vm::KERNELS, false) {
+        Ok(results) => results,
+        Err(e) => {
+            total.failed += 1;
+            return Err(e.context("building what goes into the VMs"));
+        }
+    };
+    let mut failed = false;
+    for (k, outcome) in results {
+        let name = format!("vm_test_kernel_{}", k.name);
+        match outcome {
+            Ok(o) if o.passed() => total.passed += 1,
+            Ok(_) => {
+                total.failed += 1;
+                failed = true;
+            }
+            Err(e) if in_ci() => {
+                say!("{name}: the VM could not run, and under CI that fails: {e:#}");
+                total.failed += 1;
+                failed = true;
+            }
+            Err(e) => {
+                skips.insert(name, format!("the VM could not run: {e:#}"));
+            }
+        }
+    }
+    if failed {
+        bail!("the VM suite failed on some kernels");
     }
     Ok(())
 }
@@ -246,6 +325,13 @@ mod tests {
             }
             _ => panic!("not run"),
         }
+    }
+
+    #[test]
+    fn only_a_name_filter_holds_the_vms_back() {
+        assert!(!has_name_filter(&[]));
+        assert!(!has_name_filter(&["--nocapture".into()]));
+        assert!(has_name_filter(&["restart".into(), "--nocapture".into()]));
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub fn docker_engine() -> Result<()> {
     docker()
 }
 
+/// Installs Debian packages with apt-get (updating the lists first).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    Apt::default().install(packages)
+}
+
 /// Docker's state as on a machine where it never ran: dockerd stopped, /var/lib/docker moved
 /// aside, docker0 gone. The next `docker()` starts a new engine on empty state.
 pub fn fresh_docker() -> Result<()> {
