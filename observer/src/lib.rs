@@ -4,6 +4,7 @@
 //! [`cycle`] (with the [`inventory`] and the [`workloads`] join) -> one [`snapshot`] -> every
 //! [`sink`]. docs/architecture.md has the map.
 
+pub mod appmetrics;
 pub mod backoff;
 pub mod body;
 pub mod cgroupfs;

@@ -167,6 +167,7 @@ mod tests {
                     memory_working_set: Some(1 << 20),
                     memory_limit: Some(1 << 30),
                 },
+                reach: Default::default(),
             }],
         }
     }

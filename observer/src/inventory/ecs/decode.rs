@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::inventory::{
     at_most_max_items, nested_seq, null_as_default, Container, Limits, NetworkMode, NodeInfo,
-    Runtime, Workload, WorkloadKind,
+    PortMapping, Reach, Runtime, Workload, WorkloadKind,
 };
 
 /// `GET /v1/metadata`.
@@ -205,6 +205,38 @@ impl ContainerResponse {
             limits: Limits::default(),
             labels: BTreeMap::new(),
             cgroup_ids: Vec::new(),
+            reach: self.reach(),
+        }
+    }
+
+    /// The `Ports` (bridge: the host port Docker picked; host: the task definition's
+    /// mappings repeated) and the awsvpc ENI's addresses of `Networks`. The agent's
+    /// `HostIp` is not used: the introspection API leaves it empty.
+    pub fn reach(&self) -> Reach {
+        let ports = self
+            .ports
+            .iter()
+            .filter_map(|p| {
+                Some(PortMapping {
+                    container_port: p.container_port.filter(|p| *p != 0)?,
+                    host_port: p.host_port.filter(|p| *p != 0),
+                    tcp: p
+                        .protocol
+                        .as_deref()
+                        .is_none_or(|p| p.eq_ignore_ascii_case("tcp")),
+                })
+            })
+            .collect();
+        let addresses = self
+            .networks
+            .iter()
+            .flat_map(|n| &n.ipv4_addresses)
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        Reach {
+            ports,
+            addresses,
+            declared: BTreeMap::new(),
         }
     }
 }
@@ -530,6 +562,7 @@ mod tests {
             limits: Limits::default(),
             labels,
             cgroup_ids: Vec::new(),
+            reach: Default::default(),
         }
     }
 
@@ -740,6 +773,7 @@ mod tests {
                 limits: Limits::default(),
                 labels,
                 cgroup_ids: Vec::new(),
+                reach: Default::default(),
             })
         }
 

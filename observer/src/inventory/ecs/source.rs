@@ -237,6 +237,11 @@ pub fn enrich(inventory: &mut Inventory, docker: Vec<Container>) {
             }
             container.limits = known.limits;
             container.labels = known.labels.clone();
+            // The agent's Ports first: Docker's port map only when the agent lists none.
+            if container.reach.ports.is_empty() {
+                container.reach.ports = known.reach.ports.clone();
+            }
+            container.reach.declared = known.reach.declared.clone();
             if container.image.is_none() {
                 container.image = known.image.clone();
             }
@@ -387,6 +392,7 @@ mod tests {
             },
             labels,
             cgroup_ids: Vec::new(),
+            reach: Default::default(),
         }
     }
 

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::inventory::{
     bounded_seq, nested_map, nested_seq, null_as_default, Container, Limits, NetworkMode, OwnerRef,
-    Runtime, Workload, WorkloadKind, MAX_ITEMS,
+    Reach, Runtime, Workload, WorkloadKind, MAX_ITEMS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -292,6 +292,13 @@ pub fn parse_container_id(s: &str) -> Option<(Runtime, &str)> {
     Some((runtime, id))
 }
 
+/// The pod annotations of Prometheus' own Kubernetes discovery that observer reads.
+pub const PROMETHEUS_ANNOTATIONS: [&str; 3] = [
+    "prometheus.io/scrape",
+    "prometheus.io/port",
+    "prometheus.io/path",
+];
+
 /// Label the Deployment controller puts on the pods of each ReplicaSet it makes.
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 
@@ -359,6 +366,7 @@ impl Pod {
         } else {
             NetworkMode::Pod
         };
+        let reach = self.reach();
         let running = |s: &&ContainerStatus| s.state.running.is_some();
         let statuses = self
             .status
@@ -384,6 +392,7 @@ impl Pod {
                     limits: spec.map(|s| limits(&s.resources)).unwrap_or_default(),
                     labels: BTreeMap::new(),
                     cgroup_ids: Vec::new(),
+                    reach: reach.clone(),
                 })
             })
             .collect();
@@ -402,6 +411,24 @@ impl Pod {
             cgroup_ids: Vec::new(),
             unlisted_since: None,
         })
+    }
+
+    /// The pod's address (its node's for a hostNetwork pod) and its `prometheus.io/*`
+    /// annotations, the same for each of its containers: they share the pod's network.
+    fn reach(&self) -> Reach {
+        let ip = if self.spec.host_network {
+            &self.status.host_ip
+        } else {
+            &self.status.pod_ip
+        };
+        Reach {
+            ports: Vec::new(),
+            addresses: ip.iter().filter_map(|ip| ip.parse().ok()).collect(),
+            declared: PROMETHEUS_ANNOTATIONS
+                .iter()
+                .filter_map(|k| Some((k.to_string(), self.metadata.annotations.get(*k)?.clone())))
+                .collect(),
+        }
     }
 
     fn limits(&self) -> Limits {
