@@ -248,8 +248,47 @@ pub struct Args {
           value_parser = parse_silent_after)]
     pub mackerel_retire_silent_after: Option<Duration>,
 
+    /// Scrape each Mackerel host's workload's own Prometheus endpoint once per Mackerel
+    /// interval and post its samples on that host (`custom.<prefix>.<metric>.<label values>`,
+    /// counters as per-second rates; docs/app-metrics.md). A workload opts in: ECS Docker labels
+    /// ECS_PROMETHEUS_EXPORTER_PORT (with ECS_PROMETHEUS_METRICS_PATH, ECS_PROMETHEUS_JOB_NAME),
+    /// pod annotations prometheus.io/scrape=true and prometheus.io/port (with
+    /// prometheus.io/path). Only with the Mackerel output; off: nothing is scraped.
+    #[arg(long, env = "OBSERVER_APP_METRICS", default_value = "on", value_parser = parse_on_off)]
+    pub app_metrics: bool,
+
+    /// How long one scrape of a workload's metrics endpoint may take, connection and body
+    /// included; less than --mackerel-interval.
+    #[arg(long, env = "OBSERVER_APP_METRICS_TIMEOUT", default_value = "3s",
+          value_parser = humantime::parse_duration)]
+    pub app_metrics_timeout: Duration,
+
+    /// Most series posted per workload endpoint and scrape; the rest are dropped and counted
+    /// (observer_app_series_dropped_total).
+    #[arg(long, env = "OBSERVER_APP_METRICS_MAX_SERIES", default_value = "500")]
+    pub app_metrics_max_series: usize,
+
+    /// Where the node's published and host ports are reached: 127.0.0.1 when observer runs in
+    /// the host's network namespace (the ECS daemon task and the DaemonSet do); else the
+    /// node's address.
+    #[arg(
+        long,
+        env = "OBSERVER_APP_METRICS_NODE_ADDRESS",
+        default_value = "127.0.0.1"
+    )]
+    pub app_metrics_node_address: std::net::IpAddr,
+
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// `on`/`off` (also true/false, yes/no, 1/0).
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{s:?}: on or off")),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
@@ -390,6 +429,31 @@ fn parse_allowed_roles(s: &str) -> Result<AllowedRoles, String> {
 
 impl Args {
     /// The Mackerel host selection the flags describe.
+    /// The application metrics settings, when on; an error when they cannot work.
+    pub fn app_metrics(&self) -> Result<Option<crate::appmetrics::AppMetricsConfig>, String> {
+        if !self.app_metrics {
+            return Ok(None);
+        }
+        if self.app_metrics_timeout.is_zero() || self.app_metrics_timeout >= self.mackerel_interval
+        {
+            return Err(format!(
+                "--app-metrics-timeout {} must be more than 0 and less than --mackerel-interval {}",
+                humantime::format_duration(self.app_metrics_timeout),
+                humantime::format_duration(self.mackerel_interval)
+            ));
+        }
+        if self.app_metrics_max_series == 0 {
+            return Err(
+                "--app-metrics-max-series must be at least 1 (or --app-metrics off)".into(),
+            );
+        }
+        let mut config = crate::appmetrics::AppMetricsConfig::new(self.mackerel_interval);
+        config.timeout = self.app_metrics_timeout;
+        config.max_series = self.app_metrics_max_series;
+        config.node_address = self.app_metrics_node_address;
+        Ok(Some(config))
+    }
+
     pub fn mackerel_selection(&self) -> crate::mackerel::Selection {
         crate::mackerel::Selection {
             mode: self.mackerel_hosts,

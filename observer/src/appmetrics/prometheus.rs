@@ -131,8 +131,11 @@ fn kind_of(
     Some(Kind::Gauge)
 }
 
+/// Label names and values as served.
+type Labels = Vec<(String, String)>;
+
 /// `name{label="value",...} value [timestamp] [# exemplar]`.
-fn parse_sample(line: &str) -> Option<(&str, Vec<(String, String)>, f64)> {
+fn parse_sample(line: &str) -> Option<(&str, Labels, f64)> {
     let name_end = line
         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
         .unwrap_or(line.len());
@@ -156,8 +159,8 @@ fn parse_sample(line: &str) -> Option<(&str, Vec<(String, String)>, f64)> {
 }
 
 /// Labels up to the closing `}`; returns them and what follows.
-fn parse_labels(mut s: &str) -> Option<(Vec<(String, String)>, &str)> {
-    let mut labels: Vec<(String, String)> = Vec::new();
+fn parse_labels(mut s: &str) -> Option<(Labels, &str)> {
+    let mut labels: Labels = Vec::new();
     loop {
         s = s.trim_start_matches([' ', '\t']);
         if let Some(after) = s.strip_prefix('}') {
@@ -226,7 +229,7 @@ mod tests {
 
     use super::*;
 
-    fn one(body: &str) -> Vec<(String, Vec<(String, String)>, f64, Kind)> {
+    fn one(body: &str) -> Vec<(String, Labels, f64, Kind)> {
         parse(body.as_bytes(), 1000)
             .samples
             .into_iter()
@@ -234,7 +237,7 @@ mod tests {
             .collect()
     }
 
-    fn l(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn l(pairs: &[(&str, &str)]) -> Labels {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

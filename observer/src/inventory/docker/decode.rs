@@ -559,4 +559,54 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_port_map_and_the_ecs_prometheus_labels() {
+        let inspect: ContainerInspect = serde_json::from_str(
+            r#"{"Id":"abc","Name":"/app",
+                "Config":{"Labels":{"ECS_PROMETHEUS_EXPORTER_PORT":"9100","com.amazonaws.ecs.task-arn":"a"}},
+                "NetworkSettings":{"Ports":{
+                    "9100/tcp":[{"HostIp":"0.0.0.0","HostPort":"32770"},{"HostIp":"::","HostPort":"32770"}],
+                    "53/udp":[{"HostIp":"0.0.0.0","HostPort":"5353"}],
+                    "8080/tcp":null}}}"#,
+        )
+        .unwrap();
+        let c = inspect.to_container();
+        assert_eq!(
+            c.reach.ports,
+            [
+                PortMapping {
+                    container_port: 53,
+                    host_port: Some(5353),
+                    tcp: false
+                },
+                PortMapping {
+                    container_port: 8080,
+                    host_port: None,
+                    tcp: true
+                },
+                PortMapping {
+                    container_port: 9100,
+                    host_port: Some(32770),
+                    tcp: true
+                },
+            ]
+        );
+        assert_eq!(
+            c.reach.declared,
+            BTreeMap::from([(
+                "ECS_PROMETHEUS_EXPORTER_PORT".to_string(),
+                "9100".to_string()
+            )])
+        );
+        let list: Vec<ContainerSummary> = serde_json::from_str(LIST).unwrap();
+        assert_eq!(
+            list[0].to_container().reach.ports,
+            [PortMapping {
+                container_port: 80,
+                host_port: Some(8080),
+                tcp: true
+            }]
+        );
+    }
 }

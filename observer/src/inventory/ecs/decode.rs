@@ -827,4 +827,50 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn ports_and_networks_are_where_the_task_is_reached() {
+        let t: TaskResponse = serde_json::from_str(CURRENT).unwrap();
+        let c = t.to_workload(None).unwrap().containers.remove(0);
+        assert_eq!(
+            c.reach.ports,
+            [PortMapping {
+                container_port: 8080,
+                host_port: Some(32768),
+                tcp: true
+            }]
+        );
+        assert!(c.reach.addresses.is_empty());
+        let r: TasksResponse = serde_json::from_str(AWSVPC).unwrap();
+        let w = r.tasks[0].to_workload(None).unwrap();
+        let addresses: Vec<_> = w
+            .containers
+            .iter()
+            .flat_map(|c| c.reach.addresses.clone())
+            .collect();
+        assert!(
+            addresses.contains(&"10.0.2.61".parse().unwrap()),
+            "{addresses:?}"
+        );
+        // Ports without a container port, or of UDP, are kept as the agent says.
+        let c: ContainerResponse = serde_json::from_str(
+            r#"{"DockerId":"x","Ports":[{"HostPort":1},{"ContainerPort":53,"Protocol":"udp","HostPort":53},{"ContainerPort":9100}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.reach().ports,
+            [
+                PortMapping {
+                    container_port: 53,
+                    host_port: Some(53),
+                    tcp: false
+                },
+                PortMapping {
+                    container_port: 9100,
+                    host_port: None,
+                    tcp: true
+                },
+            ]
+        );
+    }
 }
