@@ -15,17 +15,15 @@
 //! A name longer than [`MAX_NAME_CHARS`] is dropped (counted with the capped series).
 //!
 //! Gauges are posted as served. Counters are posted as per-second rates between two scrapes,
-//! as mackerel-agent's diff metrics are: nothing on the first scrape, and nothing when the
-//! counter went down (a restart).
+//! as mackerel-agent's diff metrics are: the difference over the seconds between the two
+//! periods (scrapes start just after each period boundary); nothing on the first scrape, and
+//! nothing when the counter went down (a restart).
 //!
 //! One graph definition per metric and label count: `custom.<prefix>.<metric>` (one line per
 //! label value, `*`) for one label; with more labels one graph per value of the first ones (`#`)
 //! and a line per value of the last (`*`); for no labels, the one line `value`.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::Instant,
-};
+use std::collections::{HashMap, HashSet};
 
 use super::{Kind, Sample, Target};
 use crate::mackerel::client::{GraphDef, GraphMetric};
@@ -110,7 +108,7 @@ pub fn graph_def(prefix: &str, sample: &Sample) -> GraphDef {
 /// rates; and which graph definitions were handed out already.
 #[derive(Debug, Default)]
 pub struct Namer {
-    previous: HashMap<Target, HashMap<String, (f64, Instant)>>,
+    previous: HashMap<Target, HashMap<String, (f64, i64)>>,
     graphs: HashSet<String>,
 }
 
@@ -125,8 +123,8 @@ pub struct Named {
 }
 
 impl Namer {
-    /// The values of one scrape of `target`, taken at `at`.
-    pub fn name(&mut self, target: &Target, samples: &[Sample], at: Instant) -> Named {
+    /// The values of one scrape of `target`, of the period starting at `at` (Unix seconds).
+    pub fn name(&mut self, target: &Target, samples: &[Sample], at: i64) -> Named {
         let mut out = Named::default();
         let before = self.previous.remove(target).unwrap_or_default();
         let mut now = HashMap::with_capacity(samples.len());
@@ -166,15 +164,16 @@ impl Namer {
     }
 }
 
-/// Per second from `(v0, t0)` to `(v1, t1)`; None after a reset or without time between.
-pub fn rate(v0: f64, t0: Instant, v1: f64, t1: Instant) -> Option<f64> {
-    let secs = t1.checked_duration_since(t0)?.as_secs_f64();
-    (v1 >= v0 && secs > 0.0).then(|| (v1 - v0) / secs)
+/// Per second from `(v0, t0)` to `(v1, t1)` (Unix seconds); None after a reset or without
+/// time between.
+pub fn rate(v0: f64, t0: i64, v1: f64, t1: i64) -> Option<f64> {
+    let secs = t1.checked_sub(t0).filter(|s| *s > 0)? as f64;
+    (v1 >= v0).then(|| (v1 - v0) / secs)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{net::IpAddr, time::Duration};
+    use std::net::IpAddr;
 
     use super::*;
 
@@ -279,7 +278,7 @@ mod tests {
     fn counters_become_rates_between_scrapes_gauges_stay() {
         let mut namer = Namer::default();
         let t = target("app");
-        let t0 = Instant::now();
+        let t0 = 1_767_225_600;
         let first = namer.name(
             &t,
             &[
@@ -300,7 +299,7 @@ mod tests {
                 sample("req_total", &[], 700.0, Kind::Counter),
                 sample("temp", &[], 22.0, Kind::Gauge),
             ],
-            t0 + Duration::from_secs(60),
+            t0 + 60,
         );
         assert_eq!(
             second.values,
@@ -314,13 +313,13 @@ mod tests {
         let third = namer.name(
             &t,
             &[sample("req_total", &[], 5.0, Kind::Counter)],
-            t0 + Duration::from_secs(120),
+            t0 + 120,
         );
         assert!(third.values.is_empty());
         let fourth = namer.name(
             &t,
             &[sample("req_total", &[], 35.0, Kind::Counter)],
-            t0 + Duration::from_secs(150),
+            t0 + 150,
         );
         assert_eq!(
             fourth.values,
@@ -333,7 +332,7 @@ mod tests {
             .name(
                 &other,
                 &[sample("req_total", &[], 1e6, Kind::Counter)],
-                t0 + Duration::from_secs(150)
+                t0 + 150
             )
             .values
             .is_empty());
@@ -343,7 +342,7 @@ mod tests {
                 .name(
                     &t,
                     &[sample("req_total", &[], 40.0, Kind::Counter)],
-                    t0 + Duration::from_secs(160)
+                    t0 + 160
                 )
                 .values
                 .is_empty(),
@@ -353,10 +352,10 @@ mod tests {
 
     #[test]
     fn rates() {
-        let t0 = Instant::now();
-        assert_eq!(rate(10.0, t0, 20.0, t0 + Duration::from_secs(5)), Some(2.0));
-        assert_eq!(rate(10.0, t0, 9.0, t0 + Duration::from_secs(5)), None);
+        let t0 = 1_767_225_600;
+        assert_eq!(rate(10.0, t0, 20.0, t0 + 5), Some(2.0));
+        assert_eq!(rate(10.0, t0, 9.0, t0 + 5), None);
         assert_eq!(rate(10.0, t0, 20.0, t0), None);
-        assert_eq!(rate(10.0, t0 + Duration::from_secs(1), 20.0, t0), None);
+        assert_eq!(rate(10.0, t0 + 1, 20.0, t0), None);
     }
 }

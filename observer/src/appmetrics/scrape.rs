@@ -7,7 +7,7 @@
 use std::{
     collections::HashSet,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{sync::watch, task::JoinSet};
@@ -128,7 +128,7 @@ fn until_next_period(now: SystemTime, period: Duration) -> Duration {
     Duration::from_millis((p - into) as u64)
 }
 
-type Done = (Target, i64, Instant, Result<Samples, ScrapeError>);
+type Done = (Target, i64, Result<Samples, ScrapeError>);
 
 async fn run(
     config: AppMetricsConfig,
@@ -166,14 +166,14 @@ async fn run(
                     let (http, target, cfg) = (http.clone(), target.clone(), config.clone());
                     running.spawn(async move {
                         let result = fetch(&http, &target, &cfg).await;
-                        (target, time, Instant::now(), result)
+                        (target, time, result)
                     });
                 }
             }
             Some(done) = running.join_next(), if !running.is_empty() => {
-                let Ok((target, time, at, result)) = done else { continue };
+                let Ok((target, time, result)) = done else { continue };
                 in_flight.remove(&target);
-                handle(&target, time, at, result, &config, &mut namer, &stats, &mut logged, &out);
+                handle(&target, time, result, &config, &mut namer, &stats, &mut logged, &out);
             }
             changed = rx.changed() => {
                 if changed.is_err() {
@@ -203,7 +203,6 @@ fn forget_gone(
 fn handle(
     target: &Target,
     time: i64,
-    at: Instant,
     result: Result<Samples, ScrapeError>,
     config: &AppMetricsConfig,
     namer: &mut Namer,
@@ -226,7 +225,7 @@ fn handle(
             return;
         }
     };
-    let named = namer.name(target, &samples.samples, at);
+    let named = namer.name(target, &samples.samples, time);
     let dropped = samples.dropped + named.too_long;
     stats.dropped(&target.workload, dropped);
     if dropped > 0 && logged.insert((target.workload.clone(), "series")) {
