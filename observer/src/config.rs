@@ -254,7 +254,8 @@ pub struct Args {
     /// ECS_PROMETHEUS_EXPORTER_PORT (with ECS_PROMETHEUS_METRICS_PATH, ECS_PROMETHEUS_JOB_NAME),
     /// pod annotations prometheus.io/scrape=true and prometheus.io/port (with
     /// prometheus.io/path). Only with the Mackerel output; off: nothing is scraped.
-    #[arg(long, env = "OBSERVER_APP_METRICS", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, env = "OBSERVER_APP_METRICS", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set, value_name = "on|off")]
     pub app_metrics: bool,
 
     /// How long one scrape of a workload's metrics endpoint may take, connection and body
@@ -265,7 +266,7 @@ pub struct Args {
 
     /// Most series posted per workload endpoint and scrape; the rest are dropped and counted
     /// (observer_app_series_dropped_total).
-    #[arg(long, env = "OBSERVER_APP_METRICS_MAX_SERIES", default_value = "500")]
+    #[arg(long, env = "OBSERVER_APP_METRICS_MAX_SERIES", default_value_t = defaults::APP_METRICS_MAX_SERIES)]
     pub app_metrics_max_series: usize,
 
     /// Where the node's published and host ports are reached: 127.0.0.1 when observer runs in
@@ -570,6 +571,31 @@ mod tests {
         assert_eq!(args.host_root, None);
         assert_eq!(args.command, None);
         assert_eq!(args.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn app_metrics_flags() {
+        let args = Args::try_parse_from(["observer"]).unwrap();
+        let app = args.app_metrics().unwrap().expect("on by default");
+        assert_eq!(app.timeout, defaults::APP_METRICS_TIMEOUT);
+        assert_eq!(app.max_series, defaults::APP_METRICS_MAX_SERIES);
+        assert_eq!(app.period, args.mackerel_interval);
+        assert_eq!(app.node_address.to_string(), "127.0.0.1");
+        let off = Args::try_parse_from(["observer", "--app-metrics", "off"]).unwrap();
+        assert!(off.app_metrics().unwrap().is_none());
+        assert!(Args::try_parse_from(["observer", "--app-metrics", "maybe"]).is_err());
+        let slow = Args::try_parse_from([
+            "observer",
+            "--mackerel-interval",
+            "5s",
+            "--app-metrics-timeout",
+            "5s",
+        ])
+        .unwrap();
+        let err = slow.app_metrics().unwrap_err();
+        assert!(err.contains("less than --mackerel-interval 5s"), "{err}");
+        let none = Args::try_parse_from(["observer", "--app-metrics-max-series", "0"]).unwrap();
+        assert!(none.app_metrics().is_err());
     }
 
     /// The flags' defaults are the library's: one constant each.

@@ -220,6 +220,23 @@ fn stop(observer: ObserverCmd) -> Result<Finished> {
     Ok(done)
 }
 
+/// observer's own `/metrics`, waiting until the scrape errors are counted there.
+async fn observer_metrics(url: &str) -> Result<String> {
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let end = Instant::now() + WAIT;
+    loop {
+        let text = http.get(url).send().await?.text().await?;
+        if text.contains("cause=\"timeout\"") && text.contains("cause=\"reach\"") {
+            return Ok(text);
+        }
+        ensure!(
+            Instant::now() < end,
+            "no scrape errors counted at {url}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The port Docker published `container_port` on (`docker port`: `127.0.0.1:49153`).
 fn published(id: &str, container_port: u16) -> Result<u16> {
     let out = sh("docker", &["port", id, &format!("{container_port}/tcp")])?;
@@ -281,17 +298,45 @@ async fn each_ecs_task_posts_its_own_metrics_on_its_own_host() -> Result<()> {
         |r| r.network("host"),
         &["sleep".into(), "3600".into()],
     )?;
+    // A path that would reach past the task's own address: refused, said once.
+    let evil = Task::start(
+        &mut docker,
+        "evil",
+        &[
+            ("ECS_PROMETHEUS_EXPORTER_PORT", "9100"),
+            ("ECS_PROMETHEUS_METRICS_PATH", "//169.254.169.254/latest"),
+        ],
+        |r| r.network("bridge").arg("-p").arg("127.0.0.1::9100"),
+        &["sleep".into(), "3600".into()],
+    )?;
+    let evil_port = published(&evil.docker_id, 9100)?;
     agent.set_tasks(&[
         web.fake(9100, web_port),
         // Host mode: the agent repeats the task definition's mappings.
         hostapp.fake(host_port, host_port),
         stuck.fake(hung_port, hung_port),
+        evil.fake(9100, evil_port),
     ]);
 
-    let observer = start_observer(&args(
-        &["--platform", "ecs", "--ecs-agent-url", &agent.url()],
+    let mut observer = start_observer(&args(
+        &[
+            "--platform",
+            "ecs",
+            "--ecs-agent-url",
+            &agent.url(),
+            "--prometheus-listen",
+            "127.0.0.1:0",
+        ],
         &mackerel,
     ))?;
+    let metrics_url = observer
+        .log_so_far()
+        .iter()
+        .find_map(|l| {
+            let at = l.find("Prometheus endpoint on ")? + "Prometheus endpoint on ".len();
+            Some(l[at..].split_whitespace().next()?.to_owned())
+        })
+        .context("the Prometheus endpoint's address in the log")?;
     let temperature = "custom.web.web_temperature.value";
     let requests = "custom.web.web_requests_total.200._api";
     wait_until("the web task's first scrape", || {
@@ -306,7 +351,32 @@ async fn each_ecs_task_posts_its_own_metrics_on_its_own_host() -> Result<()> {
             && !points(&mackerel, &hostapp.arn, "custom.app.queue_depth.mail").is_empty()
     })
     .await?;
+    let own = observer_metrics(&metrics_url).await?;
     let done = stop(observer)?;
+
+    // observer's own counts: the hung endpoint's timeouts, the refused declaration.
+    ensure!(
+        own.lines().any(|l| l.starts_with(
+            r#"observer_app_scrape_errors_total{workload="stuck:1",cause="timeout"} "#
+        )),
+        "{own}"
+    );
+    ensure!(
+        own.lines().any(|l| l
+            .starts_with(r#"observer_app_scrape_errors_total{workload="evil:1",cause="reach"} "#)),
+        "{own}"
+    );
+    ensure!(!own.contains("web:1"), "no errors of the good task: {own}");
+    let evil_lines: Vec<&str> = done
+        .log
+        .lines()
+        .filter(|l| {
+            l.contains("Application metrics of evil:1 (app) not scraped")
+                && l.contains("ECS_PROMETHEUS_METRICS_PATH")
+        })
+        .collect();
+    ensure!(evil_lines.len() == 1, "one line:\n{}", done.log);
+    ensure!(custom_names(&mackerel, &evil.arn).is_empty());
 
     // Gauges as served; the counter as (400 - 100) over the seconds between the two scrapes
     // (the times of the gauge's points, one per scrape).
