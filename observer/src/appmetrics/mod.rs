@@ -8,8 +8,9 @@
 //! per-second rates) and makes their graph definitions. The values go to the Mackerel worker,
 //! which posts them on the workload's host like its own.
 //!
-//! A second source (mackerel-agent plugins) plugs in by returning [`Samples`] for a
-//! [`Target`]: naming, rates, caps and posting are the same.
+//! A second source (mackerel-agent plugins) plugs in as a [`scrape::Collect`] for targets of
+//! [`Source::Plugin`], returning [`Samples`]: the schedule, naming, rates, caps, counts and
+//! posting are the same.
 
 pub mod naming;
 pub mod prometheus;
@@ -38,9 +39,32 @@ pub struct Target {
     /// The first part of every name after `custom.`: sanitised, at most
     /// [`naming::MAX_PREFIX_CHARS`].
     pub prefix: String,
+    /// What collects its samples.
+    pub source: Source,
+}
+
+/// What collects a target's samples.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// `GET http://<address>:<port><path>`: the Prometheus text format or OpenMetrics.
+    #[default]
+    Prometheus,
+    /// A command the node's operator configured (a mackerel-agent plugin), by its name.
+    Plugin(String),
 }
 
 impl Target {
+    /// For logs: the URL, or the plugin and the address it is given.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            Source::Prometheus => self.url(),
+            Source::Plugin(name) => format!(
+                "plugin {name} for {}",
+                std::net::SocketAddr::new(self.address, self.port)
+            ),
+        }
+    }
+
     /// The URL to scrape: only address, port and path, all checked.
     pub fn url(&self) -> String {
         format!(

@@ -198,6 +198,7 @@ mod tests {
             port: 32768,
             path: "/metrics".into(),
             prefix: prefix.into(),
+            source: Default::default(),
         }
     }
 

@@ -18,7 +18,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use super::{naming, Target};
+use super::{naming, Source, Target};
 use crate::snapshot::{ContainerReport, NetworkMode, WorkloadKind, WorkloadReport};
 
 /// ECS Docker labels of the CloudWatch agent's Prometheus discovery.
@@ -134,6 +134,7 @@ fn ecs_target(
         port,
         path,
         prefix,
+        source: Source::Prometheus,
     }))
 }
 
@@ -177,6 +178,7 @@ fn pod_target(
         port,
         path,
         prefix,
+        source: Source::Prometheus,
     }))
 }
 

@@ -5,7 +5,9 @@
 //! previous scrape is still under way is skipped for that period.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
+    future::Future,
+    pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -14,7 +16,7 @@ use tokio::{sync::watch, task::JoinSet};
 
 use super::{
     naming::Namer, prometheus, reach::ReachError, stats::AppStats, AppMetricsConfig, Samples,
-    Target,
+    Source, Target,
 };
 use crate::{body, mackerel::client::GraphDef};
 
@@ -51,6 +53,12 @@ pub enum ScrapeError {
     Body(#[from] body::BodyError),
     #[error("building the HTTP client: {0}")]
     Client(String),
+    /// Another source's failure (a plugin's), with its `cause` label.
+    #[error("{message}")]
+    Other {
+        cause: &'static str,
+        message: String,
+    },
 }
 
 impl ScrapeError {
@@ -61,7 +69,44 @@ impl ScrapeError {
             Self::Timeout(_) => "timeout",
             Self::Status(_) => "status",
             Self::Body(_) => "body",
+            Self::Other { cause, .. } => cause,
         }
+    }
+}
+
+/// A future of one target's samples.
+pub type Collecting<'a> = Pin<Box<dyn Future<Output = Result<Samples, ScrapeError>> + Send + 'a>>;
+
+/// Collects one target's samples once; bounded by itself (the scraper adds nothing but the
+/// schedule). [`Http`] for [`Source::Prometheus`]; a plugin runner for [`Source::Plugin`].
+pub trait Collect: Send + Sync + std::fmt::Debug + 'static {
+    fn collect<'a>(&'a self, target: &'a Target) -> Collecting<'a>;
+}
+
+/// The HTTP scrape of a Prometheus endpoint.
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    config: AppMetricsConfig,
+}
+
+impl Http {
+    pub fn new(config: AppMetricsConfig) -> Result<Self, ScrapeError> {
+        let client = reqwest::Client::builder()
+            // The workload's own address only: no proxy, no redirect elsewhere.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.timeout)
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| ScrapeError::Client(e.to_string()))?;
+        Ok(Self { client, config })
+    }
+}
+
+impl Collect for Http {
+    fn collect<'a>(&'a self, target: &'a Target) -> Collecting<'a> {
+        Box::pin(fetch(&self.client, target, &self.config))
     }
 }
 
@@ -79,20 +124,15 @@ impl Drop for Scraper {
 }
 
 impl Scraper {
-    /// Starts the task on the current runtime; `out` gets each target's values.
+    /// Starts the task on the current runtime; `out` gets each target's values. `plugins`
+    /// collects the targets of [`Source::Plugin`] (None: they are skipped).
     pub fn start(
         config: AppMetricsConfig,
         stats: AppStats,
+        plugins: Option<Arc<dyn Collect>>,
         out: impl Fn(Scraped) + Send + 'static,
     ) -> Result<Self, ScrapeError> {
-        let http = reqwest::Client::builder()
-            // The workload's own address only: no proxy, no redirect elsewhere.
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(config.timeout)
-            .timeout(config.timeout)
-            .build()
-            .map_err(|e| ScrapeError::Client(e.to_string()))?;
+        let http: Arc<dyn Collect> = Arc::new(Http::new(config.clone())?);
         let (targets, rx) = watch::channel(Arc::new(TargetList::default()));
         log::info!(
             "Application metrics: workloads' declared Prometheus endpoints scraped every {} (timeout {}, at most {} series each)",
@@ -100,7 +140,7 @@ impl Scraper {
             humantime::format_duration(config.timeout),
             config.max_series
         );
-        let task = tokio::spawn(run(config, http, stats, rx, out));
+        let task = tokio::spawn(run(config, Collectors { http, plugins }, stats, rx, out));
         Ok(Self { targets, task })
     }
 
@@ -130,9 +170,24 @@ fn until_next_period(now: SystemTime, period: Duration) -> Duration {
 
 type Done = (Target, i64, Result<Samples, ScrapeError>);
 
+/// Who collects which source.
+struct Collectors {
+    http: Arc<dyn Collect>,
+    plugins: Option<Arc<dyn Collect>>,
+}
+
+impl Collectors {
+    fn of(&self, target: &Target) -> Option<Arc<dyn Collect>> {
+        match target.source {
+            Source::Prometheus => Some(self.http.clone()),
+            Source::Plugin(_) => self.plugins.clone(),
+        }
+    }
+}
+
 async fn run(
     config: AppMetricsConfig,
-    http: reqwest::Client,
+    collectors: Collectors,
     stats: AppStats,
     mut rx: watch::Receiver<Arc<TargetList>>,
     out: impl Fn(Scraped),
@@ -142,7 +197,8 @@ async fn run(
     let mut tick = tokio::time::interval_at(first, config.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut running: JoinSet<Done> = JoinSet::new();
-    let mut in_flight: HashSet<Target> = HashSet::new();
+    // By task, so that a scrape that panicked frees its target too.
+    let mut in_flight: HashMap<tokio::task::Id, Target> = HashMap::new();
     let mut namer = Namer::default();
     // (workload, cause) already logged while the workload lives: one line each.
     let mut logged: HashSet<(String, &'static str)> = HashSet::new();
@@ -159,20 +215,33 @@ async fn run(
                     }
                 }
                 for target in &list.targets {
-                    if !in_flight.insert(target.clone()) {
-                        log::debug!("Application metrics: {} still being scraped; skipped this period", target.url());
+                    if in_flight.values().any(|t| t == target) {
+                        log::debug!("Application metrics: {} still being collected; skipped this period", target.describe());
                         continue;
                     }
-                    let (http, target, cfg) = (http.clone(), target.clone(), config.clone());
-                    running.spawn(async move {
-                        let result = fetch(&http, &target, &cfg).await;
-                        (target, time, result)
+                    let Some(collector) = collectors.of(target) else {
+                        continue;
+                    };
+                    let t = target.clone();
+                    let task = running.spawn(async move {
+                        let result = collector.collect(&t).await;
+                        (t, time, result)
                     });
+                    in_flight.insert(task.id(), target.clone());
                 }
             }
-            Some(done) = running.join_next(), if !running.is_empty() => {
-                let Ok((target, time, result)) = done else { continue };
-                in_flight.remove(&target);
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                let (target, time, result) = match done {
+                    Ok((id, done)) => {
+                        in_flight.remove(&id);
+                        done
+                    }
+                    Err(e) => {
+                        in_flight.remove(&e.id());
+                        log::warn!("Application metrics: a scrape failed: {e}");
+                        continue;
+                    }
+                };
                 handle(&target, time, result, &config, &mut namer, &stats, &mut logged, &out);
             }
             changed = rx.changed() => {
@@ -219,7 +288,7 @@ fn handle(
                     "Application metrics of {} ({}): {} {e}; counted in observer_app_scrape_errors_total, not logged again for this cause",
                     target.workload,
                     target.container,
-                    target.url()
+                    target.describe()
                 );
             }
             return;
@@ -326,6 +395,7 @@ mod tests {
             port,
             path: "/metrics".into(),
             prefix: "app".into(),
+            source: Default::default(),
         }
     }
 
@@ -382,7 +452,7 @@ mod tests {
             timeout: Duration::from_secs(30),
             ..config()
         };
-        let scraper = Scraper::start(cfg, stats, move |s| {
+        let scraper = Scraper::start(cfg, stats, None, move |s| {
             let _ = tx.send(s);
         })
         .unwrap();
@@ -394,6 +464,54 @@ mod tests {
         assert_eq!(got.host_key, "key-ok");
         assert_eq!(got.values, [("custom.app.temp.value".to_string(), 21.5)]);
         assert_eq!(got.graph_defs.len(), 1);
+    }
+
+    /// Samples of its own for every target, as a plugin runner returns them.
+    #[derive(Debug)]
+    struct Fixed;
+
+    impl Collect for Fixed {
+        fn collect<'a>(&'a self, target: &'a Target) -> Collecting<'a> {
+            let value = f64::from(target.port);
+            Box::pin(async move {
+                Ok(Samples {
+                    samples: vec![crate::appmetrics::Sample {
+                        name: "plugin_value".into(),
+                        labels: vec![],
+                        value,
+                        kind: crate::appmetrics::Kind::Gauge,
+                    }],
+                    ..Samples::default()
+                })
+            })
+        }
+    }
+
+    /// Plugin targets go to the plugin collector, with the same naming; without one they are
+    /// skipped, and Prometheus targets still go to HTTP.
+    #[tokio::test]
+    async fn a_second_source_plugs_in() {
+        let ok = server("temp 1\n", false).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let plugins: Arc<dyn Collect> = Arc::new(Fixed);
+        let scraper = Scraper::start(config(), AppStats::default(), Some(plugins), move |s| {
+            let _ = tx.send(s);
+        })
+        .unwrap();
+        let mut plugin = target("plug", 4242);
+        plugin.source = Source::Plugin("gostats".into());
+        scraper.set_targets(TargetList {
+            targets: vec![plugin, target("http", ok)],
+            refused: vec![],
+        });
+        let mut got = [rx.recv().await.unwrap(), rx.recv().await.unwrap()];
+        got.sort_by(|a, b| a.host_key.cmp(&b.host_key));
+        assert_eq!(got[0].values, [("custom.app.temp.value".to_string(), 1.0)]);
+        assert_eq!(got[1].host_key, "key-plug");
+        assert_eq!(
+            got[1].values,
+            [("custom.app.plugin_value.value".to_string(), 4242.0)]
+        );
     }
 
     #[test]

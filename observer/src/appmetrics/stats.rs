@@ -21,7 +21,7 @@ const OTHER: &str = "_other";
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ErrorLabels {
     workload: String,
-    /// "connect", "timeout", "status", "body", "reach".
+    /// "connect", "timeout", "status", "body", "reach" (and a plugin runner's own).
     cause: &'static str,
 }
 
@@ -36,7 +36,14 @@ pub struct AppStats {
     errors: Family<ErrorLabels, Counter>,
     dropped: Family<WorkloadLabel, Counter>,
     /// Workloads that have series, to bound them and to remove them.
-    known: Arc<Mutex<Vec<String>>>,
+    known: Arc<Mutex<Known>>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    workloads: Vec<String>,
+    /// The causes each has counted, to remove their series.
+    causes: Vec<(String, &'static str)>,
 }
 
 impl AppStats {
@@ -56,6 +63,16 @@ impl AppStats {
 
     pub fn error(&self, workload: &str, cause: &'static str) {
         let workload = self.label(workload);
+        {
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            if !known
+                .causes
+                .iter()
+                .any(|(w, c)| *w == workload && *c == cause)
+            {
+                known.causes.push((workload.clone(), cause));
+            }
+        }
         self.errors
             .get_or_create(&ErrorLabels { workload, cause })
             .inc();
@@ -70,21 +87,26 @@ impl AppStats {
         }
     }
 
-    /// Removes the series of workloads not in `live`.
+    /// Removes the series of workloads not in `live` (`_other` stays).
     pub fn retain(&self, live: &std::collections::HashSet<&str>) {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        known.retain(|w| {
+        let Known { workloads, causes } = &mut *known;
+        workloads.retain(|w| {
             let keep = live.contains(w.as_str());
             if !keep {
                 self.dropped.remove(&WorkloadLabel {
                     workload: w.clone(),
                 });
-                for cause in CAUSES {
-                    self.errors.remove(&ErrorLabels {
-                        workload: w.clone(),
-                        cause,
-                    });
-                }
+            }
+            keep
+        });
+        causes.retain(|(w, cause)| {
+            let keep = w == OTHER || workloads.contains(w);
+            if !keep {
+                self.errors.remove(&ErrorLabels {
+                    workload: w.clone(),
+                    cause,
+                });
             }
             keep
         });
@@ -92,19 +114,16 @@ impl AppStats {
 
     fn label(&self, workload: &str) -> String {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        if known.iter().any(|w| w == workload) {
+        if known.workloads.iter().any(|w| w == workload) {
             return workload.to_owned();
         }
-        if known.len() >= MAX_WORKLOADS {
+        if known.workloads.len() >= MAX_WORKLOADS {
             return OTHER.to_owned();
         }
-        known.push(workload.to_owned());
+        known.workloads.push(workload.to_owned());
         workload.to_owned()
     }
 }
-
-/// Every `cause` label value.
-pub const CAUSES: [&str; 5] = ["connect", "timeout", "status", "body", "reach"];
 
 #[cfg(test)]
 mod tests {
@@ -124,6 +143,8 @@ mod tests {
         stats.error("web:3", "timeout");
         stats.error("web:3", "timeout");
         stats.dropped("web:3", 7);
+        // A cause of another source (a plugin runner's) goes the same way.
+        stats.error("web:3", "plugin_timeout");
         let text = render(&stats);
         assert!(
             text.contains(

@@ -80,6 +80,8 @@ pub struct MackerelConfig {
     pub app_metrics: Option<AppMetricsConfig>,
     /// Their errors and drops, for observer's own metrics.
     pub app_stats: AppStats,
+    /// Runs the mackerel-agent plugins workloads name (`Source::Plugin` targets); None: none.
+    pub app_plugins: Option<std::sync::Arc<dyn crate::appmetrics::scrape::Collect>>,
 }
 
 /// Where the settings come from: flags or environment, as the caller read them.
@@ -167,6 +169,7 @@ impl MackerelConfig {
             host_status_on_start: None,
             app_metrics: None,
             app_stats: AppStats::default(),
+            app_plugins: None,
         }
     }
 

@@ -104,9 +104,14 @@ impl MackerelReporter {
         let scraper = match &config.app_metrics {
             Some(app) => {
                 let tx = tx.clone();
-                let scraper = Scraper::start(app.clone(), config.app_stats.clone(), move |s| {
-                    let _ = tx.send(Command::App(s));
-                })
+                let scraper = Scraper::start(
+                    app.clone(),
+                    config.app_stats.clone(),
+                    config.app_plugins.clone(),
+                    move |s| {
+                        let _ = tx.send(Command::App(s));
+                    },
+                )
                 .map_err(|e| ClientError::AppMetrics(e.to_string()))?;
                 Some(scraper)
             }
