@@ -269,9 +269,9 @@ pub struct Args {
     #[arg(long, env = "OBSERVER_APP_METRICS_MAX_SERIES", default_value_t = defaults::APP_METRICS_MAX_SERIES)]
     pub app_metrics_max_series: usize,
 
-    /// Where the node's published and host ports are reached: 127.0.0.1 when observer runs in
-    /// the host's network namespace (the ECS daemon task and the DaemonSet do); else the
-    /// node's address.
+    /// Where the node's published and host ports of ECS tasks are reached: 127.0.0.1 when
+    /// observer runs in the host's network namespace, as the ECS daemon task does (host
+    /// network mode); else the node's address. Pods are reached at their pod or host IP.
     #[arg(
         long,
         env = "OBSERVER_APP_METRICS_NODE_ADDRESS",
