@@ -259,10 +259,10 @@ pub struct Args {
     pub app_metrics: bool,
 
     /// How long one scrape of a workload's metrics endpoint may take, connection and body
-    /// included; less than --mackerel-interval.
-    #[arg(long, env = "OBSERVER_APP_METRICS_TIMEOUT", default_value = "3s",
-          value_parser = humantime::parse_duration)]
-    pub app_metrics_timeout: Duration,
+    /// included; less than --mackerel-interval [default: 3s, at most half of
+    /// --mackerel-interval].
+    #[arg(long, env = "OBSERVER_APP_METRICS_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub app_metrics_timeout: Option<Duration>,
 
     /// Most series posted per workload endpoint and scrape; the rest are dropped and counted
     /// (observer_app_series_dropped_total).
@@ -435,11 +435,14 @@ impl Args {
         if !self.app_metrics {
             return Ok(None);
         }
-        if self.app_metrics_timeout.is_zero() || self.app_metrics_timeout >= self.mackerel_interval
-        {
+        // Unset: the default, kept inside the period so that a scrape ends before the next.
+        let timeout = self.app_metrics_timeout.unwrap_or_else(|| {
+            crate::defaults::APP_METRICS_TIMEOUT.min(self.mackerel_interval / 2)
+        });
+        if timeout.is_zero() || timeout >= self.mackerel_interval {
             return Err(format!(
                 "--app-metrics-timeout {} must be more than 0 and less than --mackerel-interval {}",
-                humantime::format_duration(self.app_metrics_timeout),
+                humantime::format_duration(timeout),
                 humantime::format_duration(self.mackerel_interval)
             ));
         }
@@ -449,7 +452,7 @@ impl Args {
             );
         }
         let mut config = crate::appmetrics::AppMetricsConfig::new(self.mackerel_interval);
-        config.timeout = self.app_metrics_timeout;
+        config.timeout = timeout;
         config.max_series = self.app_metrics_max_series;
         config.node_address = self.app_metrics_node_address;
         Ok(Some(config))
@@ -594,6 +597,12 @@ mod tests {
         .unwrap();
         let err = slow.app_metrics().unwrap_err();
         assert!(err.contains("less than --mackerel-interval 5s"), "{err}");
+        let short = Args::try_parse_from(["observer", "--mackerel-interval", "1s"]).unwrap();
+        assert_eq!(
+            short.app_metrics().unwrap().unwrap().timeout,
+            Duration::from_millis(500),
+            "the default stays inside a short period"
+        );
         let none = Args::try_parse_from(["observer", "--app-metrics-max-series", "0"]).unwrap();
         assert!(none.app_metrics().is_err());
     }
