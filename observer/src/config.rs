@@ -436,9 +436,9 @@ impl Args {
             return Ok(None);
         }
         // Unset: the default, kept inside the period so that a scrape ends before the next.
-        let timeout = self.app_metrics_timeout.unwrap_or_else(|| {
-            crate::defaults::APP_METRICS_TIMEOUT.min(self.mackerel_interval / 2)
-        });
+        let timeout = self
+            .app_metrics_timeout
+            .unwrap_or_else(|| defaults::APP_METRICS_TIMEOUT.min(self.mackerel_interval / 2));
         if timeout.is_zero() || timeout >= self.mackerel_interval {
             return Err(format!(
                 "--app-metrics-timeout {} must be more than 0 and less than --mackerel-interval {}",
