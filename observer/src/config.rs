@@ -248,8 +248,48 @@ pub struct Args {
           value_parser = parse_silent_after)]
     pub mackerel_retire_silent_after: Option<Duration>,
 
+    /// Scrape each Mackerel host's workload's own Prometheus endpoint once per Mackerel
+    /// interval and post its samples on that host (`custom.<prefix>.<metric>.<label values>`,
+    /// counters as per-second rates; docs/app-metrics.md). A workload opts in: ECS Docker labels
+    /// ECS_PROMETHEUS_EXPORTER_PORT (with ECS_PROMETHEUS_METRICS_PATH, ECS_PROMETHEUS_JOB_NAME),
+    /// pod annotations prometheus.io/scrape=true and prometheus.io/port (with
+    /// prometheus.io/path). Only with the Mackerel output; off: nothing is scraped.
+    #[arg(long, env = "OBSERVER_APP_METRICS", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set, value_name = "on|off")]
+    pub app_metrics: bool,
+
+    /// How long one scrape of a workload's metrics endpoint may take, connection and body
+    /// included; less than --mackerel-interval [default: 3s, at most half of
+    /// --mackerel-interval].
+    #[arg(long, env = "OBSERVER_APP_METRICS_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub app_metrics_timeout: Option<Duration>,
+
+    /// Most series posted per workload endpoint and scrape; the rest are dropped and counted
+    /// (observer_app_series_dropped_total).
+    #[arg(long, env = "OBSERVER_APP_METRICS_MAX_SERIES", default_value_t = defaults::APP_METRICS_MAX_SERIES)]
+    pub app_metrics_max_series: usize,
+
+    /// Where the node's published and host ports of ECS tasks are reached: 127.0.0.1 when
+    /// observer runs in the host's network namespace, as the ECS daemon task does (host
+    /// network mode); else the node's address. Pods are reached at their pod or host IP.
+    #[arg(
+        long,
+        env = "OBSERVER_APP_METRICS_NODE_ADDRESS",
+        default_value = "127.0.0.1"
+    )]
+    pub app_metrics_node_address: std::net::IpAddr,
+
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// `on`/`off` (also true/false, yes/no, 1/0).
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{s:?}: on or off")),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
@@ -390,6 +430,34 @@ fn parse_allowed_roles(s: &str) -> Result<AllowedRoles, String> {
 
 impl Args {
     /// The Mackerel host selection the flags describe.
+    /// The application metrics settings, when on; an error when they cannot work.
+    pub fn app_metrics(&self) -> Result<Option<crate::appmetrics::AppMetricsConfig>, String> {
+        if !self.app_metrics {
+            return Ok(None);
+        }
+        // Unset: the default, kept inside the period so that a scrape ends before the next.
+        let timeout = self
+            .app_metrics_timeout
+            .unwrap_or_else(|| defaults::APP_METRICS_TIMEOUT.min(self.mackerel_interval / 2));
+        if timeout.is_zero() || timeout >= self.mackerel_interval {
+            return Err(format!(
+                "--app-metrics-timeout {} must be more than 0 and less than --mackerel-interval {}",
+                humantime::format_duration(timeout),
+                humantime::format_duration(self.mackerel_interval)
+            ));
+        }
+        if self.app_metrics_max_series == 0 {
+            return Err(
+                "--app-metrics-max-series must be at least 1 (or --app-metrics off)".into(),
+            );
+        }
+        let mut config = crate::appmetrics::AppMetricsConfig::new(self.mackerel_interval);
+        config.timeout = timeout;
+        config.max_series = self.app_metrics_max_series;
+        config.node_address = self.app_metrics_node_address;
+        Ok(Some(config))
+    }
+
     pub fn mackerel_selection(&self) -> crate::mackerel::Selection {
         crate::mackerel::Selection {
             mode: self.mackerel_hosts,
@@ -506,6 +574,37 @@ mod tests {
         assert_eq!(args.host_root, None);
         assert_eq!(args.command, None);
         assert_eq!(args.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn app_metrics_flags() {
+        let args = Args::try_parse_from(["observer"]).unwrap();
+        let app = args.app_metrics().unwrap().expect("on by default");
+        assert_eq!(app.timeout, defaults::APP_METRICS_TIMEOUT);
+        assert_eq!(app.max_series, defaults::APP_METRICS_MAX_SERIES);
+        assert_eq!(app.period, args.mackerel_interval);
+        assert_eq!(app.node_address.to_string(), "127.0.0.1");
+        let off = Args::try_parse_from(["observer", "--app-metrics", "off"]).unwrap();
+        assert!(off.app_metrics().unwrap().is_none());
+        assert!(Args::try_parse_from(["observer", "--app-metrics", "maybe"]).is_err());
+        let slow = Args::try_parse_from([
+            "observer",
+            "--mackerel-interval",
+            "5s",
+            "--app-metrics-timeout",
+            "5s",
+        ])
+        .unwrap();
+        let err = slow.app_metrics().unwrap_err();
+        assert!(err.contains("less than --mackerel-interval 5s"), "{err}");
+        let short = Args::try_parse_from(["observer", "--mackerel-interval", "1s"]).unwrap();
+        assert_eq!(
+            short.app_metrics().unwrap().unwrap().timeout,
+            Duration::from_millis(500),
+            "the default stays inside a short period"
+        );
+        let none = Args::try_parse_from(["observer", "--app-metrics-max-series", "0"]).unwrap();
+        assert!(none.app_metrics().is_err());
     }
 
     /// The flags' defaults are the library's: one constant each.

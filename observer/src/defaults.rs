@@ -59,3 +59,12 @@ pub const BPF_PIN_DIR: &str = "/sys/fs/bpf/observer";
 /// `--shutdown-timeout`: what the outputs get on SIGTERM, within the platforms' stop timeouts
 /// (ECS 30 s by default, Kubernetes' grace period 30 s).
 pub const SHUTDOWN_TIMEOUT: &str = "10s";
+
+/// `--app-metrics-timeout`: per scrape of a workload's metrics endpoint. Well inside the
+/// shortest Mackerel interval (5 s), so a scrape never runs into the next one.
+pub const APP_METRICS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest metrics body read per scrape (an exporter's page is usually tens of KiB).
+pub const APP_METRICS_MAX_BODY: usize = 4 << 20;
+/// `--app-metrics-max-series`: series per workload per scrape. A standard Mackerel host
+/// includes 200 metrics; this bounds the bill and the buffer.
+pub const APP_METRICS_MAX_SERIES: usize = 500;

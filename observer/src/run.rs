@@ -16,6 +16,7 @@ use tokio::{
 };
 
 use crate::{
+    appmetrics::AppStats,
     cgroupfs::CgroupIndex,
     collect::Collector,
     config::{Args, Output},
@@ -65,8 +66,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Output::Table => vec![Box::new(TableSink::new(io::stdout(), Rows::Terminal))],
         };
     let mut prometheus_at = None;
+    let app_metrics = args.app_metrics().map_err(anyhow::Error::msg)?;
+    let app_stats = AppStats::default();
     if let Some(listen) = args.prometheus_listen {
-        let prometheus = PrometheusSink::start(listen, args.interval)?;
+        let prometheus = PrometheusSink::start_with_app(listen, args.interval, &app_stats)?;
         prometheus_at = Some(prometheus.local_addr());
         sinks.push(Box::new(prometheus));
     }
@@ -89,6 +92,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(mut config) = mackerel {
         config.selection = args.mackerel_selection();
         config.host_status_on_start = args.mackerel_host_status_on_start;
+        config.app_metrics = app_metrics;
+        config.app_stats = app_stats;
         sinks.push(Box::new(MackerelSink::start(config)?));
     }
 

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     time::{Duration, SystemTime},
 };
 
@@ -189,6 +190,35 @@ pub struct ContainerReport {
     pub cgroup_ids: Vec<u64>,
     pub traffic: TrafficValue,
     pub usage: Usage,
+    /// Where its own metrics may be fetched, as the platform says.
+    pub reach: Reach,
+}
+
+/// How a container can be reached, as its platform lists it, and what it declares about its
+/// metrics endpoint. Nothing here is checked: `appmetrics::reach` validates it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Reach {
+    /// Published ports (ECS `Ports`; Docker's port map as fallback).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
+    /// The container's own addresses: an awsvpc task's ENI (`Networks`), a pod's IP (its
+    /// node's for hostNetwork pods).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
+    /// The scrape declarations of the workload: `ECS_PROMETHEUS_*` Docker labels,
+    /// `prometheus.io/*` pod annotations, as set.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub declared: BTreeMap<String, String>,
+}
+
+/// One published port: the container's port and the node's port it is mapped to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PortMapping {
+    pub container_port: u16,
+    /// None when the platform did not say (or the port is not published).
+    pub host_port: Option<u16>,
+    /// True for TCP (the default when the platform leaves it out).
+    pub tcp: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -348,6 +348,7 @@ pub fn report(
                 cgroup_ids: c.cgroup_ids.clone(),
                 traffic: sum_traffic(c.cgroup_ids.iter(), traffic),
                 usage,
+                reach: c.reach.clone(),
             }
         })
         .collect();
@@ -396,6 +397,7 @@ mod tests {
             limits: Limits::default(),
             labels: BTreeMap::new(),
             cgroup_ids: cgroups.to_vec(),
+            reach: Default::default(),
         }
     }
 

@@ -229,6 +229,9 @@ pub struct FakeContainer {
     pub docker_id: String,
     /// The name in the task definition.
     pub name: String,
+    /// (container port, host port) of TCP mappings, as `Ports` lists them: bridge, the host
+    /// port Docker chose; host mode, the task definition's mappings repeated.
+    pub ports: Vec<(u16, u16)>,
 }
 
 /// A task of the fake ECS agent.
@@ -261,7 +264,16 @@ impl FakeTask {
         self.containers.push(FakeContainer {
             docker_id: docker_id.into(),
             name: name.into(),
+            ports: Vec::new(),
         });
+        self
+    }
+
+    /// A TCP port mapping of the last added container.
+    pub fn port(mut self, container_port: u16, host_port: u16) -> Self {
+        if let Some(c) = self.containers.last_mut() {
+            c.ports.push((container_port, host_port));
+        }
         self
     }
 
@@ -294,6 +306,17 @@ impl FakeTask {
                     "CreatedAt": "2026-01-01T00:00:00Z",
                     "StartedAt": "2026-01-01T00:00:01Z",
                 });
+                // `omitempty`: no mappings, no `Ports`; `HostIp` is left empty by the
+                // introspection API (only the task metadata endpoint fills it).
+                if !c.ports.is_empty() {
+                    v["Ports"] = c
+                        .ports
+                        .iter()
+                        .map(|(container, host)| {
+                            json!({"ContainerPort": container, "Protocol": "tcp", "HostPort": host})
+                        })
+                        .collect();
+                }
                 if let Some(mode) = &self.network_mode {
                     v["Networks"] = json!([{"NetworkMode": mode, "IPv4Addresses": ["10.0.2.61"]}]);
                 }
@@ -446,6 +469,9 @@ pub struct FakePod {
     /// "Running", "Succeeded", ...
     pub phase: String,
     pub containers: Vec<FakePodContainer>,
+    /// `status.podIP` (for a hostNetwork pod the kubelet gives the node's, as `hostIP`).
+    pub pod_ip: String,
+    pub host_ip: String,
 }
 
 impl FakePod {
@@ -461,7 +487,15 @@ impl FakePod {
             host_network: false,
             phase: "Running".into(),
             containers: Vec::new(),
+            pod_ip: "10.0.1.23".into(),
+            host_ip: "10.0.1.5".into(),
         }
+    }
+
+    /// `status.podIP`: where the pod's own network namespace is reached.
+    pub fn pod_ip(mut self, ip: &str) -> Self {
+        self.pod_ip = ip.into();
+        self
     }
 
     pub fn container(mut self, name: &str, container_id: &str) -> Self {
@@ -498,8 +532,10 @@ impl FakePod {
         self
     }
 
+    /// hostNetwork: the pod's IP is its node's.
     pub fn host_network(mut self) -> Self {
         self.host_network = true;
+        self.pod_ip = self.host_ip.clone();
         self
     }
 
@@ -574,8 +610,8 @@ impl FakePod {
                          "ownerReferences": owners},
             "spec": {"nodeName": "node-1", "hostNetwork": self.host_network,
                      "containers": specs, "restartPolicy": "Always"},
-            "status": {"phase": self.phase, "qosClass": "BestEffort", "podIP": "10.0.1.23",
-                       "hostIP": "10.0.1.5", "containerStatuses": statuses},
+            "status": {"phase": self.phase, "qosClass": "BestEffort", "podIP": self.pod_ip,
+                       "hostIP": self.host_ip, "containerStatuses": statuses},
         })
     }
 }

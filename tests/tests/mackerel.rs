@@ -103,6 +103,7 @@ fn task(task: usize, step: usize) -> HostReport {
         roles_label: None,
         display_name: None,
         memo: None,
+        app: Default::default(),
         containers: vec![
             container("app", task, step, 0),
             container("~internal~ecs~pause", task, step, 1),

@@ -79,6 +79,7 @@ fn pod(i: usize, minute: u64) -> HostReport {
         roles_label: None,
         display_name: None,
         memo: None,
+        app: Default::default(),
         containers: vec![container("app"), container("sidecar")],
     }
 }

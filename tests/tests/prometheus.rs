@@ -72,6 +72,7 @@ fn pod(name: &str, container: &str, cgroup: u64, traffic: TrafficValue) -> Workl
             cgroup_ids: vec![cgroup],
             traffic,
             usage,
+            reach: Default::default(),
         }],
     }
 }

@@ -27,7 +27,7 @@ use cgroup_path::{CgroupIdentity, CgroupKind, Owner};
 pub use sources::{InventoryFuture, InventorySource, NoSource, SourceError};
 
 // Shared with the reports: one model of what a workload and a network mode are.
-pub use crate::snapshot::{NetworkMode, OwnerRef, WorkloadKind};
+pub use crate::snapshot::{NetworkMode, OwnerRef, PortMapping, Reach, WorkloadKind};
 
 /// Docker label (ECS task containers) or pod annotation whose value, "service:role,...",
 /// names the Mackerel roles of a task's or pod's host.
@@ -151,6 +151,13 @@ pub struct Container {
     pub labels: BTreeMap<String, String>,
     /// cgroup v2 ids of this container: usually one; CRI-O with crun adds a `container` child.
     pub cgroup_ids: Vec<u64>,
+    /// Its ports, addresses and scrape declarations (for `appmetrics`).
+    #[serde(skip_serializing_if = "reach_is_empty")]
+    pub reach: Reach,
+}
+
+fn reach_is_empty(reach: &Reach) -> bool {
+    *reach == Reach::default()
 }
 
 /// The container runtime a container id belongs to.
@@ -471,6 +478,7 @@ mod tests {
             limits: Limits::default(),
             labels: BTreeMap::new(),
             cgroup_ids: vec![99],
+            reach: Default::default(),
         }
     }
 

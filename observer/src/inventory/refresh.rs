@@ -541,6 +541,7 @@ mod tests {
                 limits: Limits::default(),
                 labels: BTreeMap::new(),
                 cgroup_ids: Vec::new(),
+                reach: Default::default(),
             }],
             cgroup_ids: Vec::new(),
             unlisted_since: None,

@@ -187,6 +187,8 @@ pub enum ClientError {
     BadBase(String),
     #[error("making the HTTP client: {0}")]
     Http(String),
+    #[error("application metrics: {0}")]
+    AppMetrics(String),
 }
 
 /// The Mackerel API at one base URL, with one key.

@@ -239,6 +239,7 @@ mod tests {
             roles_label: None,
             display_name: None,
             memo: None,
+            app: Default::default(),
             containers: vec![ContainerMetrics {
                 name: "app".into(),
                 cpu_percent: cpu,

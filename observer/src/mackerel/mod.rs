@@ -22,7 +22,10 @@ pub mod state;
 
 use std::{path::PathBuf, time::Duration};
 
-use crate::defaults;
+use crate::{
+    appmetrics::{AppMetricsConfig, AppStats},
+    defaults,
+};
 
 pub use client::{ApiError, ApiKey};
 pub use model::{
@@ -73,6 +76,12 @@ pub struct MackerelConfig {
     pub selection: Selection,
     /// Set once on each host observer creates; a host found after a restart keeps its own.
     pub host_status_on_start: Option<HostStatus>,
+    /// Scrape each host's workload's own metrics and post them on it; None = off.
+    pub app_metrics: Option<AppMetricsConfig>,
+    /// Their errors and drops, for observer's own metrics.
+    pub app_stats: AppStats,
+    /// Runs the mackerel-agent plugins workloads name (`Source::Plugin` targets); None: none.
+    pub app_plugins: Option<std::sync::Arc<dyn crate::appmetrics::scrape::Collect>>,
 }
 
 /// Where the settings come from: flags or environment, as the caller read them.
@@ -158,6 +167,9 @@ impl MackerelConfig {
             custom_series: true,
             selection: Selection::default(),
             host_status_on_start: None,
+            app_metrics: None,
+            app_stats: AppStats::default(),
+            app_plugins: None,
         }
     }
 

@@ -8,6 +8,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::appmetrics::scrape::TargetList;
+
 /// All live tasks/pods of one interval. A task missing from a complete report counts as gone
 /// (see [`super::hosts`]), so every report must list every live task, not only the changed
 /// ones.
@@ -36,6 +38,9 @@ pub struct HostReport {
     /// From the `mackerel.io/memo` label or annotation, capped in length.
     pub memo: Option<String>,
     pub containers: Vec<ContainerMetrics>,
+    /// Where its containers' own metrics are scraped (`--app-metrics`), and the declarations
+    /// refused.
+    pub app: TargetList,
 }
 
 /// A Mackerel host status, as POST /api/v0/hosts/<id>/status takes it.

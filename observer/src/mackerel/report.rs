@@ -1,6 +1,8 @@
 //! One interval's snapshot as Mackerel host reports: one host per ECS task or Kubernetes pod,
 //! with each container's CPU, memory and network (every network mode, loopback apart).
 
+use std::net::IpAddr;
+
 use serde_json::json;
 
 use super::{
@@ -8,6 +10,7 @@ use super::{
     select::{capped, Selector, MAX_DISPLAY_NAME_CHARS, MAX_MEMO_CHARS},
 };
 use crate::{
+    appmetrics::{reach, scrape::TargetList},
     inventory::{ecs::LABEL_TASK_ARN, DISPLAY_NAME_LABEL, MEMO_LABEL},
     snapshot::{per_second, Snapshot},
     snapshot::{ContainerReport, WorkloadKind, WorkloadReport},
@@ -19,13 +22,23 @@ pub use crate::inventory::ROLES_LABEL;
 /// lone containers have none. Workloads that cannot be named (an ECS task without its ARN)
 /// are left out with a debug line.
 pub fn interval_report(snapshot: &Snapshot, selector: &mut Selector) -> IntervalReport {
+    interval_report_with(snapshot, selector, None)
+}
+
+/// [`interval_report`] with each host's application metrics targets, their published and
+/// host ports reached at `app_node` (None: application metrics off).
+pub fn interval_report_with(
+    snapshot: &Snapshot,
+    selector: &mut Selector,
+    app_node: Option<IpAddr>,
+) -> IntervalReport {
     let mut hosts = Vec::new();
     for w in &snapshot.workloads {
         if let Err(why) = selector.verdict(w) {
             log::debug!("Mackerel: no host for {}: {why}", w.name);
             continue;
         }
-        match host_report(w, snapshot, selector) {
+        match host_report(w, snapshot, selector, app_node) {
             Ok(Some(host)) => hosts.push(host),
             Ok(None) => {}
             Err(e) => log::debug!("Mackerel: no host for {}: {e}", w.name),
@@ -43,6 +56,7 @@ fn host_report(
     w: &WorkloadReport,
     snapshot: &Snapshot,
     selector: &mut Selector,
+    app_node: Option<IpAddr>,
 ) -> Result<Option<HostReport>, super::model::IdentityError> {
     // Ignored containers are left out of the host altogether, meta included.
     let containers: Vec<&ContainerReport> = w
@@ -80,7 +94,22 @@ fn host_report(
         }
         WorkloadKind::ComposeProject | WorkloadKind::Container => return Ok(None),
     };
+    let app = match app_node {
+        Some(node) => {
+            let (targets, refused) =
+                reach::targets(w, &containers, &identity.custom_identifier, node);
+            TargetList {
+                targets,
+                refused: refused
+                    .into_iter()
+                    .map(|(c, why)| (w.name.clone(), c, why))
+                    .collect(),
+            }
+        }
+        None => TargetList::default(),
+    };
     Ok(Some(HostReport {
+        app,
         identity,
         meta: HostMeta::observer(Some(cloud)),
         roles_label: selector.roles_label(w),
@@ -167,6 +196,7 @@ mod tests {
                     memory_working_set: Some(1 << 20),
                     memory_limit: Some(1 << 30),
                 },
+                reach: Default::default(),
             }],
         }
     }

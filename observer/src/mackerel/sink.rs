@@ -22,19 +22,23 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
+    appmetrics::{
+        scrape::{Scraped, TargetList},
+        Scraper,
+    },
     sink::{Sink, SinkError},
     snapshot::Snapshot,
 };
 
 use super::{
     buffer::{Backoff, Batch, Buffer},
-    client::{ApiError, Client, ClientError, HostParam},
+    client::{ApiError, Client, ClientError, GraphDef, HostParam},
     hosts::{Action, HostTable, Retire},
     minutes::{Closed, Minutes},
     model::{HostReport, HostStatus, IntervalReport, Roles, RolesError},
     names,
     orphans::Orphans,
-    report::interval_report,
+    report::interval_report_with,
     select::Selector,
     state::{Saved, StateFile},
     MackerelConfig,
@@ -52,6 +56,9 @@ pub struct MackerelReporter {
     /// The shutdown deadline, seen by a call under way too, so it cannot outlast the bound.
     deadline: watch::Sender<Option<Instant>>,
     task: tokio::task::JoinHandle<()>,
+    /// Scrapes the workloads' own metrics (`--app-metrics`); its values come back as
+    /// [`Command::App`].
+    scraper: Option<Scraper>,
 }
 
 /// What was left undone when the reporter stopped.
@@ -66,6 +73,8 @@ pub struct ShutdownSummary {
 #[derive(Debug)]
 enum Command {
     Report(IntervalReport),
+    /// One workload's own metrics of one period.
+    App(Scraped),
     Shutdown {
         deadline: Instant,
         done: oneshot::Sender<ShutdownSummary>,
@@ -92,6 +101,22 @@ impl MackerelReporter {
             humantime::format_duration(config.retire_after)
         );
         let (tx, rx) = mpsc::unbounded_channel();
+        let scraper = match &config.app_metrics {
+            Some(app) => {
+                let tx = tx.clone();
+                let scraper = Scraper::start(
+                    app.clone(),
+                    config.app_stats.clone(),
+                    config.app_plugins.clone(),
+                    move |s| {
+                        let _ = tx.send(Command::App(s));
+                    },
+                )
+                .map_err(|e| ClientError::AppMetrics(e.to_string()))?;
+                Some(scraper)
+            }
+            None => None,
+        };
         let (deadline, deadline_rx) = watch::channel(None);
         let mut worker = Worker::new(client, config, rx, deadline_rx);
         worker.load_state();
@@ -104,6 +129,7 @@ impl MackerelReporter {
             lost,
             deadline,
             task,
+            scraper,
         })
     }
 
@@ -119,6 +145,14 @@ impl MackerelReporter {
 
     /// Hands over one interval: every live task or pod. Returns at once.
     pub fn report(&self, report: IntervalReport) {
+        if let Some(scraper) = &self.scraper {
+            let mut list = TargetList::default();
+            for host in &report.hosts {
+                list.targets.extend(host.app.targets.iter().cloned());
+                list.refused.extend(host.app.refused.iter().cloned());
+            }
+            scraper.set_targets(list);
+        }
         if self.tx.send(Command::Report(report)).is_err() {
             log::error!("Mackerel: the reporting task has stopped; this interval is not sent");
         }
@@ -128,7 +162,9 @@ impl MackerelReporter {
     /// saves what is left to the state file, then stops. Hosts of running tasks stay: only
     /// observer is stopping.
     /// Returns None if the task had stopped already or did not answer in time.
-    pub async fn shutdown(self, timeout: Duration) -> Option<ShutdownSummary> {
+    pub async fn shutdown(mut self, timeout: Duration) -> Option<ShutdownSummary> {
+        // No more scrapes: what is in is flushed with the rest.
+        self.scraper.take();
         let deadline = Instant::now() + timeout;
         let (done, summary) = oneshot::channel();
         self.deadline.send_replace(Some(deadline));
@@ -156,6 +192,8 @@ pub struct MackerelSink {
     reporter: Option<MackerelReporter>,
     runtime: tokio::runtime::Handle,
     selector: Selector,
+    /// The node's address for application metrics, when they are on.
+    app_node: Option<std::net::IpAddr>,
 }
 
 impl MackerelSink {
@@ -163,7 +201,9 @@ impl MackerelSink {
     pub fn start(config: MackerelConfig) -> Result<Self, ClientError> {
         let runtime = tokio::runtime::Handle::current();
         let selector = Selector::new(config.selection.clone());
+        let app_node = config.app_metrics.as_ref().map(|a| a.node_address);
         Ok(Self {
+            app_node,
             reporter: Some(MackerelReporter::start(config)?),
             runtime,
             selector,
@@ -181,7 +221,11 @@ impl Sink for MackerelSink {
         // real), marked incomplete so that nothing is retired on it.
         if snapshot.platform.is_some() {
             if let Some(reporter) = &self.reporter {
-                reporter.report(interval_report(snapshot, &mut self.selector));
+                reporter.report(interval_report_with(
+                    snapshot,
+                    &mut self.selector,
+                    self.app_node,
+                ));
             }
         }
         Ok(())
@@ -227,6 +271,8 @@ struct Worker {
     /// Retryable failures in a row, to log the first and the recovery only.
     failures: u32,
     graph_defs_due: bool,
+    /// Graph definitions of the workloads' own metrics, waiting to be posted (each once).
+    app_graph_defs: Vec<GraphDef>,
     config: MackerelConfig,
     /// Hashes of the roles label values already warned about (at most
     /// [`MAX_WARNED_LABELS`]: labels are the workloads' to choose).
@@ -238,6 +284,9 @@ struct Worker {
     queued: Arc<AtomicUsize>,
     lost: Arc<AtomicU64>,
 }
+
+/// Most graph definitions of application metrics waiting for the API.
+const MAX_PENDING_APP_GRAPHS: usize = 1000;
 
 /// Hosts per GET /api/v0/tsdb/latest.
 const LATEST_HOSTS_PER_CALL: usize = 100;
@@ -282,6 +331,7 @@ impl Worker {
             gate: Backoff::new(config.backoff_initial, config.backoff_max),
             failures: 0,
             graph_defs_due: config.custom_series,
+            app_graph_defs: Vec::new(),
             config,
             warned_labels: HashSet::new(),
             rx,
@@ -408,6 +458,7 @@ impl Worker {
     fn has_work(&self, now: Instant) -> bool {
         self.sendable()
             || self.graph_defs_due
+            || !self.app_graph_defs.is_empty()
             || !self
                 .hosts
                 .actions(now, Retire::AfterGrace, |k| self.has_values(k))
@@ -423,6 +474,7 @@ impl Worker {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Report(report) => self.ingest(report),
+            Command::App(scraped) => self.ingest_app(scraped),
             Command::Shutdown { deadline, done } => self.stop = Some((deadline, done)),
         }
     }
@@ -468,6 +520,26 @@ impl Worker {
         self.save_state(period_ended);
     }
 
+    /// One workload's own metrics go into the buffer with its host's other values; a host
+    /// gone meanwhile takes none.
+    fn ingest_app(&mut self, scraped: Scraped) {
+        if self.hosts.name(&scraped.host_key).is_none() {
+            return;
+        }
+        for def in scraped.graph_defs {
+            if self.app_graph_defs.len() < MAX_PENDING_APP_GRAPHS {
+                self.app_graph_defs.push(def);
+            }
+        }
+        if !scraped.values.is_empty() {
+            self.buffer
+                .push(&scraped.host_key, scraped.time, scraped.values);
+            self.lost
+                .store(self.buffer.dropped_total(), Ordering::Relaxed);
+            self.state_dirty = true;
+        }
+    }
+
     /// `MACKEREL_ROLES` plus the good entries of the task's own label.
     fn roles_of(&mut self, host: &HostReport) -> Vec<String> {
         let Some(label) = &host.roles_label else {
@@ -506,6 +578,9 @@ impl Worker {
         self.send_values().await?;
         if self.graph_defs_due {
             self.post_graph_defs().await?;
+        }
+        if !self.app_graph_defs.is_empty() {
+            self.post_app_graph_defs().await?;
         }
         if retire != Retire::No {
             let actions = self
@@ -837,6 +912,23 @@ impl Worker {
         self.between_calls()
     }
 
+    /// The workloads' own graph definitions, in one call; a refusal drops them (logged).
+    async fn post_app_graph_defs(&mut self) -> ControlFlow<()> {
+        let defs = std::mem::take(&mut self.app_graph_defs);
+        match self.bounded(self.client.create_graph_defs(&defs)).await {
+            Err(e) if e.is_retryable() => {
+                self.app_graph_defs = defs;
+                return self.unavailable(&e);
+            }
+            Err(e) => log::error!(
+                "Mackerel: {e} -- {} graph definitions of application metrics not made; their graphs use defaults",
+                defs.len()
+            ),
+            Ok(()) => self.available(),
+        }
+        self.between_calls()
+    }
+
     fn unavailable(&mut self, e: &ApiError) -> ControlFlow<()> {
         let retry_after = match e {
             ApiError::Retryable { retry_after, .. } => *retry_after,
@@ -965,6 +1057,7 @@ mod tests {
             roles_label: label.map(str::to_string),
             display_name: None,
             memo: None,
+            app: Default::default(),
             containers: vec![ContainerMetrics {
                 name: "app".into(),
                 cpu_percent: Some(1.0),
@@ -1041,6 +1134,37 @@ mod tests {
         assert_eq!(w.wake_at(now), Some(now), "a host to register: at once");
         let wait = w.gate.failed(now, Some(Duration::from_secs(7)));
         assert_eq!(w.wake_at(now), Some(now + wait));
+    }
+
+    #[test]
+    fn application_metrics_join_their_host_values() {
+        let mut w = worker(false);
+        w.ingest(interval(60, vec![host("a", None)]));
+        let key = host("a", None).identity.custom_identifier;
+        let before = w.buffer.len();
+        let def = GraphDef {
+            name: "custom.app.temp".into(),
+            display_name: "app temp".into(),
+            unit: "float".into(),
+            metrics: vec![],
+        };
+        w.handle(Command::App(Scraped {
+            host_key: key.clone(),
+            time: 60,
+            values: vec![("custom.app.temp.value".into(), 21.5)],
+            graph_defs: vec![def.clone()],
+        }));
+        assert_eq!(w.buffer.len(), before + 1);
+        assert_eq!(w.app_graph_defs, [def]);
+        assert!(w.has_work(Instant::now()));
+        // A host the reports never named (gone meanwhile) takes nothing.
+        w.handle(Command::App(Scraped {
+            host_key: "unknown".into(),
+            time: 60,
+            values: vec![("custom.app.temp.value".into(), 1.0)],
+            graph_defs: vec![],
+        }));
+        assert_eq!(w.buffer.len(), before + 1);
     }
 
     #[test]

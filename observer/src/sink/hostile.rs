@@ -62,6 +62,7 @@ fn container(i: usize, name: &str) -> ContainerReport {
             memory_working_set: Some(1 << 20),
             memory_limit: Some(1 << 30),
         },
+        reach: Default::default(),
     }
 }
 

@@ -382,6 +382,7 @@ mod tests {
                 cgroup_ids: vec![8],
                 traffic,
                 usage: Usage::default(),
+                reach: Default::default(),
             }],
         }];
         let lines = lines(&s);

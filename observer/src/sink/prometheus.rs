@@ -36,6 +36,8 @@
 //! | `observer_sink_dropped_total` | counter | `sink` | intervals an output could not take because it was still delivering earlier ones |
 //! | `observer_cycles_total` | counter | | intervals measured |
 //! | `observer_last_cycle_timestamp_seconds` | gauge | | end of the latest interval, Unix time |
+//! | `observer_app_scrape_errors_total` | counter | `workload`, `cause` | failed scrapes of a workload's own metrics endpoint (`connect`, `timeout`, `status`, `body`, `reach`: a declaration refused); with the Mackerel output and `--app-metrics` |
+//! | `observer_app_series_dropped_total` | counter | `workload` | series of a workload's own metrics left out by `--app-metrics-max-series` or too long a name |
 //!
 //! `interface_class` is `device` (every interface but loopback) or `loopback`. L, the labels
 //! that name a workload, by platform (a container adds `container`, its name in the task
@@ -76,7 +78,7 @@ pub use exposition::Format;
 pub use health::STALE_AFTER_INTERVALS;
 
 use super::{Sink, SinkError};
-use crate::snapshot::Snapshot;
+use crate::{appmetrics::AppStats, snapshot::Snapshot};
 use state::State;
 
 /// The prefix of every metric name.
@@ -113,7 +115,16 @@ impl PrometheusSink {
     /// configured reporting interval (for /healthz). Port 0 picks a free port: see
     /// [`Self::local_addr`].
     pub fn start(listen: SocketAddr, interval: Duration) -> Result<Self, PrometheusError> {
-        Self::start_with(listen, interval, server::Limits::default())
+        Self::start_with(listen, interval, server::Limits::default(), None)
+    }
+
+    /// [`Self::start`], also showing the application metrics' own counts.
+    pub fn start_with_app(
+        listen: SocketAddr,
+        interval: Duration,
+        app: &AppStats,
+    ) -> Result<Self, PrometheusError> {
+        Self::start_with(listen, interval, server::Limits::default(), Some(app))
     }
 
     /// [`Self::start`] with other limits on what a client may cost.
@@ -121,6 +132,7 @@ impl PrometheusSink {
         listen: SocketAddr,
         interval: Duration,
         limits: server::Limits,
+        app: Option<&AppStats>,
     ) -> Result<Self, PrometheusError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| PrometheusError::NoRuntime)?;
@@ -140,6 +152,9 @@ impl PrometheusSink {
         let state = Arc::new(Mutex::new(State::default()));
         let mut registry = Registry::with_prefix(PREFIX);
         registry.register_collector(Box::new(collector::StateCollector(state.clone())));
+        if let Some(app) = app {
+            app.register(&mut registry);
+        }
         let shared = Arc::new(server::Shared {
             registry,
             state: state.clone(),
@@ -421,7 +436,8 @@ mod tests {
             header_read_timeout: Duration::from_millis(300),
             ..server::Limits::default()
         };
-        let sink = PrometheusSink::start_with("127.0.0.1:0".parse().unwrap(), I, limits).unwrap();
+        let sink =
+            PrometheusSink::start_with("127.0.0.1:0".parse().unwrap(), I, limits, None).unwrap();
         let addr = sink.local_addr();
         let started = Instant::now();
         let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();

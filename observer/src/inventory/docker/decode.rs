@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::inventory::{
     at_most_max_items, nested_map, nested_seq, null_as_default, Container, Limits, NetworkMode,
-    Runtime, Workload, WorkloadKind,
+    PortMapping, Reach, Runtime, Workload, WorkloadKind,
 };
 
 /// The label Docker Compose puts the project name in.
@@ -44,6 +44,18 @@ pub struct ContainerSummary {
     pub state: Option<String>,
     #[serde(deserialize_with = "null_as_default")]
     pub host_config: SummaryHostConfig,
+    /// Published ports: `[{"IP","PrivatePort","PublicPort","Type"}]`.
+    #[serde(deserialize_with = "nested_seq")]
+    pub ports: Vec<SummaryPort>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct SummaryPort {
+    pub private_port: Option<u16>,
+    pub public_port: Option<u16>,
+    #[serde(rename = "Type")]
+    pub kind: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -69,6 +81,58 @@ pub struct ContainerInspect {
     pub host_config: HostConfig,
     #[serde(deserialize_with = "null_as_default")]
     pub state: InspectState,
+    #[serde(deserialize_with = "null_as_default")]
+    pub network_settings: NetworkSettings,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct NetworkSettings {
+    /// `{"9100/tcp": [{"HostIp": "0.0.0.0", "HostPort": "32768"}, ...]}`; `null` for a port
+    /// exposed but not published.
+    #[serde(deserialize_with = "nested_map")]
+    pub ports: BTreeMap<String, Option<Vec<PortBinding>>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct PortBinding {
+    pub host_port: Option<String>,
+}
+
+/// The Docker label prefix of the CloudWatch agent's Prometheus discovery (ECS).
+pub const ECS_PROMETHEUS_PREFIX: &str = "ECS_PROMETHEUS_";
+
+/// The `ECS_PROMETHEUS_*` labels: what a container declares about its metrics endpoint.
+pub fn declared(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| k.starts_with(ECS_PROMETHEUS_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+impl NetworkSettings {
+    /// Docker's port map as [`PortMapping`]s: one per container port, the first host port
+    /// (Docker binds IPv4 and IPv6 to the same one).
+    pub fn mappings(&self) -> Vec<PortMapping> {
+        self.ports
+            .iter()
+            .filter_map(|(key, bindings)| {
+                let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+                let host_port = bindings
+                    .iter()
+                    .flatten()
+                    .find_map(|b| b.host_port.as_deref()?.parse::<u16>().ok())
+                    .filter(|p| *p != 0);
+                Some(PortMapping {
+                    container_port: port.parse().ok().filter(|p| *p != 0)?,
+                    host_port,
+                    tcp: proto == "tcp",
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -151,6 +215,21 @@ impl ContainerSummary {
             limits: Limits::default(),
             labels: self.labels.clone(),
             cgroup_ids: Vec::new(),
+            reach: Reach {
+                ports: self
+                    .ports
+                    .iter()
+                    .filter_map(|p| {
+                        Some(PortMapping {
+                            container_port: p.private_port.filter(|p| *p != 0)?,
+                            host_port: p.public_port.filter(|p| *p != 0),
+                            tcp: p.kind.as_deref().is_none_or(|k| k == "tcp"),
+                        })
+                    })
+                    .collect(),
+                addresses: Vec::new(),
+                declared: declared(&self.labels),
+            },
         }
     }
 }
@@ -182,6 +261,11 @@ impl ContainerInspect {
             limits: self.host_config.limits(),
             labels: self.config.labels.clone(),
             cgroup_ids: Vec::new(),
+            reach: Reach {
+                ports: self.network_settings.mappings(),
+                addresses: Vec::new(),
+                declared: declared(&self.config.labels),
+            },
         }
     }
 }
@@ -474,5 +558,55 @@ mod tests {
                 let _ = network_mode(&mode);
             }
         }
+    }
+
+    #[test]
+    fn the_port_map_and_the_ecs_prometheus_labels() {
+        let inspect: ContainerInspect = serde_json::from_str(
+            r#"{"Id":"abc","Name":"/app",
+                "Config":{"Labels":{"ECS_PROMETHEUS_EXPORTER_PORT":"9100","com.amazonaws.ecs.task-arn":"a"}},
+                "NetworkSettings":{"Ports":{
+                    "9100/tcp":[{"HostIp":"0.0.0.0","HostPort":"32770"},{"HostIp":"::","HostPort":"32770"}],
+                    "53/udp":[{"HostIp":"0.0.0.0","HostPort":"5353"}],
+                    "8080/tcp":null}}}"#,
+        )
+        .unwrap();
+        let c = inspect.to_container();
+        assert_eq!(
+            c.reach.ports,
+            [
+                PortMapping {
+                    container_port: 53,
+                    host_port: Some(5353),
+                    tcp: false
+                },
+                PortMapping {
+                    container_port: 8080,
+                    host_port: None,
+                    tcp: true
+                },
+                PortMapping {
+                    container_port: 9100,
+                    host_port: Some(32770),
+                    tcp: true
+                },
+            ]
+        );
+        assert_eq!(
+            c.reach.declared,
+            BTreeMap::from([(
+                "ECS_PROMETHEUS_EXPORTER_PORT".to_string(),
+                "9100".to_string()
+            )])
+        );
+        let list: Vec<ContainerSummary> = serde_json::from_str(LIST).unwrap();
+        assert_eq!(
+            list[0].to_container().reach.ports,
+            [PortMapping {
+                container_port: 80,
+                host_port: Some(8080),
+                tcp: true
+            }]
+        );
     }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::inventory::{
     at_most_max_items, nested_seq, null_as_default, Container, Limits, NetworkMode, NodeInfo,
-    Runtime, Workload, WorkloadKind,
+    PortMapping, Reach, Runtime, Workload, WorkloadKind,
 };
 
 /// `GET /v1/metadata`.
@@ -205,6 +205,38 @@ impl ContainerResponse {
             limits: Limits::default(),
             labels: BTreeMap::new(),
             cgroup_ids: Vec::new(),
+            reach: self.reach(),
+        }
+    }
+
+    /// The `Ports` (bridge: the host port Docker picked; host: the task definition's
+    /// mappings repeated) and the awsvpc ENI's addresses of `Networks`. The agent's
+    /// `HostIp` is not used: the introspection API leaves it empty.
+    pub fn reach(&self) -> Reach {
+        let ports = self
+            .ports
+            .iter()
+            .filter_map(|p| {
+                Some(PortMapping {
+                    container_port: p.container_port.filter(|p| *p != 0)?,
+                    host_port: p.host_port.filter(|p| *p != 0),
+                    tcp: p
+                        .protocol
+                        .as_deref()
+                        .is_none_or(|p| p.eq_ignore_ascii_case("tcp")),
+                })
+            })
+            .collect();
+        let addresses = self
+            .networks
+            .iter()
+            .flat_map(|n| &n.ipv4_addresses)
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        Reach {
+            ports,
+            addresses,
+            declared: BTreeMap::new(),
         }
     }
 }
@@ -530,6 +562,7 @@ mod tests {
             limits: Limits::default(),
             labels,
             cgroup_ids: Vec::new(),
+            reach: Default::default(),
         }
     }
 
@@ -740,6 +773,7 @@ mod tests {
                 limits: Limits::default(),
                 labels,
                 cgroup_ids: Vec::new(),
+                reach: Default::default(),
             })
         }
 
@@ -792,5 +826,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn ports_and_networks_are_where_the_task_is_reached() {
+        let t: TaskResponse = serde_json::from_str(CURRENT).unwrap();
+        let c = t.to_workload(None).unwrap().containers.remove(0);
+        assert_eq!(
+            c.reach.ports,
+            [PortMapping {
+                container_port: 8080,
+                host_port: Some(32768),
+                tcp: true
+            }]
+        );
+        assert!(c.reach.addresses.is_empty());
+        let r: TasksResponse = serde_json::from_str(AWSVPC).unwrap();
+        let w = r.tasks[0].to_workload(None).unwrap();
+        let addresses: Vec<_> = w
+            .containers
+            .iter()
+            .flat_map(|c| c.reach.addresses.clone())
+            .collect();
+        assert!(
+            addresses.contains(&"10.0.2.61".parse().unwrap()),
+            "{addresses:?}"
+        );
+        // Ports without a container port, or of UDP, are kept as the agent says.
+        let c: ContainerResponse = serde_json::from_str(
+            r#"{"DockerId":"x","Ports":[{"HostPort":1},{"ContainerPort":53,"Protocol":"udp","HostPort":53},{"ContainerPort":9100}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.reach().ports,
+            [
+                PortMapping {
+                    container_port: 53,
+                    host_port: Some(53),
+                    tcp: false
+                },
+                PortMapping {
+                    container_port: 9100,
+                    host_port: None,
+                    tcp: true
+                },
+            ]
+        );
     }
 }

@@ -237,6 +237,11 @@ pub fn enrich(inventory: &mut Inventory, docker: Vec<Container>) {
             }
             container.limits = known.limits;
             container.labels = known.labels.clone();
+            // The agent's Ports first: Docker's port map only when the agent lists none.
+            if container.reach.ports.is_empty() {
+                container.reach.ports = known.reach.ports.clone();
+            }
+            container.reach.declared = known.reach.declared.clone();
             if container.image.is_none() {
                 container.image = known.image.clone();
             }
@@ -387,6 +392,7 @@ mod tests {
             },
             labels,
             cgroup_ids: Vec::new(),
+            reach: Default::default(),
         }
     }
 
@@ -422,6 +428,45 @@ mod tests {
             inv.standalone.is_empty(),
             "non-ECS containers are not the agent's"
         );
+    }
+
+    /// The agent's `Ports` stay; Docker's port map stands in when the agent lists none; the
+    /// `ECS_PROMETHEUS_*` declarations come from Docker either way.
+    #[test]
+    fn docker_adds_scrape_declarations_and_a_port_map_fallback() {
+        use crate::inventory::{PortMapping, Reach};
+        let (a, b) = (cid('a'), cid('b'));
+        let mut inv = answers(&[task_json(TASK, "RUNNING", &[&a, &b])]);
+        inv.workloads[0].containers[0].reach.ports = vec![PortMapping {
+            container_port: 9100,
+            host_port: Some(32768),
+            tcp: true,
+        }];
+        let docker_reach = |host_port| Reach {
+            ports: vec![PortMapping {
+                container_port: 9100,
+                host_port: Some(host_port),
+                tcp: true,
+            }],
+            addresses: vec![],
+            declared: [(
+                "ECS_PROMETHEUS_EXPORTER_PORT".to_string(),
+                "9100".to_string(),
+            )]
+            .into(),
+        };
+        let mut docker_a = docker_container(&a, Some(TASK), "app", NetworkMode::Bridge);
+        docker_a.reach = docker_reach(40000);
+        let mut docker_b = docker_container(&b, Some(TASK), "side", NetworkMode::Bridge);
+        docker_b.reach = docker_reach(40001);
+        enrich(&mut inv, vec![docker_a, docker_b]);
+        let [a, b] = &inv.workloads[0].containers[..] else {
+            panic!("{:?}", inv.workloads[0].containers)
+        };
+        assert_eq!(a.reach.ports[0].host_port, Some(32768), "the agent's");
+        assert_eq!(b.reach.ports[0].host_port, Some(40001), "Docker's");
+        assert_eq!(a.reach.declared.len(), 1);
+        assert_eq!(b.reach.declared.len(), 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::inventory::{
     bounded_seq, nested_map, nested_seq, null_as_default, Container, Limits, NetworkMode, OwnerRef,
-    Runtime, Workload, WorkloadKind, MAX_ITEMS,
+    Reach, Runtime, Workload, WorkloadKind, MAX_ITEMS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -292,6 +292,13 @@ pub fn parse_container_id(s: &str) -> Option<(Runtime, &str)> {
     Some((runtime, id))
 }
 
+/// The pod annotations of Prometheus' own Kubernetes discovery that observer reads.
+pub const PROMETHEUS_ANNOTATIONS: [&str; 3] = [
+    "prometheus.io/scrape",
+    "prometheus.io/port",
+    "prometheus.io/path",
+];
+
 /// Label the Deployment controller puts on the pods of each ReplicaSet it makes.
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 
@@ -359,6 +366,7 @@ impl Pod {
         } else {
             NetworkMode::Pod
         };
+        let reach = self.reach();
         let running = |s: &&ContainerStatus| s.state.running.is_some();
         let statuses = self
             .status
@@ -384,6 +392,7 @@ impl Pod {
                     limits: spec.map(|s| limits(&s.resources)).unwrap_or_default(),
                     labels: BTreeMap::new(),
                     cgroup_ids: Vec::new(),
+                    reach: reach.clone(),
                 })
             })
             .collect();
@@ -402,6 +411,25 @@ impl Pod {
             cgroup_ids: Vec::new(),
             unlisted_since: None,
         })
+    }
+
+    /// The pod's address (its node's for a hostNetwork pod) and its `prometheus.io/*`
+    /// annotations, the same for each of its containers: they share the pod's network.
+    fn reach(&self) -> Reach {
+        // A hostNetwork pod's podIP is its node's too; hostIP says so directly.
+        let ip = if self.spec.host_network {
+            self.status.host_ip.as_ref().or(self.status.pod_ip.as_ref())
+        } else {
+            self.status.pod_ip.as_ref()
+        };
+        Reach {
+            ports: Vec::new(),
+            addresses: ip.iter().filter_map(|ip| ip.parse().ok()).collect(),
+            declared: PROMETHEUS_ANNOTATIONS
+                .iter()
+                .filter_map(|k| Some((k.to_string(), self.metadata.annotations.get(*k)?.clone())))
+                .collect(),
+        }
     }
 
     fn limits(&self) -> Limits {
@@ -1080,5 +1108,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn pods_carry_their_address_and_prometheus_annotations() {
+        let body = r#"{"items":[
+          {"metadata":{"name":"api","namespace":"shop","uid":"u1",
+             "annotations":{"prometheus.io/scrape":"true","prometheus.io/port":"9102","other":"x"}},
+           "spec":{"containers":[{"name":"api"}]},
+           "status":{"podIP":"10.0.1.40","hostIP":"10.0.1.5",
+             "containerStatuses":[{"name":"api","containerID":"containerd://0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","state":{"running":{}}}]}},
+          {"metadata":{"name":"proxy","namespace":"kube-system","uid":"u2"},
+           "spec":{"hostNetwork":true,"containers":[{"name":"proxy"}]},
+           "status":{"podIP":"10.0.1.5","hostIP":"10.0.1.6",
+             "containerStatuses":[{"name":"proxy","containerID":"containerd://1123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","state":{"running":{}}}]}}
+        ]}"#;
+        let list = PodList::decode(body.as_bytes()).unwrap();
+        let api = list.pods[0].to_workload().unwrap();
+        let reach = &api.containers[0].reach;
+        assert_eq!(
+            reach.addresses,
+            ["10.0.1.40".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            reach.declared,
+            BTreeMap::from([
+                ("prometheus.io/port".to_string(), "9102".to_string()),
+                ("prometheus.io/scrape".to_string(), "true".to_string()),
+            ])
+        );
+        let proxy = list.pods[1].to_workload().unwrap();
+        assert_eq!(
+            proxy.containers[0].reach.addresses,
+            ["10.0.1.6".parse::<std::net::IpAddr>().unwrap()],
+            "hostNetwork: the host's address"
+        );
     }
 }

@@ -325,6 +325,7 @@ mod tests {
             cgroup_ids: vec![],
             traffic: Default::default(),
             usage: Usage::default(),
+            reach: Default::default(),
         };
         let out = exposition(vec![
             ContainerSeries::of(&pod, &c("app")),

@@ -258,6 +258,7 @@ pub(crate) mod tests {
                 cgroup_ids: vec![cgroup],
                 traffic: t,
                 usage,
+                reach: Default::default(),
             }],
         }
     }

@@ -149,6 +149,7 @@ impl SyntheticTasks {
                     limits: Limits::default(),
                     labels: BTreeMap::new(),
                     cgroup_ids: Vec::new(),
+                    reach: Default::default(),
                 });
             }
             this.inventory.workloads.push(task);
