@@ -240,8 +240,20 @@ mod tests {
     /// Emits by waiting for a go from the test; counts what it got.
     struct Gated {
         go: Mutex<Receiver<()>>,
+        /// Snapshots it started on (before waiting for the gate).
+        entered: Arc<AtomicU64>,
         got: Arc<AtomicU64>,
         flushed: Arc<AtomicBool>,
+    }
+
+    /// Waits for `done`, at most 5 s: for a sink thread to get to its work, however loaded
+    /// the machine (a bound on liveness, not a measure of speed).
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     impl Sink for Gated {
@@ -249,6 +261,7 @@ mod tests {
             "gated"
         }
         fn emit(&mut self, _: &Snapshot) -> Result<(), SinkError> {
+            self.entered.fetch_add(1, Ordering::Relaxed);
             let _ = self.go.lock().unwrap().recv();
             self.got.fetch_add(1, Ordering::Relaxed);
             Ok(())
@@ -275,8 +288,10 @@ mod tests {
         let (go, gate) = mpsc::channel();
         let got = Arc::new(AtomicU64::new(0));
         let flushed = Arc::new(AtomicBool::new(false));
+        let entered = Arc::new(AtomicU64::new(0));
         let stuck = Gated {
             go: Mutex::new(gate),
+            entered: entered.clone(),
             got: got.clone(),
             flushed: flushed.clone(),
         };
@@ -284,6 +299,7 @@ mod tests {
         let got2 = Arc::new(AtomicU64::new(0));
         let free = Gated {
             go: Mutex::new(gate2),
+            entered: Arc::new(AtomicU64::new(0)),
             got: got2.clone(),
             flushed: Arc::new(AtomicBool::new(false)),
         };
@@ -291,10 +307,19 @@ mod tests {
             go2.send(()).unwrap();
         }
         let mut fanout = Fanout::start(vec![Box::new(stuck), Box::new(free)]).unwrap();
-        for _ in 0..10 {
+        for i in 1..=10 {
             // Never blocks, although the first sink takes nothing.
             fanout.send(snapshot());
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // The free sink has each one before the next (so its queue never fills); the
+            // stuck one holds the first.
+            until("the free sink took it", || {
+                got2.load(Ordering::Relaxed) == i
+            })
+            .await;
+            until("the stuck sink holds the first", || {
+                entered.load(Ordering::Relaxed) == 1
+            })
+            .await;
         }
         let status = fanout.status();
         // One in delivery, QUEUE waiting, the rest dropped.
@@ -331,6 +356,7 @@ mod tests {
         let (_go, gate) = mpsc::channel::<()>();
         let stuck = Gated {
             go: Mutex::new(gate),
+            entered: Arc::new(AtomicU64::new(0)),
             got: Arc::new(AtomicU64::new(0)),
             flushed: Arc::new(AtomicBool::new(false)),
         };
