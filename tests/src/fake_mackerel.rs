@@ -704,10 +704,11 @@ async fn list_hosts(State(inner): State<Shared>, RawQuery(query): RawQuery) -> R
     if statuses.is_empty() {
         statuses = vec!["working".into(), "standby".into()];
     }
-    let hosts: Vec<Value> = inner
-        .records
-        .lock()
-        .unwrap()
+    let mut records = inner.records.lock().unwrap();
+    if service.is_some() {
+        records.role_listings += 1;
+    }
+    let hosts: Vec<Value> = records
         .hosts
         .iter()
         .filter(|h| !h.retired && statuses.contains(&h.status))
@@ -727,9 +728,6 @@ async fn list_hosts(State(inner): State<Shared>, RawQuery(query): RawQuery) -> R
         })
         .map(host_json)
         .collect();
-    if service.is_some() {
-        records_role_listing(&inner);
-    }
     Json(json!({ "hosts": hosts })).into_response()
 }
 
@@ -968,8 +966,4 @@ mod tests {
         );
         assert_eq!(percent_decode("a+b%zz%4"), "a b%zz%4");
     }
-}
-
-fn records_role_listing(inner: &Inner) {
-    inner.records.lock().unwrap().role_listings += 1;
 }

@@ -152,12 +152,8 @@ impl Scraper {
 
 /// Unix seconds of the start of the period `now` falls in.
 pub fn period_start(now: SystemTime, period: Duration) -> i64 {
-    let secs = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    let p = period.as_secs().max(1) as i64;
-    secs.div_euclid(p) * p
+    let p = i64::try_from(period.as_secs()).unwrap_or(i64::MAX);
+    crate::mackerel::minutes::period_start(crate::mackerel::minutes::unix_seconds(now), p)
 }
 
 /// How long from `now` to the next period boundary.

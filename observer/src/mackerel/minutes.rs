@@ -111,9 +111,9 @@ impl Minutes {
     /// and this one if the interval reaches its end.
     pub fn add(&mut self, report: &IntervalReport) -> Vec<Closed> {
         let secs = report.interval.as_secs_f64();
-        let end = unix(report.time);
+        let end = unix_seconds(report.time);
         let middle = end - (report.interval / 2).as_secs() as i64;
-        let start = middle.div_euclid(self.period_secs) * self.period_secs;
+        let start = period_start(middle, self.period_secs);
         let mut closed = Vec::new();
         match &self.open {
             // A clock stepped back: keep adding to the open period rather than post a period
@@ -217,7 +217,15 @@ impl Period {
     }
 }
 
-fn unix(t: SystemTime) -> i64 {
+/// The start of the period of `period_secs` that the Unix second `unix` falls in: what every
+/// Mackerel value of that period is stamped with.
+pub fn period_start(unix: i64, period_secs: i64) -> i64 {
+    let p = period_secs.max(1);
+    unix.div_euclid(p) * p
+}
+
+/// Unix seconds (0 before the epoch).
+pub fn unix_seconds(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
