@@ -58,16 +58,24 @@ fn ready(addr: SocketAddr) {
     std::io::stdout().flush().unwrap();
 }
 
+/// A receive buffer big enough that a slow receiver (a QEMU guest without KVM) drops nothing.
+/// SO_RCVBUF is capped by net.core.rmem_max (208 KiB by default, under 100 datagrams of 1 KB);
+/// SO_RCVBUFFORCE, which root may use, is not.
 fn set_rcvbuf(fd: i32, bytes: i32) {
-    // SAFETY: plain setsockopt on a socket we own; failure only means a smaller buffer.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &bytes as *const i32 as *const libc::c_void,
-            size_of::<i32>() as u32,
-        );
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: plain setsockopt on a socket we own; failure only means a smaller buffer.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &bytes as *const i32 as *const libc::c_void,
+                size_of::<i32>() as u32,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
     }
 }
 
