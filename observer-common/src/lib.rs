@@ -12,6 +12,13 @@ pub const REPORTED_MAP: &str = "REPORTED";
 /// The [`REPORTED_MAP`] key that holds the last reported map-full count (in `rx.packets`): no
 /// cgroup has id 0.
 pub const REPORTED_MAP_FULL_KEY: TrafficKey = TrafficKey::new(0);
+/// Name of the per-CPU array of [`CacheSlot`]s: the counters of recent cgroups, in front of
+/// [`TRAFFIC_MAP`]. Indexed by [`cache_index`].
+pub const CACHE_MAP: &str = "CACHE";
+/// log2 of the cache's slots per direction.
+pub const CACHE_BITS: u32 = 9;
+/// Slots per direction: ingress takes the first half of [`CACHE_MAP`], egress the second.
+pub const CACHE_SLOTS: u32 = 1 << CACHE_BITS;
 /// Name of the per-CPU array of the data plane's own event counters, indexed by [`Stat`].
 pub const STATS_MAP: &str = "STATS";
 /// Entries of [`TRAFFIC_MAP`] when the loader does not say otherwise.
@@ -81,6 +88,18 @@ impl Counter {
         Counter {
             bytes: self.bytes.saturating_add(other.bytes),
             packets: self.packets.saturating_add(other.packets),
+        }
+    }
+
+    /// The larger of each: a total read while counts were moving never goes back.
+    pub const fn larger(self, other: Counter) -> Counter {
+        Counter {
+            bytes: if self.bytes > other.bytes { self.bytes } else { other.bytes },
+            packets: if self.packets > other.packets {
+                self.packets
+            } else {
+                other.packets
+            },
         }
     }
 
@@ -162,6 +181,44 @@ impl core::iter::Sum for TrafficValue {
     }
 }
 
+/// One slot of the per-CPU cache ([`CACHE_MAP`]): the counts of the cgroup that last sent or
+/// received on this CPU among those whose ids fall on this slot, not yet moved to
+/// [`TRAFFIC_MAP`].
+///
+/// A packet of another cgroup moves the slot's counts into the traffic map (its entry for
+/// `cgroup_id`) and takes the slot over. That move writes `end` first and `begin` last, each to
+/// the same new sequence number, so a reader that copies the slot from `begin` to `end` knows
+/// it saw a whole slot when the two are equal.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheSlot {
+    pub begin: u64,
+    /// 0: the slot was never used.
+    pub cgroup_id: u64,
+    pub value: TrafficValue,
+    pub end: u64,
+}
+
+impl CacheSlot {
+    /// The slot was not being taken over while it was copied.
+    pub const fn is_whole(&self) -> bool {
+        self.begin == self.end
+    }
+}
+
+/// Where `cgroup_id`'s counts of one direction live in the cache: Fibonacci hashing (the top
+/// bits of a multiply), which spreads ids that differ only in their low bits, as the inode
+/// numbers of sibling cgroups do.
+#[inline(always)]
+pub const fn cache_index(cgroup_id: u64, egress: bool) -> u32 {
+    let slot = (cgroup_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - CACHE_BITS)) as u32;
+    if egress {
+        slot + CACHE_SLOTS
+    } else {
+        slot
+    }
+}
+
 /// Indexes of the [`STATS_MAP`] array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +236,8 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficKey {}
     // SAFETY: as above: four pairs of u64.
     unsafe impl aya::Pod for super::TrafficValue {}
+    // SAFETY: as above: u64s and a TrafficValue.
+    unsafe impl aya::Pod for super::CacheSlot {}
 }
 
 #[cfg(test)]
@@ -211,6 +270,21 @@ mod tests {
         );
         assert!(TrafficValue::default().is_zero());
         assert!(!v(0, 100).is_zero());
+    }
+
+    #[test]
+    fn cache_indexes_stay_in_their_half_and_spread_neighbours() {
+        let mut ingress = [false; CACHE_SLOTS as usize];
+        for id in 5_000..5_000 + u64::from(CACHE_SLOTS) {
+            let i = cache_index(id, false);
+            assert!(i < CACHE_SLOTS);
+            assert_eq!(cache_index(id, true), i + CACHE_SLOTS);
+            ingress[i as usize] = true;
+        }
+        // Consecutive ids (sibling cgroups) land on most slots, not a few.
+        let used = ingress.iter().filter(|u| **u).count();
+        assert!(used > CACHE_SLOTS as usize / 2, "{used} of {CACHE_SLOTS}");
+        assert_eq!(size_of::<CacheSlot>(), 88);
     }
 
     #[test]

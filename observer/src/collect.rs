@@ -12,7 +12,7 @@ use crate::{
     cgroupfs::{CgroupError, CgroupIndex},
     delta::DeltaTracker,
     snapshot::CgroupTraffic,
-    traffic::{Reading, TrafficError, TrafficReader},
+    traffic::{Reading, Retired, TrafficError, TrafficReader},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,7 @@ impl Collector {
                 this.last_map_full = total.rx.packets;
             } else {
                 this.deltas.seed(key, total);
+                this.reader.seed(key, total);
                 this.stale_reported.insert(key);
             }
         }
@@ -121,6 +122,15 @@ impl Collector {
         &mut self.reader
     }
 
+    /// Drops what was reported of a key whose entry is gone for good.
+    fn forget(&mut self, key: &TrafficKey) -> Result<(), CollectError> {
+        if self.persist {
+            self.reader.forget_reported(key)?;
+        }
+        self.deltas.retain(|k| k != key);
+        Ok(())
+    }
+
     pub fn collect(&mut self) -> Result<Collected, CollectError> {
         let reading = self.reader.read()?;
         let now = Instant::now();
@@ -132,9 +142,17 @@ impl Collector {
     }
 
     fn build(&mut self, reading: Reading) -> Result<Collected, CollectError> {
-        let Reading { entries, map_full } = reading;
+        let Reading {
+            entries,
+            map_full,
+            hash_entries,
+            lingering,
+            gone,
+        } = reading;
         let present: HashSet<TrafficKey> = entries.iter().map(|(k, _)| *k).collect();
-        self.deltas.retain(|k| present.contains(k));
+        // Retired keys keep what was reported of them while a cache slot still holds them.
+        self.deltas
+            .retain(|k| present.contains(k) || lingering.contains(k));
 
         // Keys may gain dimensions besides the cgroup (observer-common); a cgroup is their sum.
         let mut by_cgroup: BTreeMap<u64, (TrafficValue, Vec<TrafficKey>)> = BTreeMap::new();
@@ -170,7 +188,6 @@ impl Collector {
 
         let mut cgroups = Vec::with_capacity(by_cgroup.len());
         let mut paths = HashMap::with_capacity(by_cgroup.len());
-        let mut entries_left = present.len();
         for (cgroup_id, (delta, keys)) in by_cgroup {
             let path = self
                 .index
@@ -181,15 +198,16 @@ impl Collector {
             if !exists && delta.is_zero() {
                 // Gone, and its last counts were reported: free its entries. A socket that
                 // outlives its cgroup and sends again would get a fresh entry from zero.
+                let mut all_gone = true;
                 for key in &keys {
-                    self.reader.remove(key)?;
-                    if self.persist {
-                        self.reader.forget_reported(key)?;
+                    match self.reader.retire(key)? {
+                        Retired::Gone => self.forget(key)?,
+                        Retired::Lingering => all_gone = false,
                     }
                 }
-                self.deltas.retain(|k| k.cgroup_id != cgroup_id);
-                self.unresolved.remove(&cgroup_id);
-                entries_left -= keys.len();
+                if all_gone {
+                    self.unresolved.remove(&cgroup_id);
+                }
                 continue;
             }
             if path.is_none() {
@@ -205,6 +223,9 @@ impl Collector {
             });
         }
         self.last_paths = paths;
+        for key in &gone {
+            self.forget(key)?;
+        }
 
         let map_full_drops = map_full.wrapping_sub(self.last_map_full);
         self.last_map_full = map_full;
@@ -228,7 +249,7 @@ impl Collector {
         Ok(Collected {
             interval: Duration::ZERO,
             cgroups,
-            map_entries: entries_left,
+            map_entries: self.reader.hash_entries_after(hash_entries),
             map_capacity: self.reader.capacity(),
             map_full_drops,
         })

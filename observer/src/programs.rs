@@ -17,7 +17,10 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use observer_common::{TrafficKey, TrafficValue, REPORTED_MAP, STATS_MAP, STAT_COUNT, TRAFFIC_MAP};
+use observer_common::{
+    CacheSlot, TrafficKey, TrafficValue, CACHE_MAP, CACHE_SLOTS, REPORTED_MAP, STATS_MAP,
+    STAT_COUNT, TRAFFIC_MAP,
+};
 
 use crate::pin::{self, Found, PinDir, Shape};
 
@@ -28,11 +31,22 @@ pub static OBSERVER_OBJECT: &[u8] =
 pub static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-floor"));
 
-/// observer's program pair: (name, direction).
-pub const OBSERVER_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
-    ("count_ingress", CgroupSkbAttachType::Ingress),
-    ("count_egress", CgroupSkbAttachType::Egress),
-];
+/// observer's program pair: (name, direction). On x86-64 the pair with the per-CPU cache in
+/// front of the hash; elsewhere the hash alone, because the cache's readers rely on x86's
+/// store order to tell a torn copy of a slot (observer-ebpf's traffic.rs).
+pub const OBSERVER_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = if CACHED {
+    [
+        ("count_ingress", CgroupSkbAttachType::Ingress),
+        ("count_egress", CgroupSkbAttachType::Egress),
+    ]
+} else {
+    [
+        ("count_ingress_hashed", CgroupSkbAttachType::Ingress),
+        ("count_egress_hashed", CgroupSkbAttachType::Egress),
+    ]
+};
+/// Whether this build's programs count through the per-CPU cache ([`CACHE_MAP`]).
+pub const CACHED: bool = cfg!(target_arch = "x86_64");
 /// The floor's program pair.
 pub const FLOOR_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     ("floor_ingress", CgroupSkbAttachType::Ingress),
@@ -102,7 +116,7 @@ pub enum Attached {
 }
 
 /// The shapes this build gives its maps.
-pub fn map_shapes(map_entries: u32) -> [(&'static str, Shape); 3] {
+pub fn map_shapes(map_entries: u32) -> [(&'static str, Shape); 4] {
     let traffic = Shape {
         map_type: MapType::PerCpuHash,
         key_size: size_of::<TrafficKey>() as u32,
@@ -130,7 +144,26 @@ pub fn map_shapes(map_entries: u32) -> [(&'static str, Shape); 3] {
                 ..traffic
             },
         ),
+        (
+            CACHE_MAP,
+            Shape {
+                map_type: MapType::PerCpuArray,
+                key_size: 4,
+                value_size: size_of::<CacheSlot>() as u32,
+                max_entries: 2 * CACHE_SLOTS,
+                map_flags: 0,
+            },
+        ),
     ]
+}
+
+/// The name a direction's link is pinned under, whichever program pair serves it, so that a
+/// restart takes the link over instead of attaching a second one beside it.
+fn link_name(attach_type: CgroupSkbAttachType) -> &'static str {
+    match attach_type {
+        CgroupSkbAttachType::Ingress => "count_ingress",
+        CgroupSkbAttachType::Egress => "count_egress",
+    }
 }
 
 /// A program's cumulative run statistics (kept by the kernel while kernel.bpf_stats_enabled=1).
@@ -237,7 +270,7 @@ impl Programs {
         for (name, attach_type) in self.names {
             let pins = self.pins.clone();
             if let Some(pins) = &pins {
-                let path = pins.link(name);
+                let path = pins.link(link_name(attach_type));
                 if path.exists() {
                     let program = self.program_mut(name)?;
                     let fd = program
@@ -273,7 +306,7 @@ impl Programs {
             match &pins {
                 None => self.links.push((name, link)),
                 Some(pins) => {
-                    let path = pins.link(name);
+                    let path = pins.link(link_name(attach_type));
                     let owned = program
                         .take_link(link)
                         .map_err(|source| ProgramsError::Program { name, source })?;
