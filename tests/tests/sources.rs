@@ -26,7 +26,7 @@ use observer::{
 use testbed::{
     docker::{skip_unless_docker, Containers, EcsLabels, Run},
     fake_platform::{task_arn, FakeEcsAgent, FakeKubelet, FakePod, FakeTask, Mode},
-    unique,
+    unique, TestCgroup,
 };
 use tokio::time::Instant;
 
@@ -607,6 +607,77 @@ async fn docker_source_lists_containers_with_compose_groups_and_limits() {
     assert!(bridge["networks"]["eth0"]["rx_bytes"].is_u64(), "{bridge}");
     let host = client.stats(&db).await.unwrap();
     assert!(host.get("networks").is_none(), "{host}");
+}
+
+/// A Kubernetes node that is itself a container (kind, minikube), seen from the host: its pod's
+/// cgroups, made inside a real container's cgroup, go to the pod where the node's kubelet lists
+/// it, and to the node container where only the host's Docker lists anything.
+#[tokio::test]
+async fn a_node_in_a_container_gives_its_pods_to_what_the_platform_lists() {
+    if skip_unless_docker("a_node_in_a_container_gives_its_pods_to_what_the_platform_lists") {
+        return;
+    }
+    let mut containers = Containers::new();
+    let node = containers.start(Run::new()).unwrap();
+    let node_path = cgroup_path(&docker(), &node).await;
+    let root = testbed::v2_root();
+    let node_cgroup =
+        observer::cgroupfs::cgroup_id(&root.join(node_path.trim_start_matches('/'))).unwrap();
+    let uid = "5c7e4a1d-2b7e-4e0a-8f4d-6d8c9b0a1e2f";
+    let pod = format!(
+        "{node_path}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    );
+    let (app, pause) = (cid('a'), cid('f'));
+    // After the container, so they are removed before it; the pause one (no parents of its
+    // own) before the app one, which removes the pod's slices.
+    let app_cgroup =
+        TestCgroup::nested(&root, &format!("{pod}/cri-containerd-{app}.scope")).unwrap();
+    let pause_cgroup =
+        TestCgroup::nested(&root, &format!("{pod}/cri-containerd-{pause}.scope")).unwrap();
+    let cgroups = [
+        (app_cgroup.id(), app_cgroup.rel()),
+        (pause_cgroup.id(), pause_cgroup.rel()),
+        (node_cgroup, node_path.as_str()),
+    ];
+
+    // Plain Docker lists the node container and nothing inside it.
+    let mut inv = DockerSource::new(docker()).fetch().await.unwrap();
+    let unmatched = inv.attach_cgroups(cgroups);
+    assert!(unmatched.is_empty(), "{unmatched:?}");
+    let listed = inv
+        .standalone
+        .iter()
+        .find(|c| c.id == node)
+        .expect("the node");
+    let mut ids = listed.cgroup_ids.clone();
+    ids.sort();
+    let mut want = [app_cgroup.id(), pause_cgroup.id(), node_cgroup];
+    want.sort();
+    assert_eq!(ids, want);
+
+    // The node's kubelet lists the pod and its app container, not the pause container.
+    let kubelet = FakeKubelet::start().await;
+    kubelet.set_pods(&[
+        FakePod::running(uid, "shop", "web").container("app", &format!("containerd://{app}"))
+    ]);
+    let token = temp_file("kubelet-token", "token");
+    let fetched = KubeletSource::new(&kubelet_config(&kubelet, &token))
+        .unwrap()
+        .fetch()
+        .await;
+    std::fs::remove_file(token).unwrap();
+    let mut inv = fetched.unwrap();
+    let unmatched = inv.attach_cgroups(cgroups);
+    let web = inv.workloads.iter().find(|w| w.id == uid).expect("the pod");
+    assert_eq!(web.containers[0].cgroup_ids, [app_cgroup.id()]);
+    assert_eq!(web.cgroup_ids, [pause_cgroup.id()], "the pause container");
+    let unmatched: Vec<u64> = unmatched.iter().map(|u| u.cgroup_id).collect();
+    assert_eq!(
+        unmatched,
+        [node_cgroup],
+        "the kubelet does not list its own node"
+    );
 }
 
 /// ECS tasks as the agent makes them (labels, `--cgroup-parent /ecs/<task id>`): with the agent

@@ -23,7 +23,7 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use cgroup_path::{CgroupIdentity, CgroupKind, Owner};
+use cgroup_path::{CgroupIdentity, Owner};
 pub use sources::{InventoryFuture, InventorySource, NoSource, SourceError};
 
 // Shared with the reports: one model of what a workload and a network mode are.
@@ -211,7 +211,9 @@ impl Inventory {
     /// of this inventory, replacing earlier attributions.
     ///
     /// A container cgroup goes to the listed container with that id; a cgroup under a task or
-    /// pod that no listed container claims goes to the workload itself. Returns the cgroups that
+    /// pod that no listed container claims goes to the workload itself. In a nested path (a
+    /// kind node's pods) the innermost container, task or pod listed wins, so the node container
+    /// takes its pods' cgroups when the platform lists only it (plain Docker). Returns the cgroups that
     /// look like a container or a task/pod but matched nothing: the inventory is older than
     /// they are, so the caller should refresh it.
     pub fn attach_cgroups<'a>(
@@ -239,23 +241,30 @@ impl Inventory {
         let mut unmatched = Vec::new();
         for (cgroup_id, path) in cgroups {
             let identity = CgroupIdentity::parse(path);
-            let container = match &identity.kind {
-                CgroupKind::Container { id, .. } => by_container.get(id.as_str()).copied(),
-                _ => None,
-            };
-            let owner = identity.owner.as_ref().and_then(|owner| {
-                let key = match owner {
-                    Owner::EcsTask { task_id } => (WorkloadKind::EcsTask, task_id.as_str()),
-                    Owner::KubernetesPod { uid, .. } => (WorkloadKind::KubernetesPod, uid.as_str()),
-                };
-                by_owner.get(&key).copied()
+            // Innermost first: a nested node's pod where the platform lists it, else the node
+            // container (what the host's Docker lists), else nothing.
+            let target = identity.candidates().find_map(|(container, owner)| {
+                let container = container.and_then(|id| by_container.get(id));
+                let owner = owner.and_then(|owner| {
+                    let key = match owner {
+                        Owner::EcsTask { task_id } => (WorkloadKind::EcsTask, task_id.as_str()),
+                        Owner::KubernetesPod { uid, .. } => {
+                            (WorkloadKind::KubernetesPod, uid.as_str())
+                        }
+                    };
+                    by_owner.get(&key)
+                });
+                match (container, owner) {
+                    (Some(&(t, c)), _) => Some(Target::Container(t, c)),
+                    (None, Some(&t)) => Some(Target::Workload(t)),
+                    (None, None) => None,
+                }
             });
-            match (container, owner) {
-                (Some((t, c)), _) => targets.push((cgroup_id, Target::Container(t, c))),
-                (None, Some(t)) => targets.push((cgroup_id, Target::Workload(t))),
-                (None, None) => {
-                    let looks_known = identity.owner.is_some()
-                        || matches!(identity.kind, CgroupKind::Container { .. });
+            match target {
+                Some(target) => targets.push((cgroup_id, target)),
+                None => {
+                    let looks_known = (identity.candidates())
+                        .any(|(container, owner)| container.is_some() || owner.is_some());
                     if looks_known {
                         unmatched.push(Unmatched {
                             cgroup_id,
@@ -538,6 +547,73 @@ mod tests {
             [6, 8],
             "unknown containers and tasks ask for a refresh; plain ones do not"
         );
+    }
+
+    const UID: &str = "8712f785-1a3e-41ec-a00b-e2dcc77431cb";
+    const UID_SD: &str = "8712f785_1a3e_41ec_a00b_e2dcc77431cb";
+
+    /// Paths inside a kind node seen from the host: its pod's container, the pod's pause
+    /// container, and the node's own kubelet.
+    fn kind_node_paths() -> [String; 3] {
+        let pod = format!(
+            "/system.slice/docker-{LONE}.scope/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_SD}.slice"
+        );
+        [
+            format!("{pod}/cri-containerd-{CID_A}.scope"),
+            format!("{pod}/cri-containerd-{PAUSE}.scope"),
+            format!("/system.slice/docker-{LONE}.scope/system.slice/kubelet.service"),
+        ]
+    }
+
+    #[test]
+    fn nested_pods_attach_to_the_pod_the_platform_lists() {
+        let mut inv = Inventory::empty("test");
+        inv.workloads.push(Workload {
+            kind: WorkloadKind::KubernetesPod,
+            id: UID.into(),
+            name: "default/web".into(),
+            containers: vec![container(CID_A)],
+            cgroup_ids: vec![],
+            ..inventory().workloads.remove(0)
+        });
+        let [app, pause, kubelet] = kind_node_paths();
+        let unmatched = inv.attach_cgroups([
+            (1, app.as_str()),
+            (2, pause.as_str()),
+            (3, kubelet.as_str()),
+        ]);
+        let pod = &inv.workloads[0];
+        assert_eq!(
+            pod.containers[0].cgroup_ids,
+            [1],
+            "the inner container wins"
+        );
+        assert_eq!(
+            pod.cgroup_ids,
+            [2],
+            "the unlisted pause container goes to its pod"
+        );
+        let ids: Vec<u64> = unmatched.iter().map(|u| u.cgroup_id).collect();
+        assert_eq!(
+            ids,
+            [3],
+            "the node container is not listed: it asks for a refresh"
+        );
+    }
+
+    #[test]
+    fn nested_pods_fall_back_to_the_node_container() {
+        // Plain Docker on the host lists the node container and nothing inside it.
+        let mut inv = Inventory::empty("test");
+        inv.standalone.push(container(LONE));
+        let [app, pause, kubelet] = kind_node_paths();
+        let unmatched = inv.attach_cgroups([
+            (1, app.as_str()),
+            (2, pause.as_str()),
+            (3, kubelet.as_str()),
+        ]);
+        assert!(unmatched.is_empty(), "{unmatched:?}");
+        assert_eq!(inv.standalone[0].cgroup_ids, [1, 2, 3]);
     }
 
     #[test]

@@ -329,6 +329,9 @@ mod tests {
         for (task, task_path) in [
             (TASK, format!("/ecs/{TASK}")),
             (OLD_TASK, format!("/ecs/{OLD_TASK}")),
+            // Older agents name the cluster in between.
+            (TASK, format!("/ecs/default/{TASK}")),
+            (OLD_TASK, format!("/ecs/my-cluster/{OLD_TASK}")),
             (TASK, format!("/ecstasks.slice/ecstasks-{TASK}.slice")),
             // Seen from inside a cgroup namespace.
             (TASK, format!("/../../ecs/{TASK}")),
