@@ -174,6 +174,12 @@ impl TrafficReader {
         })
     }
 
+    /// Whether the programs count through the per-CPU cache, whose slots outlive a change of
+    /// the traffic map.
+    pub fn has_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
     /// Entries the traffic map can hold.
     pub fn capacity(&self) -> u32 {
         self.capacity
@@ -192,6 +198,14 @@ impl TrafficReader {
     }
 
     pub fn read(&mut self) -> Result<Reading, TrafficError> {
+        // Retired keys first: what reached their freed entries since goes to their offsets,
+        // before the hash is read, so that no count is both taken here and read there.
+        let retired: Vec<TrafficKey> = self.offset.keys().copied().collect();
+        for key in &retired {
+            if let Some(moved) = self.take_entry(key)? {
+                *self.offset.entry(*key).or_default() += moved;
+            }
+        }
         // The hash before the cache: see the module's doc.
         let hashed = self.read_hash()?;
         self.freed = 0;

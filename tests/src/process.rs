@@ -29,10 +29,21 @@ impl Spawned {
     /// cgroup.procs (moves the caller), then setns into the namespace. `ip netns exec` is not
     /// used because it remounts /sys and hides cgroupfs.
     pub fn start(program: &Path, args: &[&str], at: Where<'_>) -> anyhow::Result<Self> {
+        let netns = at.netns.map(NetNs::open).transpose()?;
+        Self::start_joining(program, args, at.cgroup.path(), netns)
+    }
+
+    /// Starts `program args` in the v2 cgroup directory `cgroup` and the network namespace
+    /// `netns` (an open namespace file), e.g. a real container's (`/proc/<pid>/ns/net`).
+    pub fn start_joining(
+        program: &Path,
+        args: &[&str],
+        cgroup: &Path,
+        netns: Option<std::fs::File>,
+    ) -> anyhow::Result<Self> {
         let procs = OpenOptions::new()
             .write(true)
-            .open(at.cgroup.path().join("cgroup.procs"))?;
-        let netns = at.netns.map(NetNs::open).transpose()?;
+            .open(cgroup.join("cgroup.procs"))?;
         let mut cmd = Command::new(program);
         cmd.args(args)
             .stdout(Stdio::piped())

@@ -1,6 +1,13 @@
 //! Known traffic between processes in test cgroups, through the `trafficgen` binary.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    io::Write as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context as _};
 
 use observer_common::Counter;
 
@@ -63,4 +70,49 @@ pub fn udp_exchange(sender: Where, receiver: Where, bind: &str, count: u64, payl
     );
     tx.wait(Duration::from_secs(10)).unwrap();
     rx.wait(Duration::from_secs(10)).unwrap();
+}
+
+/// One UDP datagram over loopback from each of `cgroups` (one `trafficgen udp-each` joins each
+/// in turn and sends from a new socket), to a receiver in `sink` that must get them all.
+pub fn udp_from_each(cgroups: &[TestCgroup], sink: &TestCgroup, payload: u64) -> anyhow::Result<()> {
+    let gen = trafficgen();
+    let count = cgroups.len().to_string();
+    let mut rx = Spawned::start(
+        &gen,
+        &["udp-recv", "127.0.0.1:0", &count],
+        Where {
+            cgroup: sink,
+            netns: None,
+        },
+    )?;
+    let addr = rx.expect("ready ")?;
+    let mut each = Command::new(&gen)
+        .args(["udp-each", &addr, &payload.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("trafficgen udp-each")?;
+    let mut paths = String::new();
+    for c in cgroups {
+        paths.push_str(&c.path().to_string_lossy());
+        paths.push('\n');
+    }
+    each.stdin
+        .take()
+        .context("stdin")?
+        .write_all(paths.as_bytes())?;
+    let out = each.wait_with_output()?;
+    ensure!(out.status.success(), "trafficgen udp-each: {}", out.status);
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == format!("sent {count}"),
+        "udp-each said {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let received = rx.expect("received ")?;
+    ensure!(
+        received == format!("{count} {}", cgroups.len() as u64 * payload),
+        "the receiver got {received}, not every datagram"
+    );
+    rx.wait(Duration::from_secs(10))?;
+    Ok(())
 }

@@ -17,9 +17,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::Write as _,
     net::{Ipv4Addr, SocketAddr},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -28,8 +26,8 @@ use serde_json::Value;
 use testbed::{
     docker::{self, skip_unless_docker, Containers, Run},
     prometheus_server::{free_port, scrape},
-    traffic::{trafficgen, udp},
-    unique, ObserverCmd, Spawned, TestCgroup, Where,
+    traffic::udp,
+    unique, ObserverCmd, TestCgroup,
 };
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer-e2e");
@@ -278,7 +276,7 @@ fn round(
         .map(|_| TestCgroup::new("churn"))
         .collect::<anyhow::Result<Vec<_>>>()?;
     gone.cgroups.extend(cgroups.iter().map(TestCgroup::id));
-    send_from_each(&cgroups, sink)?;
+    testbed::traffic::udp_from_each(&cgroups, sink, PAYLOAD)?;
 
     let ping_bytes = PINGS * PING_BYTES;
     let datagram = udp(1, PAYLOAD);
@@ -325,50 +323,6 @@ fn round(
     Ok(())
 }
 
-/// One UDP datagram over loopback from each of `cgroups` (one `trafficgen udp-each` joins each
-/// in turn and sends from a new socket), to a receiver in `sink` that must get them all.
-fn send_from_each(cgroups: &[TestCgroup], sink: &TestCgroup) -> anyhow::Result<()> {
-    let gen = trafficgen();
-    let count = cgroups.len().to_string();
-    let mut rx = Spawned::start(
-        &gen,
-        &["udp-recv", "127.0.0.1:0", &count],
-        Where {
-            cgroup: sink,
-            netns: None,
-        },
-    )?;
-    let addr = rx.expect("ready ")?;
-    let mut each = Command::new(&gen)
-        .args(["udp-each", &addr, &PAYLOAD.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("trafficgen udp-each")?;
-    let mut paths = String::new();
-    for c in cgroups {
-        paths.push_str(&c.path().to_string_lossy());
-        paths.push('\n');
-    }
-    each.stdin
-        .take()
-        .context("stdin")?
-        .write_all(paths.as_bytes())?;
-    let out = each.wait_with_output()?;
-    ensure!(out.status.success(), "trafficgen udp-each: {}", out.status);
-    ensure!(
-        String::from_utf8_lossy(&out.stdout).trim() == format!("sent {count}"),
-        "udp-each said {:?}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let received = rx.expect("received ")?;
-    ensure!(
-        received == format!("{count} {}", cgroups.len() as u64 * PAYLOAD),
-        "the receiver got {received}, not every datagram"
-    );
-    rx.wait(Duration::from_secs(10))?;
-    Ok(())
-}
 
 /// Reads on until the last interval reports none of `gone`'s cgroups (their map entries freed)
 /// or containers, and /metrics names none of them.

@@ -6,12 +6,14 @@ use serde_json::Value;
 use testbed::{
     observer_cmd::Finished,
     sh, skip_unless_root,
-    traffic::{at, udp, udp_exchange},
+    traffic::{at, udp, udp_exchange, udp_from_each},
     ObserverCmd, TestCgroup,
 };
 
 const OBSERVER: &str = env!("CARGO_BIN_EXE_observer-e2e");
 const ATTACHED: &str = "attached count_ingress";
+/// Twice as many cgroups as the per-CPU cache has slots per direction, so that many share one.
+const CROWD: usize = 2 * observer_common::CACHE_SLOTS as usize + 8;
 
 fn lines(stdout: &[String]) -> Vec<Value> {
     stdout
@@ -171,11 +173,13 @@ fn a_full_map_is_reported_once_per_interval() {
     observer
         .wait_log(ATTACHED, Duration::from_secs(20))
         .unwrap();
-    let (a, b) = (
-        TestCgroup::new("cli-full-a").unwrap(),
-        TestCgroup::new("cli-full-b").unwrap(),
-    );
-    udp_exchange(at(&a), at(&b), "127.0.0.1:0", 20, 10);
+    // More cgroups than the per-CPU cache has slots: some share a slot, and the second to
+    // come moves the first one's counts into the map, which has room for one.
+    let sink = TestCgroup::new("cli-full-rx").unwrap();
+    let senders: Vec<TestCgroup> = (0..CROWD)
+        .map(|i| TestCgroup::new(&format!("cli-full-{i}")).unwrap())
+        .collect();
+    udp_from_each(&senders, &sink, 10).unwrap();
     let done = observer.finish(Duration::from_secs(20)).unwrap();
     assert!(done.status.success(), "{}", done.log);
     assert!(done.log.contains("raise --map-entries"), "{}", done.log);
@@ -207,13 +211,11 @@ fn a_full_map_recovers_once_its_cgroups_are_gone() {
         .wait_log(ATTACHED, Duration::from_secs(20))
         .unwrap();
     let sink = TestCgroup::new("cli-recover-rx").unwrap();
-    // More cgroups than the map holds: it fills up.
-    let filling: Vec<TestCgroup> = (0..ENTRIES + 8)
+    // More cgroups than the cache's slots and the map's entries together: it fills up.
+    let filling: Vec<TestCgroup> = (0..CROWD + ENTRIES)
         .map(|i| TestCgroup::new(&format!("cli-recover-{i}")).unwrap())
         .collect();
-    for c in &filling {
-        udp_exchange(at(c), at(&sink), "127.0.0.1:0", 1, 10);
-    }
+    udp_from_each(&filling, &sink, 10).unwrap();
     std::thread::sleep(Duration::from_millis(1200));
     drop(filling);
     // Their entries go within a couple of intervals; then a new cgroup is counted again.

@@ -8,7 +8,7 @@ use observer::{programs::Programs, traffic::TrafficReader};
 use observer_common::{Counter, TrafficValue};
 use testbed::{
     skip_unless_root,
-    traffic::{at, at_in, trafficgen, udp, udp_exchange},
+    traffic::{at, at_in, trafficgen, udp, udp_exchange, udp_from_each},
     NetNs, Spawned, TestCgroup,
 };
 
@@ -237,15 +237,16 @@ fn a_full_map_counts_what_it_drops() {
     if skip_unless_root("a_full_map_counts_what_it_drops") {
         return;
     }
-    // One entry: the first cgroup to send anything on this host takes it.
+    // One entry: the first cgroup whose counts leave the per-CPU cache takes it. More cgroups
+    // than the cache has slots, so that many share one and move each other's counts out.
     let mut counting = Counting::with_entries(1);
-    let (a, b) = (
-        TestCgroup::new("full-a").unwrap(),
-        TestCgroup::new("full-b").unwrap(),
-    );
-    udp_exchange(at(&a), at(&b), "127.0.0.1:0", 50, 10);
+    let sink = TestCgroup::new("full-rx").unwrap();
+    let senders: Vec<TestCgroup> = (0..2 * observer_common::CACHE_SLOTS + 8)
+        .map(|i| TestCgroup::new(&format!("full-{i}")).unwrap())
+        .collect();
+    udp_from_each(&senders, &sink, 10).unwrap();
     let reading = counting.reader.read().unwrap();
-    assert_eq!(reading.entries.len(), 1);
+    assert_eq!(reading.hash_entries, 1);
     assert!(
         reading.map_full > 0,
         "packets that found no room are counted as dropped"

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: what observer costs, measured side by side in one run.
 //!
-//! 1. Data plane: 64-byte UDP over loopback, 64-byte UDP over a veth into a namespace, and a
-//!    TCP stream over loopback, each sent from a process in a cgroup made here, in interleaved
+//! 1. Data plane: 64-byte UDP over loopback, 64-byte UDP over a veth into a namespace, a TCP
+//!    stream over loopback, each sent from a process in a cgroup made here, and 64-byte UDP over
+//!    the loopback of a real Docker container from processes in its cgroup, in interleaved
 //!    rounds with observer's programs attached, with an empty program pair attached the same way
 //!    (the hook's floor), and with nothing attached. Prints the kernel's own ns per program run
 //!    (kernel.bpf_stats_enabled=1 for the run, restored after) and end-to-end rates as ratios to
@@ -174,8 +175,14 @@ enum Workload {
     UdpLo,
     UdpVeth,
     TcpLo,
+    UdpContainer,
 }
-const WORKLOADS: [Workload; 3] = [Workload::UdpLo, Workload::UdpVeth, Workload::TcpLo];
+const WORKLOADS: [Workload; 4] = [
+    Workload::UdpLo,
+    Workload::UdpVeth,
+    Workload::TcpLo,
+    Workload::UdpContainer,
+];
 
 impl Workload {
     fn label(self) -> &'static str {
@@ -183,6 +190,7 @@ impl Workload {
             Workload::UdpLo => "udp 64B loopback",
             Workload::UdpVeth => "udp 64B veth",
             Workload::TcpLo => "tcp loopback",
+            Workload::UdpContainer => "udp 64B container",
         }
     }
 }
@@ -190,15 +198,51 @@ impl Workload {
 /// Per workload: end-to-end rates per mode, and ns per run per (mode, direction).
 #[derive(Default)]
 struct Results {
-    rates: [[Vec<f64>; 3]; 3],
+    rates: [[Vec<f64>; 3]; 4],
     /// [workload][0 = floor, 1 = observer][0 = ingress, 1 = egress]
-    ns: [[[Vec<f64>; 2]; 2]; 3],
+    ns: [[[Vec<f64>; 2]; 2]; 4],
 }
 
 struct Bed {
     ns: NetNs,
     tx: TestCgroup,
     rx: TestCgroup,
+    /// A real container (Docker, bridge network): both ends run in its cgroup and network
+    /// namespace and talk over its loopback. Removed on drop.
+    container: Container,
+}
+
+struct Container {
+    _guard: testbed::docker::Containers,
+    cgroup: std::path::PathBuf,
+    pid: String,
+}
+
+impl Container {
+    fn start() -> anyhow::Result<Self> {
+        let mut guard = testbed::docker::Containers::new();
+        let id = guard
+            .start(testbed::docker::Run::new().name(&testbed::unique("bench")))
+            .context("starting the container the bench sends from (is dockerd running?)")?;
+        let pid = testbed::sh("docker", &["inspect", "--format", "{{.State.Pid}}", &id])?
+            .trim()
+            .to_owned();
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("the container's cgroup v2 line")?;
+        Ok(Self {
+            _guard: guard,
+            cgroup: testbed::v2_root().join(rel.trim().trim_start_matches('/')),
+            pid,
+        })
+    }
+
+    fn spawn(&self, args: &[&str]) -> anyhow::Result<Spawned> {
+        let netns = std::fs::File::open(format!("/proc/{}/ns/net", self.pid))?;
+        Spawned::start_joining(&trafficgen(), args, &self.cgroup, Some(netns))
+    }
 }
 
 fn dataplane(opts: &Opts) -> anyhow::Result<()> {
@@ -211,10 +255,11 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
         ns: NetNs::with_veth("bench")?,
         tx: TestCgroup::new("bench-tx")?,
         rx: TestCgroup::new("bench-rx")?,
+        container: Container::start()?,
     };
     let mut results = Results::default();
     eprint!(
-        "data plane: {} rounds of 3 modes x 3 workloads x 2 passes x {} s ",
+        "data plane: {} rounds of 3 modes x 4 workloads x 2 passes x {} s ",
         opts.rounds, opts.seconds
     );
     for round in 0..opts.rounds {
@@ -305,11 +350,20 @@ fn run(workload: Workload, seconds: u64, bed: &Bed) -> anyhow::Result<f64> {
             "tcp-flood",
             None,
         ),
+        Workload::UdpContainer => (
+            bed.container
+                .spawn(&["udp-recv", "127.0.0.1:0", &u64::MAX.to_string(), "300"])?,
+            "udp-flood",
+            Some("64"),
+        ),
     };
     let addr = receiver.expect("ready ")?;
     let mut args = vec![flood, addr.as_str(), secs.as_str()];
     args.extend(payload);
-    let mut sender = Spawned::start(&gen, &args, at(&bed.tx))?;
+    let mut sender = match workload {
+        Workload::UdpContainer => bed.container.spawn(&args)?,
+        _ => Spawned::start(&gen, &args, at(&bed.tx))?,
+    };
     let sent = sender.expect("sent ")?;
     let (count, elapsed) = sent
         .split_once(' ')
@@ -337,38 +391,43 @@ fn fmt(s: Option<Summary>, scale: f64, digits: usize) -> String {
 fn print_dataplane(opts: &Opts, r: &Results) {
     println!();
     println!(
-        "Kernel cost per program run, ns (median [min..max] of {} rounds; kernel.bpf_stats_enabled)",
+        "Kernel cost per program run, ns, and its ratio to the empty program's (median [min..max] of {} rounds; kernel.bpf_stats_enabled)",
         opts.rounds
     );
     println!(
-        "{:<18} {:<8} {:>22} {:>22} {:>12} {:>24}",
-        "workload", "program", "observer", "empty (floor)", "above floor", "per-round difference"
+        "{:<18} {:<9} {:>22} {:>22} {:>22} {:>24}",
+        "workload", "program", "observer / empty", "observer", "empty (floor)", "per-round difference"
     );
     for (w, workload) in WORKLOADS.iter().enumerate() {
-        for (dir, name) in ["ingress", "egress"].iter().enumerate() {
-            let floor = Summary::of(&r.ns[w][0][dir]);
-            let obs = Summary::of(&r.ns[w][1][dir]);
-            let above = match (obs, floor) {
-                (Some(o), Some(f)) => format!("{:+.1}", o.median - f.median),
-                _ => "-".into(),
-            };
-            // Observer and floor measured in the same round, so drift between rounds cancels.
-            let paired: Vec<f64> = r.ns[w][1][dir]
+        // A datagram (or segment) passes both programs: its cost is their sum.
+        let both = |slot: usize| -> Vec<f64> {
+            r.ns[w][slot][0]
                 .iter()
-                .zip(&r.ns[w][0][dir])
-                .map(|(o, f)| o - f)
-                .collect();
+                .zip(&r.ns[w][slot][1])
+                .map(|(i, e)| i + e)
+                .collect()
+        };
+        let rows = [
+            ("ingress", r.ns[w][1][0].clone(), r.ns[w][0][0].clone()),
+            ("egress", r.ns[w][1][1].clone(), r.ns[w][0][1].clone()),
+            ("both", both(1), both(0)),
+        ];
+        for (name, obs, floor) in rows {
+            // Observer and floor measured in the same round, so drift between rounds cancels.
+            let ratio: Vec<f64> = obs.iter().zip(&floor).map(|(o, f)| o / f).collect();
+            let paired: Vec<f64> = obs.iter().zip(&floor).map(|(o, f)| o - f).collect();
             println!(
-                "{:<18} {:<8} {:>22} {:>22} {:>12} {:>24}",
+                "{:<18} {:<9} {:>22} {:>22} {:>22} {:>24}",
                 workload.label(),
                 name,
-                fmt(obs, 1.0, 1),
-                fmt(floor, 1.0, 1),
-                above,
+                fmt(Summary::of(&ratio), 1.0, 2),
+                fmt(Summary::of(&obs), 1.0, 1),
+                fmt(Summary::of(&floor), 1.0, 1),
                 fmt(Summary::of(&paired), 1.0, 1)
             );
         }
     }
+    println!("(observer / empty: the ratio of each round's pair, median [min..max]; \"both\" is per datagram, ingress + egress)");
     println!();
     println!(
         "End to end, as the sender saw it, kernel.bpf_stats_enabled=0 (median [min..max] of {} rounds of {} s)",
