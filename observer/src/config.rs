@@ -279,6 +279,9 @@ pub struct Args {
     )]
     pub app_metrics_node_address: std::net::IpAddr,
 
+    #[command(flatten)]
+    pub plugins: crate::appmetrics::plugin_config::PluginArgs,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -1,0 +1,160 @@
+//! The plugins as a [`Collect`]: each [`Source::Plugin`] target is one run of the named
+//! plugin with the target's address, port, container and task substituted. Its values keep
+//! the names mackerel-agent gives them (`custom.` + the name as printed, never observer's
+//! `custom.<prefix>.` of endpoints) and are not made rates: a plugin posts what it means.
+//!
+//! The plugin's graph definitions (its `MACKEREL_AGENT_PLUGIN_META=1` run) are asked for once
+//! per plugin and host, beside its first values run (each with the plugin's timeout, neither
+//! waiting for the other); each graph is handed on once. A meta run that fails costs only
+//! the graphs: the values still go, the failure is counted and logged as the others are.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
+
+use super::{
+    plugin::{self, PluginError, PluginSet},
+    scrape::{Collect, Collecting, ScrapeError},
+    NamedValue, Problem, Samples, Source, Target,
+};
+use crate::mackerel::client::GraphDef;
+
+/// Most graph names remembered as handed on (then forgotten, and handed on again: harmless).
+const MAX_GRAPHS_REMEMBERED: usize = 10_000;
+
+/// Runs the operator's plugins for the targets that name them.
+#[derive(Debug)]
+pub struct PluginCollector {
+    set: Arc<PluginSet>,
+    /// (host, plugin) whose meta run was started: once each while the target lives.
+    meta_asked: Mutex<HashSet<(String, String)>>,
+    /// Graph names handed on.
+    graphs: Mutex<HashSet<String>>,
+}
+
+impl PluginCollector {
+    pub fn new(set: Arc<PluginSet>) -> Self {
+        Self {
+            set,
+            meta_asked: Mutex::new(HashSet::new()),
+            graphs: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// True the first time for `target`'s host and plugin.
+    fn meta_due(&self, target: &Target, name: &str) -> bool {
+        let mut asked = self.meta_asked.lock().unwrap_or_else(|e| e.into_inner());
+        asked.insert((target.host_key.clone(), name.to_owned()))
+    }
+
+    /// The graphs of `defs` not handed on before.
+    fn new_graphs(&self, defs: Vec<GraphDef>) -> Vec<GraphDef> {
+        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        if graphs.len() + defs.len() > MAX_GRAPHS_REMEMBERED {
+            graphs.clear();
+        }
+        defs.into_iter()
+            .filter(|d| graphs.insert(d.name.clone()))
+            .collect()
+    }
+
+    async fn run(&self, target: &Target) -> Result<Samples, ScrapeError> {
+        let Source::Plugin(name) = &target.source else {
+            return Err(ScrapeError::Other {
+                cause: "plugin_unknown",
+                message: "not a plugin target".into(),
+            });
+        };
+        let at = plugin::Target {
+            addr: target.address,
+            port: target.port,
+            container: Some(target.container.clone()),
+            task: Some(target.workload_id.clone()),
+        };
+        // reach.rs names configured plugins only; the file does not change while observer runs.
+        let run = self.set.run(name, &at).ok_or_else(|| ScrapeError::Other {
+            cause: "plugin_unknown",
+            message: format!("plugin {name} is not in the plugins config"),
+        })?;
+        let meta_due = self.meta_due(target, name);
+        let meta = async {
+            if meta_due {
+                Some(run.meta().await)
+            } else {
+                None
+            }
+        };
+        let (values, meta) = tokio::join!(run.values(), meta);
+        let mut samples = Samples::default();
+        match meta {
+            Some(Ok(meta)) => {
+                samples.graph_defs = self.new_graphs(meta.graph_defs);
+                if meta.invalid > 0 {
+                    log::debug!(
+                        "plugin {name} of {}: {} graphs or metrics of its meta left out",
+                        target.workload,
+                        meta.invalid
+                    );
+                }
+            }
+            Some(Err(e)) => samples.problems.push(Problem {
+                cause: e.counted_cause(),
+                message: e.to_string(),
+            }),
+            None => {}
+        }
+        let output = values.map_err(scrape_error)?;
+        let own_time = run.uses_plugin_timestamp();
+        samples.named = (output.values.samples.into_iter())
+            .map(|s| NamedValue {
+                name: s.name,
+                value: s.value,
+                time: own_time.then_some(s.time),
+            })
+            .collect();
+        samples.dropped = output.values.dropped;
+        samples.bad_lines = output.values.invalid;
+        if output.truncated {
+            samples.problems.push(Problem {
+                cause: "plugin_output",
+                message: format!(
+                    "plugin {name}: killed at its max_output; its complete lines were read"
+                ),
+            });
+        }
+        if let Some(code) = output.exit_code {
+            log::debug!(
+                "plugin {name} of {} exited with {code}; its values were read (stderr: {:?})",
+                target.workload,
+                output.stderr
+            );
+        }
+        Ok(samples)
+    }
+}
+
+impl Collect for PluginCollector {
+    fn collect<'a>(&'a self, target: &'a Target) -> Collecting<'a> {
+        Box::pin(self.run(target))
+    }
+
+    /// Forgets the meta runs of hosts and plugins no longer listed, so a new task asks again.
+    fn retain(&self, targets: &[Target]) {
+        let live: HashSet<(&str, &str)> = (targets.iter())
+            .filter_map(|t| match &t.source {
+                Source::Plugin(name) => Some((t.host_key.as_str(), name.as_str())),
+                Source::Prometheus => None,
+            })
+            .collect();
+        let mut asked = self.meta_asked.lock().unwrap_or_else(|e| e.into_inner());
+        asked.retain(|(host, name)| live.contains(&(host.as_str(), name.as_str())));
+    }
+}
+
+fn scrape_error(e: PluginError) -> ScrapeError {
+    ScrapeError::Other {
+        cause: e.counted_cause(),
+        message: e.to_string(),
+    }
+}
