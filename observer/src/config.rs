@@ -610,6 +610,31 @@ mod tests {
         assert!(none.app_metrics().is_err());
     }
 
+    #[test]
+    fn the_plugins_config_flag() {
+        let args = Args::try_parse_from(["observer"]).unwrap();
+        assert_eq!(args.plugins.plugins_config, None, "no plugins by default");
+        let args =
+            Args::try_parse_from(["observer", "--plugins-config", "/etc/observer/plugins.toml"])
+                .unwrap();
+        assert_eq!(
+            args.plugins.plugins_config,
+            Some(PathBuf::from("/etc/observer/plugins.toml"))
+        );
+        let help = <Args as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for text in [
+            "--plugins-config <PATH>",
+            "OBSERVER_PLUGINS_CONFIG",
+            "mackerel.io/plugins",
+            "never root",
+            "[default: no plugins]",
+        ] {
+            assert!(help.contains(text), "--help lacks {text}:\n{help}");
+        }
+    }
+
     /// The flags' defaults are the library's: one constant each.
     #[test]
     fn defaults_are_the_librarys() {

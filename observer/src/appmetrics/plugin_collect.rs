@@ -98,13 +98,13 @@ impl PluginCollector {
                     );
                 }
             }
-            Some(Err(e)) => samples.problems.push(Problem {
-                cause: e.counted_cause(),
-                message: e.to_string(),
-            }),
+            Some(Err(e)) => samples.problems.push(problem(name, &e)),
             None => {}
         }
-        let output = values.map_err(scrape_error)?;
+        let output = values.map_err(|e| {
+            let Problem { cause, message } = problem(name, &e);
+            ScrapeError::Other { cause, message }
+        })?;
         let own_time = run.uses_plugin_timestamp();
         samples.named = (output.values.samples.into_iter())
             .map(|s| NamedValue {
@@ -118,9 +118,7 @@ impl PluginCollector {
         if output.truncated {
             samples.problems.push(Problem {
                 cause: "plugin_output",
-                message: format!(
-                    "plugin {name}: killed at its max_output; its complete lines were read"
-                ),
+                message: "killed at its max_output; its complete lines were read".into(),
             });
         }
         if let Some(code) = output.exit_code {
@@ -152,9 +150,15 @@ impl Collect for PluginCollector {
     }
 }
 
-fn scrape_error(e: PluginError) -> ScrapeError {
-    ScrapeError::Other {
+/// `e` for the scraper's log line, which names the plugin already.
+fn problem(name: &str, e: &PluginError) -> Problem {
+    let message = e.to_string();
+    let message = match message.strip_prefix(&format!("plugin {name}: ")) {
+        Some(rest) => rest.to_owned(),
+        None => message,
+    };
+    Problem {
         cause: e.counted_cause(),
-        message: e.to_string(),
+        message,
     }
 }

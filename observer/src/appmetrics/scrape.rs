@@ -355,7 +355,7 @@ fn count_error(
     stats.error(&target.workload, cause);
     if logged.insert((target.workload.clone(), cause)) {
         log::warn!(
-            "Application metrics of {} ({}): {} {message}; counted in observer_app_scrape_errors_total{{cause=\"{cause}\"}}, not logged again for this cause",
+            "Application metrics of {} ({}): {}: {message}; counted in observer_app_scrape_errors_total{{cause=\"{cause}\"}}, not logged again for this cause",
             target.workload,
             target.container,
             target.describe()
@@ -516,20 +516,37 @@ mod tests {
         assert_eq!(got.graph_defs.len(), 1);
     }
 
-    /// Samples of its own for every target, as a plugin runner returns them.
+    /// What a plugin runner returns: values it named itself (one at a time of its own), a
+    /// graph definition, and a problem that did not cost the values.
     #[derive(Debug)]
-    struct Fixed;
+    struct Named;
 
-    impl Collect for Fixed {
+    impl Collect for Named {
         fn collect<'a>(&'a self, target: &'a Target) -> Collecting<'a> {
             let value = f64::from(target.port);
             Box::pin(async move {
                 Ok(Samples {
-                    samples: vec![crate::appmetrics::Sample {
-                        name: "plugin_value".into(),
-                        labels: vec![],
-                        value,
-                        kind: crate::appmetrics::Kind::Gauge,
+                    named: vec![
+                        crate::appmetrics::NamedValue {
+                            name: "custom.gostats.port".into(),
+                            value,
+                            time: None,
+                        },
+                        crate::appmetrics::NamedValue {
+                            name: "custom.gostats.own_time".into(),
+                            value: 1.0,
+                            time: Some(1_767_225_600),
+                        },
+                    ],
+                    graph_defs: vec![GraphDef {
+                        name: "custom.gostats".into(),
+                        display_name: "gostats".into(),
+                        unit: "integer".into(),
+                        metrics: vec![],
+                    }],
+                    problems: vec![crate::appmetrics::Problem {
+                        cause: "plugin_meta",
+                        message: "no meta".into(),
                     }],
                     ..Samples::default()
                 })
@@ -537,31 +554,71 @@ mod tests {
         }
     }
 
-    /// Plugin targets go to the plugin collector, with the same naming; without one they are
+    /// Plugin targets go to the plugin collector and keep the names it gives, with its graph
+    /// definitions and its own times; its problems are counted. Without a collector they are
     /// skipped, and Prometheus targets still go to HTTP.
     #[tokio::test]
     async fn a_second_source_plugs_in() {
         let ok = server("temp 1\n", false).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let plugins: Arc<dyn Collect> = Arc::new(Fixed);
-        let scraper = Scraper::start(config(), AppStats::default(), Some(plugins), move |s| {
+        let plugins: Arc<dyn Collect> = Arc::new(Named);
+        let stats = AppStats::default();
+        let scraper = Scraper::start(config(), stats.clone(), Some(plugins), move |s| {
             let _ = tx.send(s);
         })
         .unwrap();
         let mut plugin = target("plug", 4242);
         plugin.source = Source::Plugin("gostats".into());
         scraper.set_targets(TargetList {
+            targets: vec![plugin.clone(), target("http", ok)],
+            refused: vec![],
+        });
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(rx.recv().await.unwrap());
+        }
+        got.sort_by(|a, b| (&a.host_key, a.time).cmp(&(&b.host_key, b.time)));
+        assert_eq!(got[0].host_key, "key-http");
+        assert_eq!(got[0].values, [("custom.app.temp.value".to_string(), 1.0)]);
+        assert_eq!(got[1].host_key, "key-plug");
+        assert_eq!(got[1].time, 1_767_225_600, "its own time, apart");
+        assert_eq!(
+            got[1].values,
+            [("custom.gostats.own_time".to_string(), 1.0)]
+        );
+        assert!(got[1].graph_defs.is_empty());
+        assert_ne!(got[2].time, 1_767_225_600, "the period's");
+        assert_eq!(
+            got[2].values,
+            [("custom.gostats.port".to_string(), 4242.0)],
+            "no prefix, no .value: as named"
+        );
+        assert_eq!(got[2].graph_defs.len(), 1);
+        assert_eq!(got[2].graph_defs[0].name, "custom.gostats");
+        let mut registry = prometheus_client::registry::Registry::with_prefix("observer");
+        stats.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                r#"observer_app_scrape_errors_total{workload="plug",cause="plugin_meta"} 1"#
+            ),
+            "{text}"
+        );
+
+        // No plugin collector: the plugin target is skipped, the endpoint still scraped.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let scraper = Scraper::start(config(), AppStats::default(), None, move |s| {
+            let _ = tx.send(s);
+        })
+        .unwrap();
+        scraper.set_targets(TargetList {
             targets: vec![plugin, target("http", ok)],
             refused: vec![],
         });
-        let mut got = [rx.recv().await.unwrap(), rx.recv().await.unwrap()];
-        got.sort_by(|a, b| a.host_key.cmp(&b.host_key));
-        assert_eq!(got[0].values, [("custom.app.temp.value".to_string(), 1.0)]);
-        assert_eq!(got[1].host_key, "key-plug");
-        assert_eq!(
-            got[1].values,
-            [("custom.app.plugin_value.value".to_string(), 4242.0)]
-        );
+        for _ in 0..2 {
+            assert_eq!(rx.recv().await.unwrap().host_key, "key-http");
+        }
     }
 
     #[test]
