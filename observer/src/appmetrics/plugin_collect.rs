@@ -4,9 +4,10 @@
 //! `custom.<prefix>.` of endpoints) and are not made rates: a plugin posts what it means.
 //!
 //! The plugin's graph definitions (its `MACKEREL_AGENT_PLUGIN_META=1` run) are asked for once
-//! per plugin and host, beside its first values run (each with the plugin's timeout, neither
-//! waiting for the other); each graph is handed on once. A meta run that fails costs only
-//! the graphs: the values still go, the failure is counted and logged as the others are.
+//! per plugin and host, beside its first values run that works (each with the plugin's
+//! timeout, neither waiting for the other); each graph is handed on once. A meta run that
+//! fails beside a values run that works costs only the graphs: the values still go, the
+//! failure is counted and logged as the others are, and it is not asked again.
 
 use std::{
     collections::HashSet,
@@ -48,6 +49,11 @@ impl PluginCollector {
         asked.insert((target.host_key.clone(), name.to_owned()))
     }
 
+    fn forget_meta(&self, target: &Target, name: &str) {
+        let mut asked = self.meta_asked.lock().unwrap_or_else(|e| e.into_inner());
+        asked.remove(&(target.host_key.clone(), name.to_owned()));
+    }
+
     /// The graphs of `defs` not handed on before.
     fn new_graphs(&self, defs: Vec<GraphDef>) -> Vec<GraphDef> {
         let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
@@ -86,6 +92,10 @@ impl PluginCollector {
             }
         };
         let (values, meta) = tokio::join!(run.values(), meta);
+        if meta_due && values.is_err() {
+            // The plugin did not run well at all (not installed yet, hung): ask again next time.
+            self.forget_meta(target, name);
+        }
         let mut samples = Samples::default();
         match meta {
             Some(Ok(meta)) => {
@@ -160,5 +170,87 @@ fn problem(name: &str, e: &PluginError) -> Problem {
     Problem {
         cause: e.counted_cause(),
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(host: &str, source: Source) -> Target {
+        Target {
+            host_key: host.into(),
+            workload: "web:1".into(),
+            workload_id: "abc".into(),
+            container: "app".into(),
+            address: std::net::IpAddr::from([127, 0, 0, 1]),
+            port: 32768,
+            path: String::new(),
+            prefix: "p".into(),
+            source,
+        }
+    }
+
+    fn graph(name: &str) -> GraphDef {
+        GraphDef {
+            name: name.into(),
+            display_name: name.into(),
+            unit: "float".into(),
+            metrics: vec![],
+        }
+    }
+
+    #[test]
+    fn meta_once_per_host_and_plugin_while_listed_and_each_graph_once() {
+        let c = PluginCollector::new(Arc::new(PluginSet::empty()));
+        let a = target("task-a", Source::Plugin("gostats".into()));
+        let b = target("task-b", Source::Plugin("gostats".into()));
+        assert!(c.meta_due(&a, "gostats"));
+        assert!(!c.meta_due(&a, "gostats"), "once");
+        assert!(c.meta_due(&a, "redis"), "per plugin");
+        assert!(c.meta_due(&b, "gostats"), "per host");
+        c.retain(&[b.clone(), target("task-a", Source::Prometheus)]);
+        assert!(c.meta_due(&a, "gostats"), "a's target went: asked again");
+        assert!(!c.meta_due(&b, "gostats"), "b's stays");
+
+        let names = |defs: Vec<GraphDef>| defs.into_iter().map(|d| d.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(c.new_graphs(vec![graph("custom.a"), graph("custom.b")])),
+            ["custom.a", "custom.b"]
+        );
+        assert_eq!(
+            names(c.new_graphs(vec![graph("custom.b"), graph("custom.c")])),
+            ["custom.c"],
+            "another host's meta: only what is new"
+        );
+    }
+
+    #[test]
+    fn a_target_of_an_unconfigured_plugin_is_an_error_not_a_run() {
+        let c = PluginCollector::new(Arc::new(PluginSet::unchecked(
+            "[plugin.gostats]\ncommand = [\"/nonexistent/gostats\"]\n",
+        )));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let e = rt
+            .block_on(c.collect(&target("t", Source::Plugin("redis".into()))))
+            .unwrap_err();
+        assert_eq!(e.cause(), "plugin_unknown", "{e}");
+        let e = rt
+            .block_on(c.collect(&target("t", Source::Prometheus)))
+            .unwrap_err();
+        assert_eq!(e.cause(), "plugin_unknown", "{e}");
+        // Configured, but its program is not there: the spawn's error, named for the log
+        // line that already names the plugin; its meta is asked for again next time.
+        let gostats = target("t", Source::Plugin("gostats".into()));
+        let e = rt.block_on(c.collect(&gostats)).unwrap_err();
+        assert!(c.meta_due(&gostats, "gostats"), "not marked asked");
+        assert_eq!(e.cause(), "plugin_spawn", "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("starting /nonexistent/gostats: "),
+            "{text}"
+        );
     }
 }
