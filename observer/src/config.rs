@@ -279,6 +279,9 @@ pub struct Args {
     )]
     pub app_metrics_node_address: std::net::IpAddr,
 
+    #[command(flatten)]
+    pub plugins: crate::appmetrics::plugin_config::PluginArgs,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -605,6 +608,31 @@ mod tests {
         );
         let none = Args::try_parse_from(["observer", "--app-metrics-max-series", "0"]).unwrap();
         assert!(none.app_metrics().is_err());
+    }
+
+    #[test]
+    fn the_plugins_config_flag() {
+        let args = Args::try_parse_from(["observer"]).unwrap();
+        assert_eq!(args.plugins.plugins_config, None, "no plugins by default");
+        let args =
+            Args::try_parse_from(["observer", "--plugins-config", "/etc/observer/plugins.toml"])
+                .unwrap();
+        assert_eq!(
+            args.plugins.plugins_config,
+            Some(PathBuf::from("/etc/observer/plugins.toml"))
+        );
+        let help = <Args as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for text in [
+            "--plugins-config <PATH>",
+            "OBSERVER_PLUGINS_CONFIG",
+            "mackerel.io/plugins",
+            "never root",
+            "[default: no plugins]",
+        ] {
+            assert!(help.contains(text), "--help lacks {text}:\n{help}");
+        }
     }
 
     /// The flags' defaults are the library's: one constant each.

@@ -5,6 +5,7 @@
 
 use std::{
     io::{self, IsTerminal as _},
+    sync::Arc,
     time::Duration,
 };
 
@@ -16,7 +17,9 @@ use tokio::{
 };
 
 use crate::{
-    appmetrics::AppStats,
+    appmetrics::{
+        plugin::PluginSet, plugin_collect::PluginCollector, plugin_config::PluginsConfig, AppStats,
+    },
     cgroupfs::CgroupIndex,
     collect::Collector,
     config::{Args, Output},
@@ -49,6 +52,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // starts) would be lost and the kubelet would wait out the grace period.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    // The operator's own file: a mistake in it stops observer before anything is loaded.
+    let plugins = load_plugins(&args)?;
     preflight::check()?;
     let host = HostPaths::resolve(&HostPathArgs {
         host_root: args.host_root.as_deref(),
@@ -66,7 +71,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Output::Table => vec![Box::new(TableSink::new(io::stdout(), Rows::Terminal))],
         };
     let mut prometheus_at = None;
-    let app_metrics = args.app_metrics().map_err(anyhow::Error::msg)?;
+    let mut app_metrics = args.app_metrics().map_err(anyhow::Error::msg)?;
+    if let Some(app) = &mut app_metrics {
+        app.plugins = plugins.clone();
+    } else if !plugins.is_empty() {
+        log::warn!("--plugins-config is given but --app-metrics is off: no plugin runs");
+    }
     let app_stats = AppStats::default();
     if let Some(listen) = args.prometheus_listen {
         let prometheus = PrometheusSink::start_with_app(listen, args.interval, &app_stats)?;
@@ -92,6 +102,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(mut config) = mackerel {
         config.selection = args.mackerel_selection();
         config.host_status_on_start = args.mackerel_host_status_on_start;
+        if !plugins.is_empty() {
+            config.app_plugins = Some(Arc::new(PluginCollector::new(plugins.clone())));
+        }
         config.app_metrics = app_metrics;
         config.app_stats = app_stats;
         sinks.push(Box::new(MackerelSink::start(config)?));
@@ -200,6 +213,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The plugins of `--plugins-config` (none without it), checked against this node.
+fn load_plugins(args: &Args) -> anyhow::Result<Arc<PluginSet>> {
+    let Some(path) = &args.plugins.plugins_config else {
+        return Ok(Arc::new(PluginSet::empty()));
+    };
+    // Its errors name the file and the line.
+    let config = PluginsConfig::load(path)?;
+    let set = PluginSet::from_config(config)
+        .with_context(|| format!("plugins config {}", path.display()))?;
+    log::info!(
+        "plugins config {}: {} plugins workloads may name in {}: {}",
+        path.display(),
+        set.names().count(),
+        crate::inventory::PLUGINS_LABEL,
+        set.names().collect::<Vec<_>>().join(", ")
+    );
+    Ok(Arc::new(set))
 }
 
 fn source_config(args: &Args) -> SourceConfig {

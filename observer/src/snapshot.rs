@@ -205,8 +205,8 @@ pub struct Reach {
     /// node's for hostNetwork pods).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<IpAddr>,
-    /// The scrape declarations of the workload: `ECS_PROMETHEUS_*` Docker labels,
-    /// `prometheus.io/*` pod annotations, as set.
+    /// The scrape declarations of the workload: `ECS_PROMETHEUS_*` and `mackerel.io/plugins`
+    /// Docker labels, `prometheus.io/*` pod annotations, as set.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub declared: BTreeMap<String, String>,
 }

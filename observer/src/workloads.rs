@@ -15,7 +15,7 @@ use observer_common::TrafficValue;
 use crate::{
     inventory::{
         host_label_value, Container, Inventory, Limits, Workload, WorkloadKind, DISPLAY_NAME_LABEL,
-        HOST_LABEL, MEMO_LABEL, ROLES_LABEL,
+        HOST_LABEL, MEMO_LABEL, PLUGINS_LABEL, ROLES_LABEL,
     },
     resources::{cpu_percent, CgroupFs, ResourceError},
     snapshot::{ContainerReport, Usage, WorkloadReport},
@@ -274,12 +274,12 @@ impl Workload {
 }
 
 /// The workload's labels, plus the `mackerel.io/*` labels of its containers (ECS puts task
-/// labels on containers): roles, display name and memo from the first container that has
-/// them when the workload itself has none; `mackerel.io/host` from all of them, `"false"`
+/// labels on containers): roles, display name, memo and plugins from the first container that
+/// has them when the workload itself has none; `mackerel.io/host` from all of them, `"false"`
 /// winning over `"true"`, and either over a value that is neither.
 fn labels_with_mackerel(workload: &Workload) -> BTreeMap<String, String> {
     let mut labels = workload.labels.clone();
-    for key in [ROLES_LABEL, DISPLAY_NAME_LABEL, MEMO_LABEL] {
+    for key in [ROLES_LABEL, DISPLAY_NAME_LABEL, MEMO_LABEL, PLUGINS_LABEL] {
         if !labels.contains_key(key) {
             if let Some(value) = workload.containers.iter().find_map(|c| c.labels.get(key)) {
                 labels.insert(key.to_owned(), value.clone());
@@ -458,14 +458,19 @@ mod tests {
     }
 
     #[test]
-    fn a_containers_roles_label_becomes_the_tasks() {
+    fn a_containers_roles_and_plugins_labels_become_the_tasks() {
         let mut c = container("a", &[11]);
         c.labels.insert(ROLES_LABEL.into(), "shop:web".into());
+        c.labels.insert(PLUGINS_LABEL.into(), "gostats".into());
         let w = task(vec![container("b", &[12]), c], &[]);
         let r = report(&w, w.limits, &[], &HashMap::new());
         assert_eq!(
             r.labels.get(ROLES_LABEL).map(String::as_str),
             Some("shop:web")
+        );
+        assert_eq!(
+            r.labels.get(PLUGINS_LABEL).map(String::as_str),
+            Some("gostats")
         );
     }
 

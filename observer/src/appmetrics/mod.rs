@@ -8,12 +8,15 @@
 //! per-second rates) and makes their graph definitions. The values go to the Mackerel worker,
 //! which posts them on the workload's host like its own.
 //!
-//! A second source (mackerel-agent plugins) plugs in as a [`scrape::Collect`] for targets of
-//! [`Source::Plugin`], returning [`Samples`]: the schedule, naming, rates, caps, counts and
-//! posting are the same.
+//! A second source, the operator's mackerel-agent plugins a workload names (docs/plugins.md),
+//! plugs in as a [`scrape::Collect`] for targets of [`Source::Plugin`] ([`plugin_collect`]):
+//! its values come already named (`custom.` + the plugin's names, as mackerel-agent posts
+//! them) with the plugin's own graph definitions; the schedule, caps, counts and posting are
+//! the same.
 
 pub mod naming;
 pub mod plugin;
+pub mod plugin_collect;
 pub mod plugin_config;
 pub mod plugin_output;
 pub mod prometheus;
@@ -21,7 +24,9 @@ pub mod reach;
 pub mod scrape;
 pub mod stats;
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use crate::mackerel::client::GraphDef;
 
 pub use scrape::Scraper;
 pub use stats::AppStats;
@@ -33,14 +38,17 @@ pub struct Target {
     pub host_key: String,
     /// For people and for observer's own metrics: "family:revision", "namespace/name".
     pub workload: String,
+    /// The task's id or the pod's uid (a plugin's `{task}`).
+    pub workload_id: String,
     pub container: String,
     /// Always the workload's own address (or the node's, for published and host ports).
     pub address: IpAddr,
+    /// For a plugin, 0 when the workload lists no reachable port.
     pub port: u16,
-    /// Starts with `/`, no scheme or authority.
+    /// Starts with `/`, no scheme or authority; empty for a plugin.
     pub path: String,
     /// The first part of every name after `custom.`: sanitised, at most
-    /// [`naming::MAX_PREFIX_CHARS`].
+    /// [`naming::MAX_PREFIX_CHARS`]. A plugin's own names have none: this is its name.
     pub prefix: String,
     /// What collects its samples.
     pub source: Source,
@@ -98,14 +106,38 @@ pub struct Sample {
     pub kind: Kind,
 }
 
+/// A value a source named itself (a plugin's `custom.<name>`): posted as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedValue {
+    pub name: String,
+    pub value: f64,
+    /// Unix seconds of its own (a plugin's `use_plugin_timestamp`); None: the period's.
+    pub time: Option<i64>,
+}
+
 /// What one scrape (or plugin run) returned, within the caps.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Samples {
+    /// To be named and made rates ([`naming`]): an endpoint's.
     pub samples: Vec<Sample>,
+    /// Named by the source itself: a plugin's.
+    pub named: Vec<NamedValue>,
+    /// The source's own graph definitions (a plugin's meta), each handed on once.
+    pub graph_defs: Vec<GraphDef>,
     /// Samples left out by the series cap.
     pub dropped: usize,
     /// Lines that were not samples, comments or blank.
     pub bad_lines: usize,
+    /// What went wrong beside the values (a plugin's meta run, its output cut at its cap):
+    /// counted and logged as errors are, the values posted all the same.
+    pub problems: Vec<Problem>,
+}
+
+/// Something that went wrong without costing the values, with its `cause` label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub cause: &'static str,
+    pub message: String,
 }
 
 /// Settings of the application metrics; see the `--app-metrics*` flags.
@@ -122,6 +154,8 @@ pub struct AppMetricsConfig {
     /// The node's address for ports published on it (ECS bridge and host mode):
     /// 127.0.0.1 when observer runs in the host's network namespace, as the ECS daemon does.
     pub node_address: IpAddr,
+    /// The operator's plugins (`--plugins-config`) workloads may name; empty: none.
+    pub plugins: Arc<plugin::PluginSet>,
 }
 
 impl AppMetricsConfig {
@@ -132,6 +166,7 @@ impl AppMetricsConfig {
             max_body: crate::defaults::APP_METRICS_MAX_BODY,
             max_series: crate::defaults::APP_METRICS_MAX_SERIES,
             node_address: IpAddr::from([127, 0, 0, 1]),
+            plugins: Arc::new(plugin::PluginSet::empty()),
         }
     }
 }

@@ -193,6 +193,7 @@ mod tests {
         Target {
             host_key: "k".into(),
             workload: "w".into(),
+            workload_id: "id-w".into(),
             container: "c".into(),
             address: IpAddr::from([127, 0, 0, 1]),
             port: 32768,

@@ -47,8 +47,7 @@ use super::{
     plugin_output::{self, Meta, MetaError, Values},
 };
 
-/// The label (ECS Docker label) or annotation (Kubernetes) naming a workload's plugins.
-pub const PLUGINS_LABEL: &str = "mackerel.io/plugins";
+pub use crate::inventory::PLUGINS_LABEL;
 /// Names one workload's label may list; the rest are ignored.
 pub const MAX_NAMES_PER_WORKLOAD: usize = 16;
 /// (workload, name) pairs remembered so an unconfigured name is logged once.
@@ -67,6 +66,7 @@ const CAP_SETUID: u32 = 7;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub addr: IpAddr,
+    /// 0 when the workload has none: `{port}` then fails the run with a substitution error.
     pub port: u16,
     /// The container's name, for `{container}`.
     pub container: Option<String>,
@@ -142,6 +142,19 @@ impl PluginError {
             Self::Timeout { .. } => "timeout",
             Self::Failed { .. } => "failed",
             Self::Meta { .. } => "meta",
+        }
+    }
+
+    /// The `cause` label of `observer_app_scrape_errors_total`: the cause, apart from a
+    /// scrape's own (`plugin_timeout` is not an endpoint's `timeout`).
+    pub fn counted_cause(&self) -> &'static str {
+        match self {
+            Self::Substitution { .. } => "plugin_substitution",
+            Self::Spawn { .. } => "plugin_spawn",
+            Self::Io { .. } => "plugin_io",
+            Self::Timeout { .. } => "plugin_timeout",
+            Self::Failed { .. } => "plugin_failed",
+            Self::Meta { .. } => "plugin_meta",
         }
     }
 }
@@ -223,6 +236,19 @@ impl PluginSet {
         })
     }
 
+    /// The plugins of `text` as if each ran as observer: for tests that only pick names and
+    /// build argv, never for runs.
+    #[cfg(test)]
+    pub(crate) fn unchecked(text: &str) -> Self {
+        let plugins = PluginsConfig::parse(text).unwrap().plugins;
+        Self {
+            plugins: (plugins.into_iter())
+                .map(|(n, config)| (n, Arc::new(Plugin { config, ids: None })))
+                .collect(),
+            logged: Mutex::new(HashSet::new()),
+        }
+    }
+
     /// No plugins: what observer has without `--plugins-config`.
     pub fn empty() -> Self {
         Self {
@@ -248,11 +274,20 @@ impl PluginSet {
         labels: &BTreeMap<String, String>,
         target: &Target,
     ) -> Vec<Run> {
+        self.names_for(workload, labels)
+            .iter()
+            .filter_map(|name| self.run(name, target))
+            .collect()
+    }
+
+    /// The configured names `labels`' [`PLUGINS_LABEL`] lists, each once, at most
+    /// [`MAX_NAMES_PER_WORKLOAD`] read; an unconfigured one is logged once per workload.
+    pub fn names_for(&self, workload: &str, labels: &BTreeMap<String, String>) -> Vec<String> {
         let Some(list) = labels.get(PLUGINS_LABEL) else {
             return Vec::new();
         };
         let mut seen = HashSet::new();
-        let mut runs = Vec::new();
+        let mut names = Vec::new();
         for name in list
             .split(',')
             .map(str::trim)
@@ -262,15 +297,21 @@ impl PluginSet {
             if !seen.insert(name) {
                 continue;
             }
-            match self.plugins.get(name) {
-                Some(plugin) => runs.push(Run {
-                    plugin: plugin.clone(),
-                    target: target.clone(),
-                }),
-                None => self.log_unknown(workload, name),
+            if self.plugins.contains_key(name) {
+                names.push(name.to_owned());
+            } else {
+                self.log_unknown(workload, name);
             }
         }
-        runs
+        names
+    }
+
+    /// The configured plugin `name` at `target`; None if the file does not define it.
+    pub fn run(&self, name: &str, target: &Target) -> Option<Run> {
+        self.plugins.get(name).map(|plugin| Run {
+            plugin: plugin.clone(),
+            target: target.clone(),
+        })
     }
 
     /// Forgets the logged names of workloads `live` says are gone, so they may be logged again.
@@ -335,6 +376,11 @@ impl Run {
         &self.target
     }
 
+    /// Its values carry their own times (`use_plugin_timestamp`), not the run's.
+    pub fn uses_plugin_timestamp(&self) -> bool {
+        self.plugin.config.use_plugin_timestamp
+    }
+
     /// The argv after substitution.
     pub fn argv(&self) -> Result<Vec<String>, PluginError> {
         let config = &self.plugin.config;
@@ -360,6 +406,10 @@ impl Run {
         };
         match p {
             Placeholder::Addr => Ok(self.target.addr.to_string()),
+            // 0: the workload publishes no port observer could give.
+            Placeholder::Port if self.target.port == 0 => Err(fail(
+                "is not known for this workload: it lists no reachable TCP port",
+            )),
             Placeholder::Port => Ok(self.target.port.to_string()),
             Placeholder::Container => word(&self.target.container),
             Placeholder::Task => word(&self.target.task),
@@ -642,14 +692,7 @@ mod tests {
 
     /// A set whose plugins would run as observer: argv and names only, nothing is run.
     fn set(text: &str) -> PluginSet {
-        let plugins = PluginsConfig::parse(text).unwrap().plugins;
-        PluginSet {
-            plugins: plugins
-                .into_iter()
-                .map(|(n, config)| (n, Arc::new(Plugin { config, ids: None })))
-                .collect(),
-            logged: Mutex::new(HashSet::new()),
-        }
+        PluginSet::unchecked(text)
     }
 
     fn target() -> Target {
@@ -770,6 +813,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("{task} is not known"));
+        let no_port = Target {
+            port: 0,
+            ..target()
+        };
+        let e = s.runs_for("w", &labels("p"), &no_port)[0]
+            .argv()
+            .unwrap_err();
+        assert_eq!(e.counted_cause(), "plugin_substitution");
+        assert!(e.to_string().contains("{port} is not known"), "{e}");
+        // A plugin that takes no {port} runs without one.
+        let s = set("[plugin.q]\ncommand = [\"/bin/q\", \"{addr}\"]\n");
+        assert_eq!(
+            s.run("q", &no_port).unwrap().argv().unwrap(),
+            ["/bin/q", "10.1.2.3"]
+        );
+        assert!(s.run("p", &no_port).is_none(), "not configured");
     }
 
     #[test]
@@ -782,6 +841,7 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(names(" b , a,b,,"), ["b", "a"]);
+        assert_eq!(s.names_for("w", &labels(" b , a,b,c,")), ["b", "a"]);
         assert_eq!(names("/bin/sh -c id, c, a"), ["a"]);
         assert!(names("").is_empty());
         assert!(s.runs_for("w", &BTreeMap::new(), &target()).is_empty());

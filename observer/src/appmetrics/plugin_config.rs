@@ -34,8 +34,15 @@ pub const MAX_NAME_LEN: usize = 64;
 /// The flag that names the file, for `#[command(flatten)]` into observer's arguments.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct PluginArgs {
-    /// TOML file of the mackerel-agent metric plugins workloads may name in their
-    /// `mackerel.io/plugins` label or annotation (docs/plugins.md) [default: no plugins].
+    /// TOML file of the mackerel-agent metric plugins a task or pod may have run for it by
+    /// naming them in its mackerel.io/plugins Docker label or pod annotation (docs/plugins.md):
+    /// `[plugin.<name>]` with `command = ["/path/to/plugin", "-host", "{addr}", "-port",
+    /// "{port}"]`, and optionally user (default nobody; never root), timeout (10s), env,
+    /// max_series, max_output. Each named plugin runs once per --mackerel-interval with the
+    /// workload's address and port, and its values go to the workload's Mackerel host as
+    /// custom.<name> (with --app-metrics on). Only this file says what runs. A file that cannot
+    /// be read or used stops observer at start, naming the line at fault. Switching to the
+    /// plugins' user needs CAP_SETUID and CAP_SETGID [default: no plugins].
     #[arg(long, env = "OBSERVER_PLUGINS_CONFIG", value_name = "PATH")]
     pub plugins_config: Option<PathBuf>,
 }

@@ -9,6 +9,11 @@
 //! | Kubernetes pod | the pod IP | `prometheus.io/port` |
 //! | Kubernetes hostNetwork pod | the host IP | `prometheus.io/port` |
 //!
+//! A workload's `mackerel.io/plugins` (an ECS container's Docker label, a pod's annotation)
+//! makes a [`Source::Plugin`] target per configured name it lists, at the same address; its
+//! port is the declared one (`ECS_PROMETHEUS_EXPORTER_PORT`, `prometheus.io/port`) where that
+//! is reachable, else an ECS container's first reachable TCP port, else 0 (unknown).
+//!
 //! The node's address is 127.0.0.1 by default: published and host ports are reached from the
 //! host's network namespace, where the ECS daemon task runs observer.
 //!
@@ -18,7 +23,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use super::{naming, Source, Target};
+use super::{naming, plugin::PluginSet, Source, Target};
 use crate::snapshot::{ContainerReport, NetworkMode, WorkloadKind, WorkloadReport};
 
 /// ECS Docker labels of the CloudWatch agent's Prometheus discovery.
@@ -52,12 +57,14 @@ pub enum ReachError {
 }
 
 /// The targets of one Mackerel host's workload (`containers`: those the host keeps), and why
-/// the others that declare one are left out.
+/// the others that declare one are left out. `plugins` are the operator's: a workload's
+/// `mackerel.io/plugins` picks from them.
 pub fn targets(
     w: &WorkloadReport,
     containers: &[&ContainerReport],
     host_key: &str,
     node: IpAddr,
+    plugins: &PluginSet,
 ) -> (Vec<Target>, Vec<(String, ReachError)>) {
     let mut found = Vec::new();
     let mut refused = Vec::new();
@@ -69,6 +76,10 @@ pub fn targets(
                     Ok(None) => {}
                     Err(e) => refused.push((c.name.clone(), e)),
                 }
+                match ecs_plugin_targets(w, c, containers, host_key, node, plugins) {
+                    Ok(t) => found.extend(t),
+                    Err(e) => refused.push((c.name.clone(), e)),
+                }
             }
         }
         WorkloadKind::KubernetesPod => {
@@ -76,6 +87,10 @@ pub fn targets(
                 match pod_target(w, first, host_key) {
                     Ok(Some(t)) => found.push(t),
                     Ok(None) => {}
+                    Err(e) => refused.push((first.name.clone(), e)),
+                }
+                match pod_plugin_targets(w, first, host_key, plugins) {
+                    Ok(t) => found.extend(t),
                     Err(e) => refused.push((first.name.clone(), e)),
                 }
             }
@@ -99,36 +114,12 @@ fn ecs_target(
     let port = parse_port(ECS_PORT, port)?;
     let path = parse_path(ECS_PATH, declared.get(ECS_PATH))?;
     let prefix = parse_prefix(ECS_JOB, declared.get(ECS_JOB), &c.name)?;
-    let mode = match &c.network_mode {
-        NetworkMode::Unknown => &w.network_mode,
-        mode => mode,
-    };
-    let (address, port) = match mode {
-        NetworkMode::Host => (node, port),
-        NetworkMode::Awsvpc | NetworkMode::Container(_) | NetworkMode::Pod => {
-            // The ENI is the task's: any container may carry it in `Networks`.
-            let address = (c.reach.addresses.iter())
-                .chain(all.iter().flat_map(|o| &o.reach.addresses))
-                .next()
-                .copied()
-                .ok_or(ReachError::NoAddress)?;
-            (address, port)
-        }
-        NetworkMode::None => return Err(ReachError::NoAddress),
-        NetworkMode::Bridge | NetworkMode::Network(_) | NetworkMode::Unknown => {
-            let host_port = c
-                .reach
-                .ports
-                .iter()
-                .find(|p| p.tcp && p.container_port == port)
-                .and_then(|p| p.host_port)
-                .ok_or(ReachError::NotPublished(port))?;
-            (node, host_port)
-        }
-    };
+    let (address, published) = ecs_address(w, c, all, node)?;
+    let port = ecs_port(c, port, published).ok_or(ReachError::NotPublished(port))?;
     Ok(Some(Target {
         host_key: host_key.to_owned(),
         workload: w.name.clone(),
+        workload_id: w.id.clone(),
         container: c.name.clone(),
         address,
         port,
@@ -136,6 +127,122 @@ fn ecs_target(
         prefix,
         source: Source::Prometheus,
     }))
+}
+
+/// The plugins a container's own `mackerel.io/plugins` Docker label names, at its address.
+/// `{port}` is its declared `ECS_PROMETHEUS_EXPORTER_PORT` where that is reachable, else the
+/// first of its TCP ports (as the platform lists them) that is; 0 (unknown) if none is.
+fn ecs_plugin_targets(
+    w: &WorkloadReport,
+    c: &ContainerReport,
+    all: &[&ContainerReport],
+    host_key: &str,
+    node: IpAddr,
+    plugins: &PluginSet,
+) -> Result<Vec<Target>, ReachError> {
+    let names = plugins.names_for(&w.name, &c.reach.declared);
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (address, published) = ecs_address(w, c, all, node)?;
+    let declared = (c.reach.declared.get(ECS_PORT)).and_then(|p| parse_port(ECS_PORT, p).ok());
+    let listed = c
+        .reach
+        .ports
+        .iter()
+        .filter(|p| p.tcp)
+        .map(|p| p.container_port);
+    let port = (declared.into_iter().chain(listed))
+        .find_map(|p| ecs_port(c, p, published))
+        .unwrap_or(0);
+    Ok(plugin_targets(w, &c.name, host_key, address, port, names))
+}
+
+/// A container's address, and whether its ports are reached as the node's published ports.
+fn ecs_address(
+    w: &WorkloadReport,
+    c: &ContainerReport,
+    all: &[&ContainerReport],
+    node: IpAddr,
+) -> Result<(IpAddr, bool), ReachError> {
+    let mode = match &c.network_mode {
+        NetworkMode::Unknown => &w.network_mode,
+        mode => mode,
+    };
+    match mode {
+        NetworkMode::Host => Ok((node, false)),
+        NetworkMode::Awsvpc | NetworkMode::Container(_) | NetworkMode::Pod => {
+            // The ENI is the task's: any container may carry it in `Networks`.
+            let address = (c.reach.addresses.iter())
+                .chain(all.iter().flat_map(|o| &o.reach.addresses))
+                .next()
+                .copied()
+                .ok_or(ReachError::NoAddress)?;
+            Ok((address, false))
+        }
+        NetworkMode::None => Err(ReachError::NoAddress),
+        NetworkMode::Bridge | NetworkMode::Network(_) | NetworkMode::Unknown => Ok((node, true)),
+    }
+}
+
+/// Where container port `port` answers: itself, or the node's port it is published on.
+fn ecs_port(c: &ContainerReport, port: u16, published: bool) -> Option<u16> {
+    if !published {
+        return Some(port);
+    }
+    (c.reach.ports.iter())
+        .find(|p| p.tcp && p.container_port == port)
+        .and_then(|p| p.host_port)
+}
+
+/// The plugins a pod's `mackerel.io/plugins` annotation names, at the pod's address;
+/// `{port}` is its `prometheus.io/port`, 0 (unknown) without one.
+fn pod_plugin_targets(
+    w: &WorkloadReport,
+    first: &ContainerReport,
+    host_key: &str,
+    plugins: &PluginSet,
+) -> Result<Vec<Target>, ReachError> {
+    let names = plugins.names_for(&w.name, &w.labels);
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let address = *first.reach.addresses.first().ok_or(ReachError::NoAddress)?;
+    let port = (first.reach.declared.get(K8S_PORT))
+        .and_then(|p| parse_port(K8S_PORT, p).ok())
+        .unwrap_or(0);
+    Ok(plugin_targets(
+        w,
+        &first.name,
+        host_key,
+        address,
+        port,
+        names,
+    ))
+}
+
+fn plugin_targets(
+    w: &WorkloadReport,
+    container: &str,
+    host_key: &str,
+    address: IpAddr,
+    port: u16,
+    names: Vec<String>,
+) -> Vec<Target> {
+    names
+        .into_iter()
+        .map(|name| Target {
+            host_key: host_key.to_owned(),
+            workload: w.name.clone(),
+            workload_id: w.id.clone(),
+            container: container.to_owned(),
+            address,
+            port,
+            path: String::new(),
+            prefix: name.clone(),
+            source: Source::Plugin(name),
+        })
+        .collect()
 }
 
 /// A pod's one target: its annotations are the pod's, its address is shared by its containers.
@@ -173,6 +280,7 @@ fn pod_target(
     Ok(Some(Target {
         host_key: host_key.to_owned(),
         workload: w.name.clone(),
+        workload_id: w.id.clone(),
         container: first.name.clone(),
         address,
         port,
@@ -229,7 +337,10 @@ fn parse_prefix(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{OwnerRef, PortMapping, Reach};
+    use crate::{
+        inventory::PLUGINS_LABEL,
+        snapshot::{OwnerRef, PortMapping, Reach},
+    };
 
     const NODE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
@@ -275,7 +386,7 @@ mod tests {
 
     fn run(w: &WorkloadReport) -> (Vec<Target>, Vec<(String, ReachError)>) {
         let cs: Vec<&ContainerReport> = w.containers.iter().collect();
-        targets(w, &cs, "arn:task", NODE)
+        targets(w, &cs, "arn:task", NODE, &PluginSet::empty())
     }
 
     fn mapping(container_port: u16, host_port: Option<u16>) -> PortMapping {
@@ -522,5 +633,220 @@ mod tests {
             vec![container("app", NetworkMode::Host, reach)],
         );
         assert_eq!(run(&w).0[0].prefix.len(), naming::MAX_PREFIX_CHARS);
+    }
+
+    fn with_plugins(w: &WorkloadReport, text: &str) -> (Vec<Target>, Vec<(String, ReachError)>) {
+        let cs: Vec<&ContainerReport> = w.containers.iter().collect();
+        targets(w, &cs, "arn:task", NODE, &PluginSet::unchecked(text))
+    }
+
+    const PLUGINS: &str =
+        "[plugin.gostats]\ncommand = [\"/bin/g\"]\n[plugin.redis]\ncommand = [\"/bin/r\"]\n";
+
+    fn plugin_reach(plugins: &str, ports: Vec<PortMapping>, extra: &[(&str, &str)]) -> Reach {
+        let mut d = declared(extra);
+        d.insert(PLUGINS_LABEL.into(), plugins.into());
+        Reach {
+            ports,
+            addresses: vec![],
+            declared: d,
+        }
+    }
+
+    fn plugins_of(found: &[Target]) -> Vec<(String, String, IpAddr, u16)> {
+        found
+            .iter()
+            .filter_map(|t| match &t.source {
+                Source::Plugin(n) => Some((n.clone(), t.container.clone(), t.address, t.port)),
+                Source::Prometheus => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ecs_plugins_run_at_the_declared_port_else_the_first_reachable_one() {
+        // Bridge: the declared exporter port's host port.
+        let app = container(
+            "app",
+            NetworkMode::Bridge,
+            plugin_reach(
+                "gostats, ghost, redis",
+                vec![mapping(8080, Some(32768)), mapping(9100, Some(32769))],
+                &[(ECS_PORT, "9100")],
+            ),
+        );
+        let side = container("side", NetworkMode::Bridge, Reach::default());
+        let w = workload(WorkloadKind::EcsTask, NetworkMode::Bridge, vec![app, side]);
+        let (found, refused) = with_plugins(&w, PLUGINS);
+        assert_eq!(refused, []);
+        assert_eq!(
+            plugins_of(&found),
+            [
+                ("gostats".into(), "app".into(), NODE, 32769),
+                ("redis".into(), "app".into(), NODE, 32769)
+            ],
+            "configured names only, on the labelled container"
+        );
+        let t = found
+            .iter()
+            .find(|t| t.source != Source::Prometheus)
+            .unwrap();
+        assert_eq!(
+            (t.workload_id.as_str(), t.host_key.as_str()),
+            ("id", "arn:task")
+        );
+        assert_eq!(found.len(), 3, "the endpoint's own target too");
+
+        // Bridge, nothing declared: the first published TCP port as listed.
+        let app = container(
+            "app",
+            NetworkMode::Bridge,
+            plugin_reach(
+                "gostats",
+                vec![
+                    PortMapping {
+                        container_port: 53,
+                        host_port: Some(5353),
+                        tcp: false,
+                    },
+                    mapping(8080, None),
+                    mapping(6379, Some(32770)),
+                ],
+                &[],
+            ),
+        );
+        let w = workload(WorkloadKind::EcsTask, NetworkMode::Bridge, vec![app]);
+        assert_eq!(
+            plugins_of(&with_plugins(&w, PLUGINS).0),
+            [("gostats".into(), "app".into(), NODE, 32770)]
+        );
+
+        // A declared port that is not published: the next reachable one.
+        let app = container(
+            "app",
+            NetworkMode::Bridge,
+            plugin_reach(
+                "gostats",
+                vec![mapping(9100, None), mapping(80, Some(8080))],
+                &[(ECS_PORT, "9100")],
+            ),
+        );
+        let w = workload(WorkloadKind::EcsTask, NetworkMode::Bridge, vec![app]);
+        let (found, refused) = with_plugins(&w, PLUGINS);
+        assert_eq!(
+            plugins_of(&found),
+            [("gostats".into(), "app".into(), NODE, 8080)]
+        );
+        assert_eq!(
+            refused,
+            [("app".to_string(), ReachError::NotPublished(9100))],
+            "the endpoint's"
+        );
+
+        // No port at all: 0, for the run to refuse {port} (a plugin may not need one).
+        let app = container(
+            "app",
+            NetworkMode::Bridge,
+            plugin_reach("gostats", vec![], &[]),
+        );
+        let w = workload(WorkloadKind::EcsTask, NetworkMode::Bridge, vec![app]);
+        assert_eq!(
+            plugins_of(&with_plugins(&w, PLUGINS).0),
+            [("gostats".into(), "app".into(), NODE, 0)]
+        );
+
+        // Host mode: the container port on the node.
+        let app = container(
+            "app",
+            NetworkMode::Host,
+            plugin_reach("redis", vec![mapping(6379, Some(6379))], &[]),
+        );
+        let w = workload(WorkloadKind::EcsTask, NetworkMode::Host, vec![app]);
+        assert_eq!(
+            plugins_of(&with_plugins(&w, PLUGINS).0),
+            [("redis".into(), "app".into(), NODE, 6379)]
+        );
+
+        // awsvpc: the task's address, the declared port.
+        let eni: IpAddr = "10.0.2.61".parse().unwrap();
+        let app = container(
+            "app",
+            NetworkMode::Awsvpc,
+            plugin_reach("redis", vec![], &[(ECS_PORT, "9121")]),
+        );
+        let pause = container(
+            "pause",
+            NetworkMode::Awsvpc,
+            Reach {
+                addresses: vec![eni],
+                ..Reach::default()
+            },
+        );
+        let w = workload(WorkloadKind::EcsTask, NetworkMode::Awsvpc, vec![app, pause]);
+        assert_eq!(
+            plugins_of(&with_plugins(&w, PLUGINS).0),
+            [("redis".into(), "app".into(), eni, 9121)]
+        );
+
+        // None: nowhere to run it against, said.
+        let app = container("app", NetworkMode::None, plugin_reach("redis", vec![], &[]));
+        let w = workload(WorkloadKind::EcsTask, NetworkMode::None, vec![app]);
+        assert_eq!(
+            with_plugins(&w, PLUGINS),
+            (vec![], vec![("app".to_string(), ReachError::NoAddress)])
+        );
+
+        // Only unconfigured names, or no plugins file: nothing, nothing refused.
+        let app = container("app", NetworkMode::None, plugin_reach("ghost", vec![], &[]));
+        let w = workload(WorkloadKind::EcsTask, NetworkMode::None, vec![app]);
+        assert_eq!(with_plugins(&w, PLUGINS), (vec![], vec![]));
+        let app = container("app", NetworkMode::Host, plugin_reach("redis", vec![], &[]));
+        let w = workload(WorkloadKind::EcsTask, NetworkMode::Host, vec![app]);
+        assert_eq!(run(&w), (vec![], vec![]));
+    }
+
+    #[test]
+    fn pod_plugins_run_at_the_pod_address_and_its_prometheus_port() {
+        let ip: IpAddr = "172.17.0.5".parse().unwrap();
+        let reach = |d: &[(&str, &str)]| Reach {
+            addresses: vec![ip],
+            declared: declared(d),
+            ..Reach::default()
+        };
+        let mut w = workload(
+            WorkloadKind::KubernetesPod,
+            NetworkMode::Pod,
+            vec![container(
+                "api",
+                NetworkMode::Pod,
+                reach(&[(K8S_PORT, "9102")]),
+            )],
+        );
+        w.labels.insert(PLUGINS_LABEL.into(), "gostats".into());
+        assert_eq!(
+            with_plugins(&w, PLUGINS),
+            (
+                vec![Target {
+                    host_key: "arn:task".into(),
+                    workload: "web:3".into(),
+                    workload_id: "id".into(),
+                    container: "api".into(),
+                    address: ip,
+                    port: 9102,
+                    path: String::new(),
+                    prefix: "gostats".into(),
+                    source: Source::Plugin("gostats".into()),
+                }],
+                vec![]
+            ),
+            "no prometheus.io/scrape needed"
+        );
+        w.containers[0].reach = reach(&[]);
+        assert_eq!(with_plugins(&w, PLUGINS).0[0].port, 0, "no port known");
+        w.containers[0].reach.addresses.clear();
+        assert_eq!(
+            with_plugins(&w, PLUGINS).1,
+            [("api".to_string(), ReachError::NoAddress)]
+        );
     }
 }

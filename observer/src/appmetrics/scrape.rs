@@ -5,7 +5,7 @@
 //! previous scrape is still under way is skipped for that period.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -81,6 +81,9 @@ pub type Collecting<'a> = Pin<Box<dyn Future<Output = Result<Samples, ScrapeErro
 /// schedule). [`Http`] for [`Source::Prometheus`]; a plugin runner for [`Source::Plugin`].
 pub trait Collect: Send + Sync + std::fmt::Debug + 'static {
     fn collect<'a>(&'a self, target: &'a Target) -> Collecting<'a>;
+
+    /// Told each period which targets are listed, to forget what it keeps of the others.
+    fn retain(&self, _targets: &[Target]) {}
 }
 
 /// The HTTP scrape of a Prometheus endpoint.
@@ -135,10 +138,17 @@ impl Scraper {
         let http: Arc<dyn Collect> = Arc::new(Http::new(config.clone())?);
         let (targets, rx) = watch::channel(Arc::new(TargetList::default()));
         log::info!(
-            "Application metrics: workloads' declared Prometheus endpoints scraped every {} (timeout {}, at most {} series each)",
+            "Application metrics: workloads' declared Prometheus endpoints scraped every {} (timeout {}, at most {} series each){}",
             humantime::format_duration(config.period),
             humantime::format_duration(config.timeout),
-            config.max_series
+            config.max_series,
+            match &plugins {
+                Some(_) if !config.plugins.is_empty() => format!(
+                    "; the plugins they name run as often: {}",
+                    config.plugins.names().collect::<Vec<_>>().join(", ")
+                ),
+                _ => String::new(),
+            }
         );
         let task = tokio::spawn(run(config, Collectors { http, plugins }, stats, rx, out));
         Ok(Self { targets, task })
@@ -203,6 +213,9 @@ async fn run(
             _ = tick.tick() => {
                 let list = rx.borrow_and_update().clone();
                 forget_gone(&list, &mut namer, &stats, &mut logged);
+                if let Some(plugins) = &collectors.plugins {
+                    plugins.retain(&list.targets);
+                }
                 let time = period_start(SystemTime::now(), config.period);
                 for (workload, container, why) in &list.refused {
                     stats.error(workload, "reach");
@@ -278,36 +291,76 @@ fn handle(
     let samples = match result {
         Ok(s) => s,
         Err(e) => {
-            stats.error(&target.workload, e.cause());
-            if logged.insert((target.workload.clone(), e.cause())) {
-                log::warn!(
-                    "Application metrics of {} ({}): {} {e}; counted in observer_app_scrape_errors_total, not logged again for this cause",
-                    target.workload,
-                    target.container,
-                    target.describe()
-                );
-            }
+            count_error(target, e.cause(), &e.to_string(), stats, logged);
             return;
         }
     };
+    for p in &samples.problems {
+        count_error(target, p.cause, &p.message, stats, logged);
+    }
     let named = namer.name(target, &samples.samples, time);
     let dropped = samples.dropped + named.too_long;
     stats.dropped(&target.workload, dropped);
     if dropped > 0 && logged.insert((target.workload.clone(), "series")) {
+        let cap = match &target.source {
+            Source::Prometheus => format!(
+                "at most {} per endpoint, names of at most {} characters",
+                config.max_series,
+                super::naming::MAX_NAME_CHARS
+            ),
+            Source::Plugin(_) => "at most the plugin's max_series per run".to_owned(),
+        };
         log::warn!(
-            "Application metrics of {} ({}): {dropped} series left out (at most {} per endpoint, names of at most {} characters)",
+            "Application metrics of {} ({}): {} {dropped} series left out ({cap})",
             target.workload,
             target.container,
-            config.max_series,
-            super::naming::MAX_NAME_CHARS
+            target.describe()
         );
     }
+    let mut values = named.values;
+    // A plugin's own times (use_plugin_timestamp) go apart, a batch per time.
+    let mut own_times: BTreeMap<i64, Vec<(String, f64)>> = BTreeMap::new();
+    for v in samples.named {
+        match v.time {
+            None => values.push((v.name, v.value)),
+            Some(t) => own_times.entry(t).or_default().push((v.name, v.value)),
+        }
+    }
+    let mut graph_defs = named.graph_defs;
+    graph_defs.extend(samples.graph_defs);
     out(Scraped {
         host_key: target.host_key.clone(),
         time,
-        values: named.values,
-        graph_defs: named.graph_defs,
+        values,
+        graph_defs,
     });
+    for (time, values) in own_times {
+        out(Scraped {
+            host_key: target.host_key.clone(),
+            time,
+            values,
+            graph_defs: Vec::new(),
+        });
+    }
+}
+
+/// Counts a failure of `target` under `cause`, logged once per workload and cause.
+fn count_error(
+    target: &Target,
+    cause: &'static str,
+    message: &str,
+    stats: &AppStats,
+    logged: &mut HashSet<(String, &'static str)>,
+) {
+    stats.error(&target.workload, cause);
+    if logged.insert((target.workload.clone(), cause)) {
+        log::warn!(
+            "Application metrics of {} ({}): {}: {message}; counted in observer_app_scrape_errors_total{{cause=\"{cause}\"}}, not logged again for this cause",
+            target.workload,
+            target.container,
+            target.describe()
+        );
+    }
 }
 
 /// One GET of `target`, bounded by the timeout (body included) and the body cap.
@@ -386,6 +439,7 @@ mod tests {
         Target {
             host_key: format!("key-{workload}"),
             workload: workload.into(),
+            workload_id: format!("id-{workload}"),
             container: "app".into(),
             address: IpAddr::from([127, 0, 0, 1]),
             port,
@@ -462,20 +516,37 @@ mod tests {
         assert_eq!(got.graph_defs.len(), 1);
     }
 
-    /// Samples of its own for every target, as a plugin runner returns them.
+    /// What a plugin runner returns: values it named itself (one at a time of its own), a
+    /// graph definition, and a problem that did not cost the values.
     #[derive(Debug)]
-    struct Fixed;
+    struct Named;
 
-    impl Collect for Fixed {
+    impl Collect for Named {
         fn collect<'a>(&'a self, target: &'a Target) -> Collecting<'a> {
             let value = f64::from(target.port);
             Box::pin(async move {
                 Ok(Samples {
-                    samples: vec![crate::appmetrics::Sample {
-                        name: "plugin_value".into(),
-                        labels: vec![],
-                        value,
-                        kind: crate::appmetrics::Kind::Gauge,
+                    named: vec![
+                        crate::appmetrics::NamedValue {
+                            name: "custom.gostats.port".into(),
+                            value,
+                            time: None,
+                        },
+                        crate::appmetrics::NamedValue {
+                            name: "custom.gostats.own_time".into(),
+                            value: 1.0,
+                            time: Some(1_767_225_600),
+                        },
+                    ],
+                    graph_defs: vec![GraphDef {
+                        name: "custom.gostats".into(),
+                        display_name: "gostats".into(),
+                        unit: "integer".into(),
+                        metrics: vec![],
+                    }],
+                    problems: vec![crate::appmetrics::Problem {
+                        cause: "plugin_meta",
+                        message: "no meta".into(),
                     }],
                     ..Samples::default()
                 })
@@ -483,31 +554,71 @@ mod tests {
         }
     }
 
-    /// Plugin targets go to the plugin collector, with the same naming; without one they are
+    /// Plugin targets go to the plugin collector and keep the names it gives, with its graph
+    /// definitions and its own times; its problems are counted. Without a collector they are
     /// skipped, and Prometheus targets still go to HTTP.
     #[tokio::test]
     async fn a_second_source_plugs_in() {
         let ok = server("temp 1\n", false).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let plugins: Arc<dyn Collect> = Arc::new(Fixed);
-        let scraper = Scraper::start(config(), AppStats::default(), Some(plugins), move |s| {
+        let plugins: Arc<dyn Collect> = Arc::new(Named);
+        let stats = AppStats::default();
+        let scraper = Scraper::start(config(), stats.clone(), Some(plugins), move |s| {
             let _ = tx.send(s);
         })
         .unwrap();
         let mut plugin = target("plug", 4242);
         plugin.source = Source::Plugin("gostats".into());
         scraper.set_targets(TargetList {
+            targets: vec![plugin.clone(), target("http", ok)],
+            refused: vec![],
+        });
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(rx.recv().await.unwrap());
+        }
+        got.sort_by(|a, b| (&a.host_key, a.time).cmp(&(&b.host_key, b.time)));
+        assert_eq!(got[0].host_key, "key-http");
+        assert_eq!(got[0].values, [("custom.app.temp.value".to_string(), 1.0)]);
+        assert_eq!(got[1].host_key, "key-plug");
+        assert_eq!(got[1].time, 1_767_225_600, "its own time, apart");
+        assert_eq!(
+            got[1].values,
+            [("custom.gostats.own_time".to_string(), 1.0)]
+        );
+        assert!(got[1].graph_defs.is_empty());
+        assert_ne!(got[2].time, 1_767_225_600, "the period's");
+        assert_eq!(
+            got[2].values,
+            [("custom.gostats.port".to_string(), 4242.0)],
+            "no prefix, no .value: as named"
+        );
+        assert_eq!(got[2].graph_defs.len(), 1);
+        assert_eq!(got[2].graph_defs[0].name, "custom.gostats");
+        let mut registry = prometheus_client::registry::Registry::with_prefix("observer");
+        stats.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                r#"observer_app_scrape_errors_total{workload="plug",cause="plugin_meta"} 1"#
+            ),
+            "{text}"
+        );
+
+        // No plugin collector: the plugin target is skipped, the endpoint still scraped.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let scraper = Scraper::start(config(), AppStats::default(), None, move |s| {
+            let _ = tx.send(s);
+        })
+        .unwrap();
+        scraper.set_targets(TargetList {
             targets: vec![plugin, target("http", ok)],
             refused: vec![],
         });
-        let mut got = [rx.recv().await.unwrap(), rx.recv().await.unwrap()];
-        got.sort_by(|a, b| a.host_key.cmp(&b.host_key));
-        assert_eq!(got[0].values, [("custom.app.temp.value".to_string(), 1.0)]);
-        assert_eq!(got[1].host_key, "key-plug");
-        assert_eq!(
-            got[1].values,
-            [("custom.app.plugin_value.value".to_string(), 4242.0)]
-        );
+        for _ in 0..2 {
+            assert_eq!(rx.recv().await.unwrap().host_key, "key-http");
+        }
     }
 
     #[test]

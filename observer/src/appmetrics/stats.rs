@@ -21,7 +21,7 @@ const OTHER: &str = "_other";
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ErrorLabels {
     workload: String,
-    /// "connect", "timeout", "status", "body", "reach" (and a plugin runner's own).
+    /// "connect", "timeout", "status", "body", "reach", and a plugin run's "plugin_*".
     cause: &'static str,
 }
 
@@ -51,12 +51,12 @@ impl AppStats {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "app_scrape_errors",
-            "Failed scrapes of a workload's metrics endpoint, by cause",
+            "Failed scrapes of a workload's metrics endpoint and runs of the plugins it names, by cause",
             self.errors.clone(),
         );
         registry.register(
             "app_series_dropped",
-            "Series of a workload's metrics left out by --app-metrics-max-series or too long a name",
+            "Series of a workload's metrics left out by --app-metrics-max-series, a plugin's max_series or too long a name",
             self.dropped.clone(),
         );
     }

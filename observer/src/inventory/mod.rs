@@ -39,8 +39,17 @@ pub const HOST_LABEL: &str = "mackerel.io/host";
 pub const DISPLAY_NAME_LABEL: &str = "mackerel.io/display-name";
 /// Docker label or pod annotation: the Mackerel host's memo.
 pub const MEMO_LABEL: &str = "mackerel.io/memo";
+/// Docker label or pod annotation: the names of the operator's mackerel-agent plugins to run
+/// for the task or pod, comma-separated (docs/plugins.md).
+pub const PLUGINS_LABEL: &str = "mackerel.io/plugins";
 /// The labels and annotations observer reads for Mackerel, carried with a workload's labels.
-pub const MACKEREL_LABELS: [&str; 4] = [ROLES_LABEL, HOST_LABEL, DISPLAY_NAME_LABEL, MEMO_LABEL];
+pub const MACKEREL_LABELS: [&str; 5] = [
+    ROLES_LABEL,
+    HOST_LABEL,
+    DISPLAY_NAME_LABEL,
+    MEMO_LABEL,
+    PLUGINS_LABEL,
+];
 
 /// A `mackerel.io/host` value: true, false, or None for anything else (ignored, with a
 /// warning where it is used).

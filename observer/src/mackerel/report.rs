@@ -1,7 +1,7 @@
 //! One interval's snapshot as Mackerel host reports: one host per ECS task or Kubernetes pod,
 //! with each container's CPU, memory and network (every network mode, loopback apart).
 
-use std::net::IpAddr;
+use std::collections::HashSet;
 
 use serde_json::json;
 
@@ -10,7 +10,7 @@ use super::{
     select::{capped, Selector, MAX_DISPLAY_NAME_CHARS, MAX_MEMO_CHARS},
 };
 use crate::{
-    appmetrics::{reach, scrape::TargetList},
+    appmetrics::{reach, scrape::TargetList, AppMetricsConfig},
     inventory::{ecs::LABEL_TASK_ARN, DISPLAY_NAME_LABEL, MEMO_LABEL},
     snapshot::{per_second, Snapshot},
     snapshot::{ContainerReport, WorkloadKind, WorkloadReport},
@@ -26,11 +26,12 @@ pub fn interval_report(snapshot: &Snapshot, selector: &mut Selector) -> Interval
 }
 
 /// [`interval_report`] with each host's application metrics targets, their published and
-/// host ports reached at `app_node` (None: application metrics off).
+/// host ports reached at `app`'s node address, the plugins workloads name picked from its
+/// (None: application metrics off).
 pub fn interval_report_with(
     snapshot: &Snapshot,
     selector: &mut Selector,
-    app_node: Option<IpAddr>,
+    app: Option<&AppMetricsConfig>,
 ) -> IntervalReport {
     let mut hosts = Vec::new();
     for w in &snapshot.workloads {
@@ -38,11 +39,16 @@ pub fn interval_report_with(
             log::debug!("Mackerel: no host for {}: {why}", w.name);
             continue;
         }
-        match host_report(w, snapshot, selector, app_node) {
+        match host_report(w, snapshot, selector, app) {
             Ok(Some(host)) => hosts.push(host),
             Ok(None) => {}
             Err(e) => log::debug!("Mackerel: no host for {}: {e}", w.name),
         }
+    }
+    if let Some(app) = app {
+        // An unconfigured name is logged again only once its workload is gone and back.
+        let live: HashSet<&str> = snapshot.workloads.iter().map(|w| w.name.as_str()).collect();
+        app.plugins.retain_workloads(|w| live.contains(w));
     }
     IntervalReport {
         time: snapshot.time,
@@ -56,7 +62,7 @@ fn host_report(
     w: &WorkloadReport,
     snapshot: &Snapshot,
     selector: &mut Selector,
-    app_node: Option<IpAddr>,
+    app: Option<&AppMetricsConfig>,
 ) -> Result<Option<HostReport>, super::model::IdentityError> {
     // Ignored containers are left out of the host altogether, meta included.
     let containers: Vec<&ContainerReport> = w
@@ -94,10 +100,15 @@ fn host_report(
         }
         WorkloadKind::ComposeProject | WorkloadKind::Container => return Ok(None),
     };
-    let app = match app_node {
-        Some(node) => {
-            let (targets, refused) =
-                reach::targets(w, &containers, &identity.custom_identifier, node);
+    let app = match app {
+        Some(app) => {
+            let (targets, refused) = reach::targets(
+                w,
+                &containers,
+                &identity.custom_identifier,
+                app.node_address,
+                &app.plugins,
+            );
             TargetList {
                 targets,
                 refused: refused

@@ -192,8 +192,8 @@ pub struct MackerelSink {
     reporter: Option<MackerelReporter>,
     runtime: tokio::runtime::Handle,
     selector: Selector,
-    /// The node's address for application metrics, when they are on.
-    app_node: Option<std::net::IpAddr>,
+    /// The application metrics settings (node address, plugins), when they are on.
+    app: Option<crate::appmetrics::AppMetricsConfig>,
 }
 
 impl MackerelSink {
@@ -201,9 +201,9 @@ impl MackerelSink {
     pub fn start(config: MackerelConfig) -> Result<Self, ClientError> {
         let runtime = tokio::runtime::Handle::current();
         let selector = Selector::new(config.selection.clone());
-        let app_node = config.app_metrics.as_ref().map(|a| a.node_address);
+        let app = config.app_metrics.clone();
         Ok(Self {
-            app_node,
+            app,
             reporter: Some(MackerelReporter::start(config)?),
             runtime,
             selector,
@@ -224,7 +224,7 @@ impl Sink for MackerelSink {
                 reporter.report(interval_report_with(
                     snapshot,
                     &mut self.selector,
-                    self.app_node,
+                    self.app.as_ref(),
                 ));
             }
         }

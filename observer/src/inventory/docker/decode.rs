@@ -103,11 +103,14 @@ pub struct PortBinding {
 /// The Docker label prefix of the CloudWatch agent's Prometheus discovery (ECS).
 pub const ECS_PROMETHEUS_PREFIX: &str = "ECS_PROMETHEUS_";
 
-/// The `ECS_PROMETHEUS_*` labels: what a container declares about its metrics endpoint.
+/// The `ECS_PROMETHEUS_*` and `mackerel.io/plugins` labels: what a container declares about
+/// its own metrics (an endpoint, the operator's plugins to run against it).
 pub fn declared(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     labels
         .iter()
-        .filter(|(k, _)| k.starts_with(ECS_PROMETHEUS_PREFIX))
+        .filter(|(k, _)| {
+            k.starts_with(ECS_PROMETHEUS_PREFIX) || *k == crate::inventory::PLUGINS_LABEL
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -561,10 +564,11 @@ mod tests {
     }
 
     #[test]
-    fn the_port_map_and_the_ecs_prometheus_labels() {
+    fn the_port_map_and_the_declaring_labels() {
         let inspect: ContainerInspect = serde_json::from_str(
             r#"{"Id":"abc","Name":"/app",
-                "Config":{"Labels":{"ECS_PROMETHEUS_EXPORTER_PORT":"9100","com.amazonaws.ecs.task-arn":"a"}},
+                "Config":{"Labels":{"ECS_PROMETHEUS_EXPORTER_PORT":"9100","com.amazonaws.ecs.task-arn":"a",
+                    "mackerel.io/plugins":"gostats","mackerel.io/roles":"r:r"}},
                 "NetworkSettings":{"Ports":{
                     "9100/tcp":[{"HostIp":"0.0.0.0","HostPort":"32770"},{"HostIp":"::","HostPort":"32770"}],
                     "53/udp":[{"HostIp":"0.0.0.0","HostPort":"5353"}],
@@ -594,10 +598,13 @@ mod tests {
         );
         assert_eq!(
             c.reach.declared,
-            BTreeMap::from([(
-                "ECS_PROMETHEUS_EXPORTER_PORT".to_string(),
-                "9100".to_string()
-            )])
+            BTreeMap::from([
+                (
+                    "ECS_PROMETHEUS_EXPORTER_PORT".to_string(),
+                    "9100".to_string()
+                ),
+                ("mackerel.io/plugins".to_string(), "gostats".to_string())
+            ])
         );
         let list: Vec<ContainerSummary> = serde_json::from_str(LIST).unwrap();
         assert_eq!(

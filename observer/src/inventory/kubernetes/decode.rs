@@ -303,7 +303,7 @@ pub const PROMETHEUS_ANNOTATIONS: [&str; 3] = [
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 
 /// Pod labels, plus the `mackerel.io/*` annotations the pod has (roles, host, display name,
-/// memo of its Mackerel host): the only annotations observer reports on.
+/// memo, plugins of its Mackerel host): the only annotations observer reports on.
 fn with_mackerel_annotations(
     labels: &BTreeMap<String, String>,
     annotations: &BTreeMap<String, String>,
@@ -567,7 +567,7 @@ mod tests {
         let body = r#"{"kind":"PodList","apiVersion":"v1","metadata":{},"items":[{
             "metadata":{"name":"web-1","namespace":"shop","uid":"8712f785-1a3e-41ec-a00b-e2dcc77431cb",
               "labels":{"app":"web"},"annotations":{"mackerel.io/roles":"shop:web","other":"x",
-                "mackerel.io/host":"false","mackerel.io/memo":"m"}},
+                "mackerel.io/host":"false","mackerel.io/memo":"m","mackerel.io/plugins":"gostats"}},
             "spec":{"containers":[{"name":"app"}]},"status":{"phase":"Running"}}]}"#;
         let list = PodList::decode(body.as_bytes()).unwrap();
         let w = list.pods[0].to_workload().unwrap();
@@ -583,6 +583,10 @@ mod tests {
         assert_eq!(
             w.labels.get("mackerel.io/memo").map(String::as_str),
             Some("m")
+        );
+        assert_eq!(
+            w.labels.get("mackerel.io/plugins").map(String::as_str),
+            Some("gostats")
         );
         assert!(
             !w.labels.contains_key("other"),
