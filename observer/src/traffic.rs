@@ -497,14 +497,21 @@ fn read_cache(
             torn.push(index);
         }
     };
-    if batch_supported {
-        batch::<u32, CacheSlot>(&cache.fd, cpus, &mut take).map_err(|source| {
-            TrafficError::Read {
-                name: CACHE_MAP,
-                source,
+    let batched = batch_supported
+        && match batch::<u32, CacheSlot>(&cache.fd, cpus, &mut take) {
+            Ok(()) => true,
+            // Kernels whose arrays have no batch operations (before 5.7): slot by slot.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
+                false
             }
-        })?;
-    } else {
+            Err(source) => {
+                return Err(TrafficError::Read {
+                    name: CACHE_MAP,
+                    source,
+                })
+            }
+        };
+    if !batched {
         for index in 0..cache.len {
             take(index, &cache.map.get(&index, 0).map_err(map_err)?);
         }

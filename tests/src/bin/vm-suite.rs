@@ -110,8 +110,11 @@ fn start_observer(args: &[&str], env: &[(&str, &str)]) -> Result<ObserverCmd> {
 /// Waits for two more interval ends (so the interval holding what was sent is reported), then
 /// stops observer with SIGTERM; returns its JSON lines.
 fn two_intervals_then_stop(mut cmd: ObserverCmd) -> Result<Vec<Value>> {
-    cmd.wait_stdout(r#""type":"observer""#, LINE)?;
-    cmd.wait_stdout(r#""type":"observer""#, LINE)?;
+    for _ in 0..2 {
+        if let Err(e) = cmd.wait_stdout(r#""type":"observer""#, LINE) {
+            anyhow::bail!("{e}; observer's log:\n{}", cmd.log_so_far().join("\n"));
+        }
+    }
     cmd.signal(libc::SIGTERM);
     let done = cmd.finish(LINE)?;
     ensure!(
