@@ -181,9 +181,10 @@ impl core::iter::Sum for TrafficValue {
     }
 }
 
-/// One slot of the per-CPU cache ([`CACHE_MAP`]): the counts of the cgroup that last sent or
-/// received on this CPU among those whose ids fall on this slot, not yet moved to
-/// [`TRAFFIC_MAP`].
+/// One slot of the per-CPU cache ([`CACHE_MAP`]): one direction's counts of the cgroup that
+/// last sent or received on this CPU among those whose ids fall on this slot, not yet moved to
+/// [`TRAFFIC_MAP`]. Which direction is the slot's half of the array ([`cache_index`]). 64 bytes:
+/// one cache line when the kernel's per-CPU allocation is aligned.
 ///
 /// A packet of another cgroup moves the slot's counts into the traffic map (its entry for
 /// `cgroup_id`) and takes the slot over. That move writes `end` first and `begin` last, each to
@@ -195,14 +196,40 @@ pub struct CacheSlot {
     pub begin: u64,
     /// 0: the slot was never used.
     pub cgroup_id: u64,
-    pub value: TrafficValue,
+    /// Every device but loopback.
+    pub net: Counter,
+    pub lo: Counter,
     pub end: u64,
+    _pad: u64,
 }
 
 impl CacheSlot {
     /// The slot was not being taken over while it was copied.
     pub const fn is_whole(&self) -> bool {
         self.begin == self.end
+    }
+
+    /// The slot's counts as a [`TrafficValue`]; `index` says which direction they are.
+    pub const fn value(&self, index: u32) -> TrafficValue {
+        let zero = Counter {
+            bytes: 0,
+            packets: 0,
+        };
+        if index >= CACHE_SLOTS {
+            TrafficValue {
+                rx: zero,
+                tx: self.net,
+                lo_rx: zero,
+                lo_tx: self.lo,
+            }
+        } else {
+            TrafficValue {
+                rx: self.net,
+                tx: zero,
+                lo_rx: self.lo,
+                lo_tx: zero,
+            }
+        }
     }
 }
 
@@ -284,7 +311,7 @@ mod tests {
         // Consecutive ids (sibling cgroups) land on most slots, not a few.
         let used = ingress.iter().filter(|u| **u).count();
         assert!(used > CACHE_SLOTS as usize / 2, "{used} of {CACHE_SLOTS}");
-        assert_eq!(size_of::<CacheSlot>(), 88);
+        assert_eq!(size_of::<CacheSlot>(), 64);
     }
 
     #[test]

@@ -136,9 +136,11 @@ fn read_cache(old: SetAside) -> Vec<(TrafficKey, TrafficValue)> {
     match PerCpuArray::<_, CacheSlot>::try_from(Map::PerCpuArray(old.map)) {
         Ok(map) => {
             let mut sums: StdHashMap<TrafficKey, TrafficValue> = StdHashMap::new();
-            for per_cpu in map.iter().filter_map(Result::ok) {
+            for (index, per_cpu) in map.iter().enumerate() {
+                let Ok(per_cpu) = per_cpu else { continue };
                 for slot in per_cpu.iter().filter(|s| s.cgroup_id != 0 && s.is_whole()) {
-                    *sums.entry(TrafficKey::new(slot.cgroup_id)).or_default() += slot.value;
+                    *sums.entry(TrafficKey::new(slot.cgroup_id)).or_default() +=
+                        slot.value(index as u32);
                 }
             }
             sums.into_iter().collect()

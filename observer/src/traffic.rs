@@ -229,9 +229,9 @@ impl TrafficReader {
         let (slots, whole) = read_cache(cache, self.cpus, self.batch_supported)?;
         let mut totals: StdHashMap<TrafficKey, TrafficValue> = hashed.into_iter().collect();
         let mut held = HashSet::new();
-        for slot in slots.iter().filter(|s| s.cgroup_id != 0) {
+        for (index, slot) in slots.iter().filter(|(_, s)| s.cgroup_id != 0) {
             let key = TrafficKey::new(slot.cgroup_id);
-            *totals.entry(key).or_default() += slot.value;
+            *totals.entry(key).or_default() += slot.value(*index);
             held.insert(key);
         }
         let mut hash_entries = hash_entries;
@@ -483,7 +483,7 @@ fn read_cache(
     cache: &Cache,
     cpus: usize,
     batch_supported: bool,
-) -> Result<(Vec<CacheSlot>, bool), TrafficError> {
+) -> Result<(Vec<(u32, CacheSlot)>, bool), TrafficError> {
     let map_err = |source| TrafficError::Map {
         name: CACHE_MAP,
         source,
@@ -492,7 +492,7 @@ fn read_cache(
     let mut torn = Vec::new();
     let mut take = |index: u32, per_cpu: &[CacheSlot]| {
         if per_cpu.iter().all(CacheSlot::is_whole) {
-            slots.extend_from_slice(per_cpu);
+            slots.extend(per_cpu.iter().map(|s| (index, *s)));
         } else {
             torn.push(index);
         }
@@ -522,7 +522,7 @@ fn read_cache(
         for _ in 0..TORN_RETRIES {
             let per_cpu = cache.map.get(&index, 0).map_err(map_err)?;
             if per_cpu.iter().all(CacheSlot::is_whole) {
-                slots.extend(per_cpu.iter().copied());
+                slots.extend(per_cpu.iter().map(|s| (index, *s)));
                 copied = true;
                 break;
             }
