@@ -144,9 +144,15 @@ fn take_over(ctx: &SkBuffContext, slot: &mut CacheSlot, cgroup_id: u64, directio
 #[inline(always)]
 fn count_hashed(ctx: &SkBuffContext, direction: Direction) {
     let (cgroup_id, len, loopback) = packet(ctx);
+    let key = TrafficKey::new(cgroup_id);
+    if let Some(entry) = TRAFFIC.get_ptr_mut(&key) {
+        // SAFETY: the map value lives as long as this program run.
+        counter(unsafe { &mut *entry }, direction, loopback).add(len);
+        return;
+    }
     let mut value = TrafficValue::default();
     counter(&mut value, direction, loopback).add(len);
-    add_to_hash(ctx, TrafficKey::new(cgroup_id), &value);
+    add_to_hash(ctx, key, &value);
 }
 
 /// Adds `value` to this CPU's entry of `key`, making the entry if there is none.

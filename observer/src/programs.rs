@@ -45,6 +45,12 @@ pub const OBSERVER_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = if CACHED {
         ("count_egress_hashed", CgroupSkbAttachType::Egress),
     ]
 };
+/// The hash-only pair, whichever pair this build counts with: what the bench compares the
+/// cache against.
+pub const HASHED_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    ("count_ingress_hashed", CgroupSkbAttachType::Ingress),
+    ("count_egress_hashed", CgroupSkbAttachType::Egress),
+];
 /// Whether this build's programs count through the per-CPU cache ([`CACHE_MAP`]).
 pub const CACHED: bool = cfg!(target_arch = "x86_64");
 /// The floor's program pair.
@@ -226,6 +232,13 @@ impl Programs {
     /// Where the state is pinned, if it is.
     pub fn pins(&self) -> Option<&PinDir> {
         self.pins.as_ref()
+    }
+
+    /// The hash-only pair with maps of its own, not pinned: the benchmark's comparison.
+    pub fn load_hashed(map_entries: u32) -> Result<Self, ProgramsError> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(TRAFFIC_MAP, map_entries);
+        Self::with(loader.load(OBSERVER_OBJECT)?, HASHED_PROGRAMS)
     }
 
     /// The empty pair, for the benchmark's floor.

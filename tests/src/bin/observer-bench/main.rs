@@ -3,8 +3,9 @@
 //! 1. Data plane: 64-byte UDP over loopback, 64-byte UDP over a veth into a namespace, a TCP
 //!    stream over loopback, each sent from a process in a cgroup made here, and 64-byte UDP over
 //!    the loopback of a real Docker container from processes in its cgroup, in interleaved
-//!    rounds with observer's programs attached, with an empty program pair attached the same way
-//!    (the hook's floor), and with nothing attached. Prints the kernel's own ns per program run
+//!    rounds with observer's programs attached, with its hash-only pair (the design before the
+//!    cache), with an empty program pair attached the same way (the hook's floor), and with
+//!    nothing attached. Prints the kernel's own ns per program run
 //!    (kernel.bpf_stats_enabled=1 for the run, restored after) and end-to-end rates as ratios to
 //!    detached.
 //! 2. Reading the counters: user-space time of one read of the map with 10, 1,000 and 5,000
@@ -167,8 +168,10 @@ enum Mode {
     Detached,
     Floor,
     Observer,
+    /// observer's hash-only pair (the design before the cache; what arm64 runs).
+    Hashed,
 }
-const MODES: [Mode; 3] = [Mode::Detached, Mode::Floor, Mode::Observer];
+const MODES: [Mode; 4] = [Mode::Detached, Mode::Floor, Mode::Observer, Mode::Hashed];
 
 #[derive(Clone, Copy)]
 enum Workload {
@@ -198,9 +201,9 @@ impl Workload {
 /// Per workload: end-to-end rates per mode, and ns per run per (mode, direction).
 #[derive(Default)]
 struct Results {
-    rates: [[Vec<f64>; 3]; 4],
-    /// [workload][0 = floor, 1 = observer][0 = ingress, 1 = egress]
-    ns: [[[Vec<f64>; 2]; 2]; 4],
+    rates: [[Vec<f64>; 4]; 4],
+    /// [workload][0 = floor, 1 = observer, 2 = hash alone][0 = ingress, 1 = egress]
+    ns: [[[Vec<f64>; 2]; 3]; 4],
 }
 
 struct Bed {
@@ -251,6 +254,7 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
     let root = testbed::v2_root();
     let mut observer = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
     let mut floor = Programs::load_floor()?;
+    let mut hashed = Programs::load_hashed(DEFAULT_MAX_ENTRIES)?;
     let bed = Bed {
         ns: NetNs::with_veth("bench")?,
         tx: TestCgroup::new("bench-tx")?,
@@ -259,7 +263,7 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
     };
     let mut results = Results::default();
     eprint!(
-        "data plane: {} rounds of 3 modes x 4 workloads x 2 passes x {} s ",
+        "data plane: {} rounds of 4 modes x 4 workloads x 2 passes x {} s ",
         opts.rounds, opts.seconds
     );
     for round in 0..opts.rounds {
@@ -270,6 +274,7 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
                 Mode::Detached => None,
                 Mode::Floor => Some(&mut floor),
                 Mode::Observer => Some(&mut observer),
+                Mode::Hashed => Some(&mut hashed),
             };
             if let Some(p) = programs {
                 p.attach(&root)?;
@@ -281,11 +286,11 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
                 stats.write("0")?;
                 results.rates[w][m].push(run(*workload, opts.seconds, &bed)?);
                 stats.write("1")?;
-                let before = run_stats(MODES[m], &observer, &floor)?;
+                let before = run_stats(MODES[m], [&floor, &observer, &hashed])?;
                 run(*workload, opts.seconds, &bed)?;
-                let after = run_stats(MODES[m], &observer, &floor)?;
+                let after = run_stats(MODES[m], [&floor, &observer, &hashed])?;
                 if let (Some(b), Some(a)) = (before, after) {
-                    let slot = if MODES[m] == Mode::Floor { 0 } else { 1 };
+                    let slot = MODES[m] as usize - 1;
                     for dir in 0..2 {
                         let runs = a[dir].run_count - b[dir].run_count;
                         let ns = (a[dir].run_time_ns - b[dir].run_time_ns) as f64 / runs as f64;
@@ -295,6 +300,7 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
             }
             observer.detach()?;
             floor.detach()?;
+            hashed.detach()?;
         }
         eprint!(".");
         let _ = std::io::stderr().flush();
@@ -305,15 +311,11 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_stats(
-    mode: Mode,
-    observer: &Programs,
-    floor: &Programs,
-) -> anyhow::Result<Option<Vec<RunStats>>> {
+/// Run statistics of the pair `mode` attaches: [floor, observer, hash alone].
+fn run_stats(mode: Mode, programs: [&Programs; 3]) -> anyhow::Result<Option<Vec<RunStats>>> {
     Ok(match mode {
         Mode::Detached => None,
-        Mode::Floor => Some(floor.run_stats()?),
-        Mode::Observer => Some(observer.run_stats()?),
+        _ => Some(programs[mode as usize - 1].run_stats()?),
     })
 }
 
@@ -395,8 +397,14 @@ fn print_dataplane(opts: &Opts, r: &Results) {
         opts.rounds
     );
     println!(
-        "{:<18} {:<9} {:>22} {:>22} {:>22} {:>24}",
-        "workload", "program", "observer / empty", "observer", "empty (floor)", "per-round difference"
+        "{:<18} {:<9} {:>20} {:>20} {:>22} {:>22} {:>22}",
+        "workload",
+        "program",
+        "observer / empty",
+        "hash alone / empty",
+        "observer",
+        "hash alone",
+        "empty (floor)"
     );
     for (w, workload) in WORKLOADS.iter().enumerate() {
         // A datagram (or segment) passes both programs: its cost is their sum.
@@ -408,34 +416,37 @@ fn print_dataplane(opts: &Opts, r: &Results) {
                 .collect()
         };
         let rows = [
-            ("ingress", r.ns[w][1][0].clone(), r.ns[w][0][0].clone()),
-            ("egress", r.ns[w][1][1].clone(), r.ns[w][0][1].clone()),
-            ("both", both(1), both(0)),
+            ("ingress", [0, 1, 2].map(|slot| r.ns[w][slot][0].clone())),
+            ("egress", [0, 1, 2].map(|slot| r.ns[w][slot][1].clone())),
+            ("both", [0, 1, 2].map(both)),
         ];
-        for (name, obs, floor) in rows {
-            // Observer and floor measured in the same round, so drift between rounds cancels.
-            let ratio: Vec<f64> = obs.iter().zip(&floor).map(|(o, f)| o / f).collect();
-            let paired: Vec<f64> = obs.iter().zip(&floor).map(|(o, f)| o - f).collect();
+        for (name, [floor, obs, hashed]) in rows {
+            // Each pair measured in the same round as the floor, so drift between rounds cancels.
+            let ratio = |x: &[f64]| -> Vec<f64> { x.iter().zip(&floor).map(|(o, f)| o / f).collect() };
             println!(
-                "{:<18} {:<9} {:>22} {:>22} {:>22} {:>24}",
+                "{:<18} {:<9} {:>20} {:>20} {:>22} {:>22} {:>22}",
                 workload.label(),
                 name,
-                fmt(Summary::of(&ratio), 1.0, 2),
+                fmt(Summary::of(&ratio(&obs)), 1.0, 2),
+                fmt(Summary::of(&ratio(&hashed)), 1.0, 2),
                 fmt(Summary::of(&obs), 1.0, 1),
+                fmt(Summary::of(&hashed), 1.0, 1),
                 fmt(Summary::of(&floor), 1.0, 1),
-                fmt(Summary::of(&paired), 1.0, 1)
             );
         }
     }
-    println!("(observer / empty: the ratio of each round's pair, median [min..max]; \"both\" is per datagram, ingress + egress)");
+    println!(
+        "(x / empty: the ratio of each round's pair, median [min..max]; \"both\" is per datagram, \
+         ingress + egress; \"hash alone\": observer's hash-only pair, the design before the cache)"
+    );
     println!();
     println!(
         "End to end, as the sender saw it, kernel.bpf_stats_enabled=0 (median [min..max] of {} rounds of {} s)",
         opts.rounds, opts.seconds
     );
     println!(
-        "{:<18} {:>34} {:>24} {:>24}",
-        "workload", "detached", "floor / detached", "observer / detached"
+        "{:<18} {:>34} {:>24} {:>24} {:>24}",
+        "workload", "detached", "floor / detached", "observer / detached", "hash alone / detached"
     );
     for (w, workload) in WORKLOADS.iter().enumerate() {
         let (scale, unit) = match workload {
@@ -445,11 +456,12 @@ fn print_dataplane(opts: &Opts, r: &Results) {
         let detached = Summary::of(&r.rates[w][0]);
         let ratio = |m: usize| detached.and_then(|d| Summary::ratio_to(&r.rates[w][m], &d));
         println!(
-            "{:<18} {:>34} {:>24} {:>24}",
+            "{:<18} {:>34} {:>24} {:>24} {:>24}",
             workload.label(),
             format!("{} {unit}", fmt(detached, scale, 1)),
             fmt(ratio(1), 1.0, 3),
-            fmt(ratio(2), 1.0, 3)
+            fmt(ratio(2), 1.0, 3),
+            fmt(ratio(3), 1.0, 3)
         );
     }
 }
