@@ -192,18 +192,25 @@ impl resources::UsageFiles for Cgroup<'_> {
         what: &'static str,
         parse: impl FnOnce(&str) -> Option<T>,
     ) -> Result<Option<T>, ResourceError> {
-        let slot = &mut self.files.files[file as usize];
-        if let Some(kept) = slot {
+        if let Some(kept) = &self.files.files[file as usize] {
             match read_whole(&kept.file, self.buf) {
                 Ok(len) => return parse_buf(&kept.path, what, &self.buf[..len], parse).map(Some),
-                // Removed (ENODEV), or anything else: opened again by path below, which says
-                // which it was.
-                Err(_) => {
-                    *slot = None;
-                    *self.kept -= 1;
+                // Removed (ENODEV): none of its files is worth keeping. Anything else: this
+                // one is opened again by path below, which says what it was.
+                Err(e) => {
+                    let drop: &mut [Option<Kept>] = if resources::is_gone(&e) {
+                        &mut self.files.files
+                    } else {
+                        std::slice::from_mut(&mut self.files.files[file as usize])
+                    };
+                    for slot in drop.iter_mut().filter(|s| s.is_some()) {
+                        *slot = None;
+                        *self.kept -= 1;
+                    }
                 }
             }
         }
+        let slot = &mut self.files.files[file as usize];
         let Some(path) = self.fs.usage_path(self.rel, file) else {
             return Ok(None);
         };
@@ -248,4 +255,177 @@ fn parse_buf<T>(
         source: io::Error::new(io::ErrorKind::InvalidData, e),
     })?;
     resources::parse_text(path, what, text, parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::defaults::CGROUP_DIR;
+
+    /// A temporary directory removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("observer-kept-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        /// Rewrites in place (same inode), as a kept descriptor sees a cgroup file change.
+        fn write(&self, rel: &str, text: &str) {
+            let path = self.0.join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn hybrid(t: &TempDir, usage_ns: u64, memory: u64) {
+        t.write("cpuacct/docker/a/cpuacct.usage", &format!("{usage_ns}\n"));
+        t.write("memory/docker/a/memory.usage_in_bytes", &format!("{memory}\n"));
+        t.write(
+            "memory/docker/a/memory.stat",
+            "cache 1\ninactive_file 999\ntotal_inactive_file 1000\n",
+        );
+    }
+
+    #[test]
+    fn kept_files_give_what_fresh_reads_give_and_see_new_text() {
+        let t = TempDir::new("same");
+        hybrid(&t, 1_500_000_000, 5000);
+        let fs = CgroupFs::probe(&t.0);
+        let mut reader = UsageReader::new(fs.clone(), Budget(100));
+        for (usage_ns, memory) in [(1_500_000_000, 5000), (2_000_000_000, 800)] {
+            hybrid(&t, usage_ns, memory);
+            let cpu = reader.cpu_usage("/docker/a").unwrap();
+            let memory_ws = reader.memory_working_set("/docker/a").unwrap();
+            assert_eq!(cpu, fs.cpu_usage("/docker/a").unwrap());
+            assert_eq!(memory_ws, fs.memory_working_set("/docker/a").unwrap());
+            assert_eq!(cpu, Some(Duration::from_nanos(usage_ns)));
+            assert_eq!(memory_ws, Some(memory.saturating_sub(1000)));
+            assert_eq!(reader.kept(), 3, "cpuacct.usage, usage_in_bytes, memory.stat");
+            reader.end_interval();
+        }
+        // A file longer than the buffer is read whole.
+        let long: String = (0..400).map(|i| format!("key_{i} {i}\n")).collect();
+        t.write(
+            "memory/docker/a/memory.stat",
+            &format!("{long}total_inactive_file 300\n"),
+        );
+        assert_eq!(reader.memory_working_set("/docker/a").unwrap(), Some(500));
+    }
+
+    #[test]
+    fn v2_and_missing_files_and_errors_as_fresh_reads() {
+        let t = TempDir::new("v2");
+        t.write("cgroup.controllers", "cpu memory\n");
+        t.write("docker/a/cpu.stat", "usage_usec 2500000\nuser_usec 1\n");
+        t.write("docker/a/memory.current", "104857600\n");
+        t.write("docker/a/memory.stat", "anon 1\ninactive_file 20971520\n");
+        t.write("docker/b/memory.current", "junk\n");
+        let fs = CgroupFs::probe(&t.0);
+        let mut reader = UsageReader::new(fs, Budget(100));
+        assert_eq!(
+            reader.cpu_usage("/docker/a").unwrap(),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            reader.memory_working_set("/docker/a").unwrap(),
+            Some(80 << 20)
+        );
+        assert_eq!(reader.cpu_usage("/docker/b").unwrap(), None, "no cpu.stat");
+        let e = reader.memory_working_set("/docker/b").unwrap_err();
+        assert!(matches!(e, ResourceError::Parse { .. }), "{e}");
+        assert!(e.to_string().contains("docker/b"), "{e}");
+        assert_eq!(reader.cpu_usage("/docker/gone").unwrap(), None);
+        assert_eq!(reader.kept(), 4, "a: three files; b: memory.current");
+    }
+
+    #[test]
+    fn the_budget_bounds_kept_files_and_the_rest_are_read_afresh() {
+        let t = TempDir::new("budget");
+        hybrid(&t, 7, 5000);
+        t.write("cpuacct/docker/b/cpuacct.usage", "9\n");
+        let fs = CgroupFs::probe(&t.0);
+        let mut reader = UsageReader::new(fs, Budget(2));
+        for _ in 0..2 {
+            assert_eq!(reader.memory_working_set("/docker/a").unwrap(), Some(4000));
+            assert_eq!(
+                reader.cpu_usage("/docker/b").unwrap(),
+                Some(Duration::from_nanos(9))
+            );
+            assert_eq!(reader.kept(), 2);
+            reader.end_interval();
+        }
+        let mut none = UsageReader::new(CgroupFs::probe(&t.0), Budget(0));
+        assert_eq!(none.memory_working_set("/docker/a").unwrap(), Some(4000));
+        assert_eq!(none.kept(), 0);
+        // A cgroup not read in an interval has its files closed at its end.
+        reader.memory_working_set("/docker/a").unwrap();
+        reader.end_interval();
+        assert_eq!(reader.kept(), 2, "a's two memory files");
+        reader.end_interval();
+        assert_eq!(reader.kept(), 0);
+    }
+
+    #[test]
+    fn the_budget_leaves_descriptors_for_the_rest() {
+        assert_eq!(Budget::within(1024), Budget(0));
+        assert_eq!(Budget::within(0), Budget(0));
+        assert_eq!(Budget::within(4096), Budget(3072));
+        assert_eq!(Budget::within(1 << 20), Budget(MAX_KEPT_FILES));
+        assert_eq!(Budget::within(u64::MAX), Budget(MAX_KEPT_FILES));
+    }
+
+    /// A real v1 memory cgroup: its kept files fail with ENODEV once it is removed, and a
+    /// cgroup made again under the same name is read, not the removed one.
+    #[test]
+    fn a_removed_cgroup_is_none_and_one_of_the_same_name_is_read_anew() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED a_removed_cgroup_is_none...: needs root to create cgroups");
+            return;
+        }
+        let fs = CgroupFs::detect(Path::new(CGROUP_DIR)).unwrap();
+        let Some(hierarchy) = fs.memory.clone().or_else(|| fs.unified.clone()) else {
+            eprintln!("SKIPPED a_removed_cgroup_is_none...: no memory hierarchy here");
+            return;
+        };
+        let only_memory = CgroupFs {
+            memory: fs.memory.clone(),
+            unified: fs.memory.is_none().then_some(hierarchy.clone()),
+            ..CgroupFs::default()
+        };
+        let rel = format!("/observer-kept-test-{}", std::process::id());
+        let dir = hierarchy.dir(&rel).unwrap();
+        struct Rmdir(PathBuf);
+        impl Drop for Rmdir {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir(&self.0);
+            }
+        }
+        fs::create_dir(&dir).unwrap();
+        let _guard = Rmdir(dir.clone());
+        let mut reader = UsageReader::new(only_memory, Budget(100));
+        assert_eq!(reader.memory_working_set(&rel).unwrap(), Some(0), "empty cgroup");
+        assert_eq!(reader.kept(), 2);
+        reader.end_interval();
+
+        fs::remove_dir(&dir).unwrap();
+        assert_eq!(reader.memory_working_set(&rel).unwrap(), None, "removed");
+        assert_eq!(reader.kept(), 0, "its descriptors are dropped");
+        reader.end_interval();
+
+        // The same name again: read through new descriptors, not the removed cgroup's.
+        fs::create_dir(&dir).unwrap();
+        assert_eq!(reader.memory_working_set(&rel).unwrap(), Some(0));
+        assert_eq!(reader.kept(), 2, "opened again");
+    }
 }
