@@ -44,7 +44,11 @@ impl Budget {
 
     fn within(soft_limit: u64) -> Self {
         let left = soft_limit.saturating_sub(RESERVED_DESCRIPTORS);
-        Self(usize::try_from(left).unwrap_or(usize::MAX).min(MAX_KEPT_FILES))
+        Self(
+            usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(MAX_KEPT_FILES),
+        )
     }
 }
 
@@ -289,7 +293,10 @@ mod tests {
 
     fn hybrid(t: &TempDir, usage_ns: u64, memory: u64) {
         t.write("cpuacct/docker/a/cpuacct.usage", &format!("{usage_ns}\n"));
-        t.write("memory/docker/a/memory.usage_in_bytes", &format!("{memory}\n"));
+        t.write(
+            "memory/docker/a/memory.usage_in_bytes",
+            &format!("{memory}\n"),
+        );
         t.write(
             "memory/docker/a/memory.stat",
             "cache 1\ninactive_file 999\ntotal_inactive_file 1000\n",
@@ -310,7 +317,11 @@ mod tests {
             assert_eq!(memory_ws, fs.memory_working_set("/docker/a").unwrap());
             assert_eq!(cpu, Some(Duration::from_nanos(usage_ns)));
             assert_eq!(memory_ws, Some(memory.saturating_sub(1000)));
-            assert_eq!(reader.kept(), 3, "cpuacct.usage, usage_in_bytes, memory.stat");
+            assert_eq!(
+                reader.kept(),
+                3,
+                "cpuacct.usage, usage_in_bytes, memory.stat"
+            );
             reader.end_interval();
         }
         // A file longer than the buffer is read whole.
@@ -414,7 +425,11 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         let _guard = Rmdir(dir.clone());
         let mut reader = UsageReader::new(only_memory, Budget(100));
-        assert_eq!(reader.memory_working_set(&rel).unwrap(), Some(0), "empty cgroup");
+        assert_eq!(
+            reader.memory_working_set(&rel).unwrap(),
+            Some(0),
+            "empty cgroup"
+        );
         assert_eq!(reader.kept(), 2);
         reader.end_interval();
 
