@@ -30,6 +30,7 @@ pub mod run;
 pub mod sink;
 pub mod snapshot;
 pub mod traffic;
+pub mod usage_files;
 pub mod workloads;
 
 /// The whole `observer` command: logging, arguments, runtime, exit status.

@@ -172,22 +172,7 @@ impl CgroupFs {
 
     /// Cumulative CPU time of cgroup `rel`: v1 `cpuacct.usage`, else v2 `cpu.stat` usage_usec.
     pub fn cpu_usage(&self, rel: &str) -> Result<Option<Duration>, ResourceError> {
-        if let Some(path) = file(&self.cpuacct, rel, "cpuacct.usage") {
-            if let Some(text) = read(&path)? {
-                return parse_u64(&path, "cpuacct.usage", &text)
-                    .map(|ns| Some(Duration::from_nanos(ns)));
-            }
-        }
-        let Some(path) = file(&self.unified, rel, "cpu.stat") else {
-            return Ok(None);
-        };
-        let Some(text) = read(&path)? else {
-            return Ok(None);
-        };
-        match stat_value(&text, "usage_usec") {
-            Some(us) => Ok(Some(Duration::from_micros(us))),
-            None => Err(parse_error(&path, "usage_usec", &text)),
-        }
+        cpu_usage(&mut Afresh { fs: self, rel })
     }
 
     /// CPU limit of cgroup `rel` in cores: v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`
@@ -226,30 +211,22 @@ impl CgroupFs {
     /// v1: `memory.usage_in_bytes` - `total_inactive_file`; v2: `memory.current` -
     /// `inactive_file`.
     pub fn memory_working_set(&self, rel: &str) -> Result<Option<u64>, ResourceError> {
-        let (hierarchy, usage_file, keys): (_, _, &[&str]) = if self.memory.is_some() {
-            (
-                &self.memory,
-                "memory.usage_in_bytes",
-                &["total_inactive_file", "inactive_file"],
-            )
-        } else {
-            (&self.unified, "memory.current", &["inactive_file"])
+        memory_working_set(&mut Afresh { fs: self, rel })
+    }
+
+    /// Where `file` of cgroup `rel` is, if its hierarchy is mounted here and shows the cgroup.
+    pub fn usage_path(&self, rel: &str, file: UsageFile) -> Option<PathBuf> {
+        let (hierarchy, name) = match file {
+            UsageFile::CpuacctUsage => (&self.cpuacct, "cpuacct.usage"),
+            UsageFile::CpuStat => (&self.unified, "cpu.stat"),
+            UsageFile::MemoryUsage if self.memory.is_some() => {
+                (&self.memory, "memory.usage_in_bytes")
+            }
+            UsageFile::MemoryUsage => (&self.unified, "memory.current"),
+            UsageFile::MemoryStat if self.memory.is_some() => (&self.memory, "memory.stat"),
+            UsageFile::MemoryStat => (&self.unified, "memory.stat"),
         };
-        let Some(usage_path) = file(hierarchy, rel, usage_file) else {
-            return Ok(None);
-        };
-        let Some(usage) = read(&usage_path)? else {
-            return Ok(None);
-        };
-        let usage = parse_u64(&usage_path, usage_file, &usage)?;
-        // Without memory.stat the usage alone is the best figure there is.
-        let inactive = match file(hierarchy, rel, "memory.stat") {
-            Some(stat_path) => read(&stat_path)?
-                .and_then(|stat| keys.iter().find_map(|k| stat_value(&stat, k)))
-                .unwrap_or(0),
-            None => 0,
-        };
-        Ok(Some(usage.saturating_sub(inactive)))
+        self::file(hierarchy, rel, name)
     }
 
     /// Memory limit of cgroup `rel` in bytes: v1 `memory.limit_in_bytes` (the huge "no limit"
@@ -285,6 +262,127 @@ impl CgroupFs {
             errors,
         }
     }
+}
+
+/// A file read each interval for a cgroup's CPU and memory usage (limits are read more
+/// rarely, afresh: [`CgroupFs::cpu_limit`], [`CgroupFs::memory_limit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageFile {
+    /// v1 `cpuacct.usage`, nanoseconds.
+    CpuacctUsage,
+    /// v2 `cpu.stat`, for `usage_usec`.
+    CpuStat,
+    /// v1 `memory.usage_in_bytes`, v2 `memory.current`.
+    MemoryUsage,
+    /// `memory.stat` of the hierarchy that holds memory, for the inactive file pages.
+    MemoryStat,
+}
+
+impl UsageFile {
+    pub const ALL: [Self; 4] = [
+        Self::CpuacctUsage,
+        Self::CpuStat,
+        Self::MemoryUsage,
+        Self::MemoryStat,
+    ];
+}
+
+/// Reads one cgroup's usage files: afresh ([`CgroupFs::cpu_usage`]) or through descriptors
+/// kept open between intervals ([`crate::usage_files`]).
+pub trait UsageFiles {
+    /// Whether memory comes from the v1 hierarchy (whose memory.stat says
+    /// `total_inactive_file`).
+    fn memory_v1(&self) -> bool;
+
+    /// `parse` of the text of `file`; None if the file or its cgroup does not exist. `what`
+    /// names the figure in the error when `parse` finds none.
+    fn parse<T>(
+        &mut self,
+        file: UsageFile,
+        what: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, ResourceError>;
+}
+
+/// Cumulative CPU time: v1 `cpuacct.usage`, else v2 `cpu.stat` usage_usec.
+pub fn cpu_usage(files: &mut impl UsageFiles) -> Result<Option<Duration>, ResourceError> {
+    let ns = files.parse(UsageFile::CpuacctUsage, "cpuacct.usage", |t| {
+        t.trim().parse().ok()
+    })?;
+    if let Some(ns) = ns {
+        return Ok(Some(Duration::from_nanos(ns)));
+    }
+    let us = files.parse(UsageFile::CpuStat, "usage_usec", |t| {
+        stat_value(t, "usage_usec")
+    })?;
+    Ok(us.map(Duration::from_micros))
+}
+
+/// The working set: usage minus inactive file pages, at least 0 ([`CgroupFs::memory_working_set`]).
+pub fn memory_working_set(files: &mut impl UsageFiles) -> Result<Option<u64>, ResourceError> {
+    let (usage_file, keys): (_, &[&str]) = if files.memory_v1() {
+        (
+            "memory.usage_in_bytes",
+            &["total_inactive_file", "inactive_file"],
+        )
+    } else {
+        ("memory.current", &["inactive_file"])
+    };
+    let usage = files.parse(UsageFile::MemoryUsage, usage_file, |t| {
+        t.trim().parse::<u64>().ok()
+    })?;
+    let Some(usage) = usage else {
+        return Ok(None);
+    };
+    // Without memory.stat (or the key) the usage alone is the best figure there is.
+    let inactive = files
+        .parse(UsageFile::MemoryStat, "memory.stat", |stat| {
+            Some(keys.iter().find_map(|k| stat_value(stat, k)).unwrap_or(0))
+        })?
+        .unwrap_or(0);
+    Ok(Some(usage.saturating_sub(inactive)))
+}
+
+/// A cgroup's usage files opened and read at each call.
+struct Afresh<'a> {
+    fs: &'a CgroupFs,
+    rel: &'a str,
+}
+
+impl UsageFiles for Afresh<'_> {
+    fn memory_v1(&self) -> bool {
+        self.fs.memory.is_some()
+    }
+
+    fn parse<T>(
+        &mut self,
+        file: UsageFile,
+        what: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, ResourceError> {
+        let Some(path) = self.fs.usage_path(self.rel, file) else {
+            return Ok(None);
+        };
+        let Some(text) = read(&path)? else {
+            return Ok(None);
+        };
+        parse_text(&path, what, &text, parse).map(Some)
+    }
+}
+
+/// `parse` of `text`, or the error that names `path` and `what`.
+pub fn parse_text<T>(
+    path: &Path,
+    what: &'static str,
+    text: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, ResourceError> {
+    parse(text).ok_or_else(|| parse_error(path, what, text))
+}
+
+/// Not found, or ENODEV: the cgroup was removed (while its file was open).
+pub fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }
 
 fn keep<T>(errors: &mut Vec<ResourceError>, result: Result<Option<T>, ResourceError>) -> Option<T> {
@@ -336,10 +434,16 @@ pub fn parse_cpu_max(text: &str) -> Option<Option<f64>> {
 
 /// The value of `key` in a "key value" per line file (cpu.stat, memory.stat, meminfo).
 pub fn stat_value(text: &str, key: &str) -> Option<u64> {
+    // Runs on every container's memory.stat each interval: a prefix test per line, no
+    // splitting of lines that cannot match.
     text.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let k = fields.next()?;
-        (k == key || k.strip_suffix(':') == Some(key)).then(|| fields.next()?.parse().ok())?
+        let rest = line.trim_start().strip_prefix(key)?;
+        let rest = rest.strip_prefix(':').unwrap_or(rest);
+        // The whole key: "inactive_file" is not "inactive_file_x".
+        if !rest.starts_with(|c: char| c.is_ascii_whitespace()) {
+            return None;
+        }
+        rest.split_ascii_whitespace().next()?.parse().ok()
     })
 }
 
@@ -387,10 +491,7 @@ fn file(hierarchy: &Option<Hierarchy>, rel: &str, name: &str) -> Option<PathBuf>
 fn read(path: &Path) -> Result<Option<String>, ResourceError> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
-        // ENODEV: the cgroup was removed while the file was open.
-        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) => {
-            Ok(None)
-        }
+        Err(e) if is_gone(&e) => Ok(None),
         Err(source) => Err(ResourceError::Read {
             path: path.to_owned(),
             source,

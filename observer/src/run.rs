@@ -43,6 +43,7 @@ use crate::{
         Sink,
     },
     traffic::TrafficReader,
+    usage_files,
     workloads::{Host, Joiner},
 };
 
@@ -116,6 +117,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Refresher::new(selected.source, RefreshConfig::for_interval(args.interval))
             .with_cgroup_root(root.clone())
     });
+    // Usage files are kept open between intervals, as many as the open-file limit allows.
+    if let Err(e) = usage_files::raise_open_files_limit() {
+        log::warn!(
+            "raising the open-files limit to its hard limit: {e}; CPU and memory files beyond \
+             the current limit are opened anew each interval"
+        );
+    }
     let joiner = Joiner::new(cgroupfs_for_resources(&host), host_facts(&host));
 
     let pins = if args.no_pin {

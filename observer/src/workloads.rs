@@ -19,6 +19,7 @@ use crate::{
     },
     resources::{cpu_percent, CgroupFs, ResourceError},
     snapshot::{ContainerReport, Usage, WorkloadReport},
+    usage_files::{Budget, UsageReader},
 };
 
 /// Host facts used as the last fallback for limits.
@@ -30,7 +31,7 @@ pub struct Host {
 
 /// Reads CPU and memory per container and keeps the previous CPU sample of each.
 pub struct Joiner {
-    fs: CgroupFs,
+    usage: UsageReader,
     host: Host,
     cpu_before: HashMap<String, (Duration, Instant)>,
     /// cgroup limits per container id, with the cycle they were read in: limits change rarely
@@ -56,9 +57,15 @@ struct CgroupLimits {
 const LIMITS_EVERY: u64 = 10;
 
 impl Joiner {
+    /// Usage files are kept open as far as this process's open-file limit allows
+    /// ([`Budget::from_limit`]).
     pub fn new(fs: CgroupFs, host: Host) -> Self {
+        Self::with_budget(fs, host, Budget::from_limit())
+    }
+
+    pub fn with_budget(fs: CgroupFs, host: Host, budget: Budget) -> Self {
         Self {
-            fs,
+            usage: UsageReader::new(fs, budget),
             host,
             cpu_before: HashMap::new(),
             limits: HashMap::new(),
@@ -109,6 +116,7 @@ impl Joiner {
         let seen: BTreeSet<&String> = seen.iter().collect();
         self.cpu_before.retain(|id, _| seen.contains(id));
         self.limits.retain(|id, _| seen.contains(id));
+        self.usage.end_interval();
         self.cycle += 1;
         reports
     }
@@ -167,8 +175,8 @@ impl Joiner {
             }
         }
         let limits = CgroupLimits {
-            cpu_cores: or_debug(key, self.fs.cpu_limit(path)),
-            memory: or_debug(key, self.fs.memory_limit(path)),
+            cpu_cores: or_debug(key, self.usage.fs().cpu_limit(path)),
+            memory: or_debug(key, self.usage.fs().memory_limit(path)),
         };
         self.limits.insert(key.to_owned(), (limits, cycle));
         limits
@@ -218,12 +226,16 @@ impl Joiner {
             return Usage::default();
         };
         let name = container.name.as_str();
-        let cpu_percent = or_debug(name, self.fs.cpu_usage(&path)).and_then(|usage| {
-            let before = self.cpu_before.insert(container.id.clone(), (usage, now));
+        let cpu_percent = or_debug(name, self.usage.cpu_usage(&path)).and_then(|usage| {
+            // The id is copied once, not every interval.
+            let before = match self.cpu_before.get_mut(&container.id) {
+                Some(sample) => Some(std::mem::replace(sample, (usage, now))),
+                None => self.cpu_before.insert(container.id.clone(), (usage, now)),
+            };
             before
                 .and_then(|(prev, at)| cpu_percent(prev, usage, now.saturating_duration_since(at)))
         });
-        let memory_working_set = or_debug(name, self.fs.memory_working_set(&path));
+        let memory_working_set = or_debug(name, self.usage.memory_working_set(&path));
         let cgroup = self.cgroup_limits(&container.id, &path);
         Usage {
             cpu_percent,

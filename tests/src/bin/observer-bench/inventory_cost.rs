@@ -21,6 +21,7 @@ use observer::{
     resources::{self, CgroupFs},
     sink::{json::JsonSink, Sink},
     traffic::TrafficReader,
+    usage_files,
     workloads::{Host, Joiner},
 };
 use observer_common::DEFAULT_MAX_ENTRIES;
@@ -203,7 +204,11 @@ fn cycle(rt: &tokio::runtime::Runtime, cycle: &mut Cycle) -> anyhow::Result<usiz
     Ok(snapshot.workloads.iter().map(|w| w.containers.len()).sum())
 }
 
+/// The joiner as run.rs makes it, with the open-file limit raised as run.rs raises it.
 fn joiner() -> Joiner {
+    if let Err(e) = usage_files::raise_open_files_limit() {
+        eprintln!("raising the open-files limit: {e}");
+    }
     let fs = CgroupFs::detect(std::path::Path::new("/sys/fs/cgroup"))
         .unwrap_or_else(|_| CgroupFs::probe(std::path::Path::new("/sys/fs/cgroup")));
     let proc = std::path::Path::new("/proc");

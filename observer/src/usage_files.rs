@@ -1,0 +1,446 @@
+//! The files a container's CPU and memory come from, kept open between intervals and read
+//! again at offset 0, instead of opened, read and closed each time: the path lookup and the
+//! set-up of an open kernfs file were most of an interval's CPU at 1,000 containers.
+//!
+//! cgroup files are kernfs files with one record: a read at offset 0 runs the kernel's show
+//! function anew (fresh figures), and one read returns the whole text when the buffer is
+//! larger than it. A removed cgroup's open files fail with ENODEV: its descriptors are
+//! dropped and the file is opened again by path, which finds nothing (the cgroup is gone) or
+//! the new cgroup of the same name (a restarted container).
+//!
+//! Each kept file holds a descriptor and about 4.4 KiB of kernel memory (the open file's page
+//! of text), charged to observer's own cgroup; both are bounded by [`Budget`]. Files beyond
+//! it are opened, read and closed each interval, as before.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::unix::fs::FileExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::resources::{self, CgroupFs, ResourceError, UsageFile};
+
+/// At most this many usage files are kept open: three per container, so 5,000 containers fit,
+/// with about 70 MiB of kernel memory at most.
+pub const MAX_KEPT_FILES: usize = 16_384;
+
+/// Descriptors left for everything else (sockets, maps, the state files, HTTP clients).
+pub const RESERVED_DESCRIPTORS: u64 = 1024;
+
+/// How many usage files may be kept open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget(pub usize);
+
+impl Budget {
+    /// What this process's open-file limit leaves after [`RESERVED_DESCRIPTORS`], at most
+    /// [`MAX_KEPT_FILES`]. Reads the limit only; [`raise_open_files_limit`] raises it.
+    pub fn from_limit() -> Self {
+        let soft = open_files_limit().map_or(0, |(soft, _)| soft);
+        Self::within(soft)
+    }
+
+    fn within(soft_limit: u64) -> Self {
+        let left = soft_limit.saturating_sub(RESERVED_DESCRIPTORS);
+        Self(
+            usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(MAX_KEPT_FILES),
+        )
+    }
+}
+
+/// The soft and hard RLIMIT_NOFILE.
+fn open_files_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
+/// Raises the soft limit on open files to the hard one (which needs no privilege), so that
+/// usage files can be kept open; returns the soft limit now in force.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    let (soft, hard) = open_files_limit()?;
+    if soft >= hard {
+        return Ok(soft);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: a valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(hard)
+}
+
+/// One open usage file and where it is (for errors).
+#[derive(Debug)]
+struct Kept {
+    file: File,
+    path: PathBuf,
+}
+
+/// The kept files of one cgroup, by [`UsageFile`]; None: not open (missing, or over budget).
+#[derive(Debug, Default)]
+struct CgroupFiles {
+    files: [Option<Kept>; UsageFile::ALL.len()],
+    /// The interval it was last read in: cgroups not read in one are closed.
+    read_in: u64,
+}
+
+/// CPU and memory usage of cgroups, read through files kept open between intervals.
+#[derive(Debug)]
+pub struct UsageReader {
+    fs: CgroupFs,
+    cgroups: HashMap<String, CgroupFiles>,
+    kept: usize,
+    budget: Budget,
+    /// One buffer for every read, grown to the longest text (memory.stat).
+    buf: Vec<u8>,
+    interval: u64,
+}
+
+impl UsageReader {
+    pub fn new(fs: CgroupFs, budget: Budget) -> Self {
+        Self {
+            fs,
+            cgroups: HashMap::new(),
+            kept: 0,
+            budget,
+            buf: vec![0; 4096],
+            interval: 0,
+        }
+    }
+
+    /// The hierarchies, for what is read afresh (limits).
+    pub fn fs(&self) -> &CgroupFs {
+        &self.fs
+    }
+
+    /// Files kept open now.
+    pub fn kept(&self) -> usize {
+        self.kept
+    }
+
+    /// [`CgroupFs::cpu_usage`], through kept files.
+    pub fn cpu_usage(&mut self, rel: &str) -> Result<Option<Duration>, ResourceError> {
+        resources::cpu_usage(&mut self.cgroup(rel))
+    }
+
+    /// [`CgroupFs::memory_working_set`], through kept files.
+    pub fn memory_working_set(&mut self, rel: &str) -> Result<Option<u64>, ResourceError> {
+        resources::memory_working_set(&mut self.cgroup(rel))
+    }
+
+    /// Ends an interval: the files of cgroups not read in it are closed.
+    pub fn end_interval(&mut self) {
+        let interval = self.interval;
+        let mut closed = 0;
+        self.cgroups.retain(|_, c| {
+            let keep = c.read_in == interval;
+            if !keep {
+                closed += c.files.iter().flatten().count();
+            }
+            keep
+        });
+        self.kept -= closed;
+        self.interval += 1;
+    }
+
+    fn cgroup<'a>(&'a mut self, rel: &'a str) -> Cgroup<'a> {
+        // A lookup by &str allocates nothing; a cgroup's path is copied once, when first read.
+        if !self.cgroups.contains_key(rel) {
+            self.cgroups.insert(rel.to_owned(), CgroupFiles::default());
+        }
+        let files = self.cgroups.get_mut(rel).expect("inserted above");
+        files.read_in = self.interval;
+        Cgroup {
+            fs: &self.fs,
+            rel,
+            files,
+            kept: &mut self.kept,
+            budget: self.budget,
+            buf: &mut self.buf,
+        }
+    }
+}
+
+/// One cgroup's files, as [`resources::UsageFiles`].
+struct Cgroup<'a> {
+    fs: &'a CgroupFs,
+    rel: &'a str,
+    files: &'a mut CgroupFiles,
+    kept: &'a mut usize,
+    budget: Budget,
+    buf: &'a mut Vec<u8>,
+}
+
+impl resources::UsageFiles for Cgroup<'_> {
+    fn memory_v1(&self) -> bool {
+        self.fs.memory.is_some()
+    }
+
+    fn parse<T>(
+        &mut self,
+        file: UsageFile,
+        what: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, ResourceError> {
+        if let Some(kept) = &self.files.files[file as usize] {
+            match read_whole(&kept.file, self.buf) {
+                Ok(len) => return parse_buf(&kept.path, what, &self.buf[..len], parse).map(Some),
+                // Removed (ENODEV): none of its files is worth keeping. Anything else: this
+                // one is opened again by path below, which says what it was.
+                Err(e) => {
+                    let drop: &mut [Option<Kept>] = if resources::is_gone(&e) {
+                        &mut self.files.files
+                    } else {
+                        std::slice::from_mut(&mut self.files.files[file as usize])
+                    };
+                    for slot in drop.iter_mut().filter(|s| s.is_some()) {
+                        *slot = None;
+                        *self.kept -= 1;
+                    }
+                }
+            }
+        }
+        let slot = &mut self.files.files[file as usize];
+        let Some(path) = self.fs.usage_path(self.rel, file) else {
+            return Ok(None);
+        };
+        let read = File::open(&path).and_then(|f| read_whole(&f, self.buf).map(|len| (f, len)));
+        let (opened, len) = match read {
+            Ok(read) => read,
+            Err(e) if resources::is_gone(&e) => return Ok(None),
+            Err(source) => return Err(ResourceError::Read { path, source }),
+        };
+        let parsed = parse_buf(&path, what, &self.buf[..len], parse);
+        if *self.kept < self.budget.0 {
+            *slot = Some(Kept { file: opened, path });
+            *self.kept += 1;
+        }
+        parsed.map(Some)
+    }
+}
+
+/// The whole text of a cgroup file into `buf` (grown as needed): its length.
+fn read_whole(file: &File, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let mut len = 0;
+    loop {
+        let n = file.read_at(&mut buf[len..], len as u64)?;
+        len += n;
+        // A read that leaves room is the whole text (one record: see the module comment), so
+        // no second read to see the end.
+        if n == 0 || len < buf.len() {
+            return Ok(len);
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+}
+
+fn parse_buf<T>(
+    path: &Path,
+    what: &'static str,
+    bytes: &[u8],
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, ResourceError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| ResourceError::Read {
+        path: path.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })?;
+    resources::parse_text(path, what, text, parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::defaults::CGROUP_DIR;
+
+    /// A temporary directory removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("observer-kept-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        /// Rewrites in place (same inode), as a kept descriptor sees a cgroup file change.
+        fn write(&self, rel: &str, text: &str) {
+            let path = self.0.join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn hybrid(t: &TempDir, usage_ns: u64, memory: u64) {
+        t.write("cpuacct/docker/a/cpuacct.usage", &format!("{usage_ns}\n"));
+        t.write(
+            "memory/docker/a/memory.usage_in_bytes",
+            &format!("{memory}\n"),
+        );
+        t.write(
+            "memory/docker/a/memory.stat",
+            "cache 1\ninactive_file 999\ntotal_inactive_file 1000\n",
+        );
+    }
+
+    #[test]
+    fn kept_files_give_what_fresh_reads_give_and_see_new_text() {
+        let t = TempDir::new("same");
+        hybrid(&t, 1_500_000_000, 5000);
+        let fs = CgroupFs::probe(&t.0);
+        let mut reader = UsageReader::new(fs.clone(), Budget(100));
+        for (usage_ns, memory) in [(1_500_000_000, 5000), (2_000_000_000, 800)] {
+            hybrid(&t, usage_ns, memory);
+            let cpu = reader.cpu_usage("/docker/a").unwrap();
+            let memory_ws = reader.memory_working_set("/docker/a").unwrap();
+            assert_eq!(cpu, fs.cpu_usage("/docker/a").unwrap());
+            assert_eq!(memory_ws, fs.memory_working_set("/docker/a").unwrap());
+            assert_eq!(cpu, Some(Duration::from_nanos(usage_ns)));
+            assert_eq!(memory_ws, Some(memory.saturating_sub(1000)));
+            assert_eq!(
+                reader.kept(),
+                3,
+                "cpuacct.usage, usage_in_bytes, memory.stat"
+            );
+            reader.end_interval();
+        }
+        // A file longer than the buffer is read whole.
+        let long: String = (0..400).map(|i| format!("key_{i} {i}\n")).collect();
+        t.write(
+            "memory/docker/a/memory.stat",
+            &format!("{long}total_inactive_file 300\n"),
+        );
+        assert_eq!(reader.memory_working_set("/docker/a").unwrap(), Some(500));
+    }
+
+    #[test]
+    fn v2_and_missing_files_and_errors_as_fresh_reads() {
+        let t = TempDir::new("v2");
+        t.write("cgroup.controllers", "cpu memory\n");
+        t.write("docker/a/cpu.stat", "usage_usec 2500000\nuser_usec 1\n");
+        t.write("docker/a/memory.current", "104857600\n");
+        t.write("docker/a/memory.stat", "anon 1\ninactive_file 20971520\n");
+        t.write("docker/b/memory.current", "junk\n");
+        let fs = CgroupFs::probe(&t.0);
+        let mut reader = UsageReader::new(fs, Budget(100));
+        assert_eq!(
+            reader.cpu_usage("/docker/a").unwrap(),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            reader.memory_working_set("/docker/a").unwrap(),
+            Some(80 << 20)
+        );
+        assert_eq!(reader.cpu_usage("/docker/b").unwrap(), None, "no cpu.stat");
+        let e = reader.memory_working_set("/docker/b").unwrap_err();
+        assert!(matches!(e, ResourceError::Parse { .. }), "{e}");
+        assert!(e.to_string().contains("docker/b"), "{e}");
+        assert_eq!(reader.cpu_usage("/docker/gone").unwrap(), None);
+        assert_eq!(reader.kept(), 4, "a: three files; b: memory.current");
+    }
+
+    #[test]
+    fn the_budget_bounds_kept_files_and_the_rest_are_read_afresh() {
+        let t = TempDir::new("budget");
+        hybrid(&t, 7, 5000);
+        t.write("cpuacct/docker/b/cpuacct.usage", "9\n");
+        let fs = CgroupFs::probe(&t.0);
+        let mut reader = UsageReader::new(fs, Budget(2));
+        for _ in 0..2 {
+            assert_eq!(reader.memory_working_set("/docker/a").unwrap(), Some(4000));
+            assert_eq!(
+                reader.cpu_usage("/docker/b").unwrap(),
+                Some(Duration::from_nanos(9))
+            );
+            assert_eq!(reader.kept(), 2);
+            reader.end_interval();
+        }
+        let mut none = UsageReader::new(CgroupFs::probe(&t.0), Budget(0));
+        assert_eq!(none.memory_working_set("/docker/a").unwrap(), Some(4000));
+        assert_eq!(none.kept(), 0);
+        // A cgroup not read in an interval has its files closed at its end.
+        reader.memory_working_set("/docker/a").unwrap();
+        reader.end_interval();
+        assert_eq!(reader.kept(), 2, "a's two memory files");
+        reader.end_interval();
+        assert_eq!(reader.kept(), 0);
+    }
+
+    #[test]
+    fn the_budget_leaves_descriptors_for_the_rest() {
+        assert_eq!(Budget::within(1024), Budget(0));
+        assert_eq!(Budget::within(0), Budget(0));
+        assert_eq!(Budget::within(4096), Budget(3072));
+        assert_eq!(Budget::within(1 << 20), Budget(MAX_KEPT_FILES));
+        assert_eq!(Budget::within(u64::MAX), Budget(MAX_KEPT_FILES));
+    }
+
+    /// A real v1 memory cgroup: its kept files fail with ENODEV once it is removed, and a
+    /// cgroup made again under the same name is read, not the removed one.
+    #[test]
+    fn a_removed_cgroup_is_none_and_one_of_the_same_name_is_read_anew() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED a_removed_cgroup_is_none...: needs root to create cgroups");
+            return;
+        }
+        let fs = CgroupFs::detect(Path::new(CGROUP_DIR)).unwrap();
+        let Some(hierarchy) = fs.memory.clone().or_else(|| fs.unified.clone()) else {
+            eprintln!("SKIPPED a_removed_cgroup_is_none...: no memory hierarchy here");
+            return;
+        };
+        let only_memory = CgroupFs {
+            memory: fs.memory.clone(),
+            unified: fs.memory.is_none().then_some(hierarchy.clone()),
+            ..CgroupFs::default()
+        };
+        let rel = format!("/observer-kept-test-{}", std::process::id());
+        let dir = hierarchy.dir(&rel).unwrap();
+        struct Rmdir(PathBuf);
+        impl Drop for Rmdir {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir(&self.0);
+            }
+        }
+        fs::create_dir(&dir).unwrap();
+        let _guard = Rmdir(dir.clone());
+        let mut reader = UsageReader::new(only_memory, Budget(100));
+        assert_eq!(
+            reader.memory_working_set(&rel).unwrap(),
+            Some(0),
+            "empty cgroup"
+        );
+        assert_eq!(reader.kept(), 2);
+        reader.end_interval();
+
+        fs::remove_dir(&dir).unwrap();
+        assert_eq!(reader.memory_working_set(&rel).unwrap(), None, "removed");
+        assert_eq!(reader.kept(), 0, "its descriptors are dropped");
+        reader.end_interval();
+
+        // The same name again: read through new descriptors, not the removed cgroup's.
+        fs::create_dir(&dir).unwrap();
+        assert_eq!(reader.memory_working_set(&rel).unwrap(), Some(0));
+        assert_eq!(reader.kept(), 2, "opened again");
+    }
+}
