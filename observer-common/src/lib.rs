@@ -94,7 +94,11 @@ impl Counter {
     /// The larger of each: a total read while counts were moving never goes back.
     pub const fn larger(self, other: Counter) -> Counter {
         Counter {
-            bytes: if self.bytes > other.bytes { self.bytes } else { other.bytes },
+            bytes: if self.bytes > other.bytes {
+                self.bytes
+            } else {
+                other.bytes
+            },
             packets: if self.packets > other.packets {
                 self.packets
             } else {

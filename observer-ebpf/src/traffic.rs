@@ -182,7 +182,10 @@ fn map_full(ctx: &SkBuffContext, lost: &TrafficValue) {
     let Some(n) = STATS.get_ptr_mut(Stat::MapFull as u32) else {
         return;
     };
-    let packets = lost.counters().iter().fold(0u64, |a, c| a.wrapping_add(c.packets));
+    let packets = lost
+        .counters()
+        .iter()
+        .fold(0u64, |a, c| a.wrapping_add(c.packets));
     // SAFETY: per-CPU slot, only this CPU writes it.
     let first = unsafe {
         let before = *n;

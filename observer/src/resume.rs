@@ -8,8 +8,8 @@ use std::collections::HashMap as StdHashMap;
 
 use aya::maps::{HashMap, Map, PerCpuArray, PerCpuHashMap};
 use observer_common::{
-    CacheSlot, TrafficKey, TrafficValue, CACHE_MAP, REPORTED_MAP, REPORTED_MAP_FULL_KEY,
-    STATS_MAP, TRAFFIC_MAP,
+    CacheSlot, TrafficKey, TrafficValue, CACHE_MAP, REPORTED_MAP, REPORTED_MAP_FULL_KEY, STATS_MAP,
+    TRAFFIC_MAP,
 };
 
 use crate::{
@@ -216,7 +216,25 @@ mod tests {
         let totals = StdHashMap::from([(a, tx(500)), (b, tx(40))]);
         let reported = StdHashMap::from([(a, tx(300))]);
         let split = carry_over(&totals, &reported);
-        assert_eq!(split[0], (a, Split { pending: tx(200), reported: TrafficValue::default() }));
-        assert_eq!(split[1], (b, Split { pending: tx(40), reported: TrafficValue::default() }));
+        assert_eq!(
+            split[0],
+            (
+                a,
+                Split {
+                    pending: tx(200),
+                    reported: TrafficValue::default()
+                }
+            )
+        );
+        assert_eq!(
+            split[1],
+            (
+                b,
+                Split {
+                    pending: tx(40),
+                    reported: TrafficValue::default()
+                }
+            )
+        );
     }
 }

@@ -279,7 +279,11 @@ impl TrafficReader {
             totals.remove(key);
         }
         self.last = totals;
-        self.held = if whole { held } else { self.last.keys().copied().collect() };
+        self.held = if whole {
+            held
+        } else {
+            self.last.keys().copied().collect()
+        };
         self.whole = whole;
         Ok(Reading {
             entries,
@@ -501,9 +505,7 @@ fn read_cache(
         && match batch::<u32, CacheSlot>(&cache.fd, cpus, &mut take) {
             Ok(()) => true,
             // Kernels whose arrays have no batch operations (before 5.7): slot by slot.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
-                false
-            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => false,
             Err(source) => {
                 return Err(TrafficError::Read {
                     name: CACHE_MAP,

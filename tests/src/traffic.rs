@@ -74,7 +74,11 @@ pub fn udp_exchange(sender: Where, receiver: Where, bind: &str, count: u64, payl
 
 /// One UDP datagram over loopback from each of `cgroups` (one `trafficgen udp-each` joins each
 /// in turn and sends from a new socket), to a receiver in `sink` that must get them all.
-pub fn udp_from_each(cgroups: &[TestCgroup], sink: &TestCgroup, payload: u64) -> anyhow::Result<()> {
+pub fn udp_from_each(
+    cgroups: &[TestCgroup],
+    sink: &TestCgroup,
+    payload: u64,
+) -> anyhow::Result<()> {
     let gen = trafficgen();
     let count = cgroups.len().to_string();
     let mut rx = Spawned::start(

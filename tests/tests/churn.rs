@@ -323,7 +323,6 @@ fn round(
     Ok(())
 }
 
-
 /// Reads on until the last interval reports none of `gone`'s cgroups (their map entries freed)
 /// or containers, and /metrics names none of them.
 async fn settle(

@@ -422,7 +422,8 @@ fn print_dataplane(opts: &Opts, r: &Results) {
         ];
         for (name, [floor, obs, hashed]) in rows {
             // Each pair measured in the same round as the floor, so drift between rounds cancels.
-            let ratio = |x: &[f64]| -> Vec<f64> { x.iter().zip(&floor).map(|(o, f)| o / f).collect() };
+            let ratio =
+                |x: &[f64]| -> Vec<f64> { x.iter().zip(&floor).map(|(o, f)| o / f).collect() };
             println!(
                 "{:<18} {:<9} {:>20} {:>20} {:>22} {:>22} {:>22}",
                 workload.label(),
