@@ -516,7 +516,7 @@ fn parse_error(path: &Path, what: &'static str, text: &str) -> ResourceError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{defaults::CGROUP_DIR, mountinfo::parse};
 
@@ -606,16 +606,17 @@ mod tests {
     }
 
     /// A temporary directory removed on drop.
-    struct TempDir(PathBuf);
+    pub(crate) struct TempDir(pub(crate) PathBuf);
     impl TempDir {
-        fn new(name: &str) -> Self {
+        pub(crate) fn new(name: &str) -> Self {
             let dir =
                 std::env::temp_dir().join(format!("observer-res-{name}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             Self(dir)
         }
-        fn write(&self, rel: &str, text: &str) {
+        /// Writes in place (same inode), as a kept descriptor sees a cgroup file change.
+        pub(crate) fn write(&self, rel: &str, text: &str) {
             let path = self.0.join(rel);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, text).unwrap();

@@ -268,28 +268,7 @@ mod tests {
     use super::*;
     use crate::defaults::CGROUP_DIR;
 
-    /// A temporary directory removed on drop.
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("observer-kept-{name}-{}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-        /// Rewrites in place (same inode), as a kept descriptor sees a cgroup file change.
-        fn write(&self, rel: &str, text: &str) {
-            let path = self.0.join(rel);
-            fs::create_dir_all(path.parent().unwrap()).unwrap();
-            fs::write(path, text).unwrap();
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::resources::tests::TempDir;
 
     fn hybrid(t: &TempDir, usage_ns: u64, memory: u64) {
         t.write("cpuacct/docker/a/cpuacct.usage", &format!("{usage_ns}\n"));
@@ -305,7 +284,7 @@ mod tests {
 
     #[test]
     fn kept_files_give_what_fresh_reads_give_and_see_new_text() {
-        let t = TempDir::new("same");
+        let t = TempDir::new("kept-same");
         hybrid(&t, 1_500_000_000, 5000);
         let fs = CgroupFs::probe(&t.0);
         let mut reader = UsageReader::new(fs.clone(), Budget(100));
@@ -335,7 +314,7 @@ mod tests {
 
     #[test]
     fn v2_and_missing_files_and_errors_as_fresh_reads() {
-        let t = TempDir::new("v2");
+        let t = TempDir::new("kept-v2");
         t.write("cgroup.controllers", "cpu memory\n");
         t.write("docker/a/cpu.stat", "usage_usec 2500000\nuser_usec 1\n");
         t.write("docker/a/memory.current", "104857600\n");
@@ -361,7 +340,7 @@ mod tests {
 
     #[test]
     fn the_budget_bounds_kept_files_and_the_rest_are_read_afresh() {
-        let t = TempDir::new("budget");
+        let t = TempDir::new("kept-budget");
         hybrid(&t, 7, 5000);
         t.write("cpuacct/docker/b/cpuacct.usage", "9\n");
         let fs = CgroupFs::probe(&t.0);
