@@ -461,8 +461,7 @@ async fn a_thousand_cgroups_and_a_hundred_containers_leave_nothing_behind() -> a
     // its slot, which churn makes likelier: entries may stay above the warm-up's, but never
     // above the cgroups still reporting (gone ones are checked exactly by `settle`).
     assert!(
-        within(end.map_entries, after_warm_up.map_entries)
-            || end.map_entries <= now.len() as u64,
+        within(end.map_entries, after_warm_up.map_entries) || end.map_entries <= now.len() as u64,
         "{} map entries at the end, {} after the warm-up; cgroups with entries now: {now:?}",
         end.map_entries,
         after_warm_up.map_entries

@@ -84,9 +84,25 @@ const MACKEREL_KEY: &str = "deploy-k8s-mackerel-key-5c2a90e1";
 /// What the test sets for the Mackerel period: one per interval.
 const TEST_MACKEREL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The host's /sys/fs/bpf is every observer pod's bpffs hostPath: while the restart test has a
-/// bpffs mounted there, the other tests (whose observers would pin into it too) wait.
-static HOST_BPFFS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+/// The host's /sys/fs/bpf is every observer pod's bpffs hostPath, and observer pins there
+/// whenever it is a bpffs (on hosts that mount one at boot, always): one test at a time.
+static HOST_BPFFS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs `test` alone on the host's bpffs (mounted if missing, as the deploy manifests expect
+/// one), then removes whatever its observers pinned (`observer detach`) and the bpffs if it was
+/// mounted here, also when the test failed: a SIGTERM keeps observer's pins for the next
+/// container, which for a test is the next test.
+async fn alone_on_host_bpffs<T>(test: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let _alone = HOST_BPFFS.lock().await;
+    let bpffs = HostBpffs::prepare(Path::new(OBSERVER))?;
+    let mounted = bpffs.mounted();
+    let result = test.await;
+    drop(bpffs);
+    let left = host_bpffs::leftovers(mounted);
+    let value = result?;
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    Ok(value)
+}
 
 fn image() -> String {
     std::env::var(IMAGE_ENV)
@@ -649,7 +665,7 @@ async fn the_daemonset_pod_measures_pods_and_answers_its_probes() -> Result<()> 
     if skipped(TEST) {
         return Ok(());
     }
-    let _shared = HOST_BPFFS.read().await;
+    alone_on_host_bpffs(async {
     let node = Node::new().await?;
     let id = container_id();
     let pod = node.pod(&node.daemonset, &id)?;
@@ -926,7 +942,9 @@ async fn the_daemonset_pod_measures_pods_and_answers_its_probes() -> Result<()> 
         "SIGTERM to exit 0: {stopped:?}; RuntimeDefault from containerd {}",
         node.containerd.lock().unwrap()
     );
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 /// Exactly the DaemonSet's capabilities start observer and attach its programs; without any one
@@ -937,92 +955,95 @@ async fn each_added_capability_is_needed() -> Result<()> {
     if skipped(TEST) {
         return Ok(());
     }
-    let _shared = HOST_BPFFS.read().await;
-    let node = Node::new().await?;
-    let added: Vec<String> = k8s_pod::container_mut(&mut node.daemonset.clone())["securityContext"]
-        ["capabilities"]["add"]
-        .as_array()
-        .context("securityContext.capabilities.add")?
-        .iter()
-        .map(|c| c.as_str().unwrap_or_default().to_owned())
-        .collect();
-    assert_eq!(added, ["BPF", "PERFMON", "NET_ADMIN"]);
+    alone_on_host_bpffs(async {
+        let node = Node::new().await?;
+        let added: Vec<String> = k8s_pod::container_mut(&mut node.daemonset.clone())
+            ["securityContext"]["capabilities"]["add"]
+            .as_array()
+            .context("securityContext.capabilities.add")?
+            .iter()
+            .map(|c| c.as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(added, ["BPF", "PERFMON", "NET_ADMIN"]);
 
-    let id = container_id();
-    let pod = node.pod(&node.daemonset, &id)?;
-    node.kubelet.set_pods(&[node.fake_pod(&pod, &id)]);
-    let runc = node.start(&pod, &id)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !runc.log().contains(ATTACHED) {
-        if let Some(exit) = runc.exited() {
-            bail!(
-                "observer exited ({exit:?}) with the DaemonSet's capabilities:\n{}",
-                tail(&runc.log())
-            );
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "never attached:\n{}",
-            tail(&runc.log())
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let attached = runc.started.elapsed();
-    let line = runc
-        .log()
-        .lines()
-        .find(|l| l.contains(ATTACHED))
-        .unwrap_or_default()
-        .to_owned();
-    eprintln!(
-        "{:?}: attached after {attached:?}: {line}",
-        pod.capabilities
-    );
-    stop(&runc, &pod)?;
-    drop(runc);
-
-    for cap in &added {
-        let mut variant = node.daemonset.clone();
-        let add = k8s_pod::container_mut(&mut variant)["securityContext"]["capabilities"]["add"]
-            .as_array_mut()
-            .context("add")?;
-        add.retain(|c| c != &json!(cap));
         let id = container_id();
-        let pod = node.pod(&variant, &id)?;
-        let full = format!("CAP_{cap}");
-        assert!(!pod.capabilities.contains(&full));
+        let pod = node.pod(&node.daemonset, &id)?;
         node.kubelet.set_pods(&[node.fake_pod(&pod, &id)]);
         let runc = node.start(&pod, &id)?;
-        let exit = runc.wait(Duration::from_secs(10));
-        let took = runc.started.elapsed();
-        let log = runc.log();
-        let message = log
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !runc.log().contains(ATTACHED) {
+            if let Some(exit) = runc.exited() {
+                bail!(
+                    "observer exited ({exit:?}) with the DaemonSet's capabilities:\n{}",
+                    tail(&runc.log())
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "never attached:\n{}",
+                tail(&runc.log())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let attached = runc.started.elapsed();
+        let line = runc
+            .log()
             .lines()
-            .find(|l| l.contains("lacks"))
+            .find(|l| l.contains(ATTACHED))
             .unwrap_or_default()
             .to_owned();
-        eprintln!("without {full}: {exit:?} after {took:?}: {message}");
-        match exit {
-            Some(Exit::Code(code)) if code != 0 => {}
-            other => bail!(
-                "without {full} observer ended with {other:?}:\n{}",
-                tail(&log)
-            ),
+        eprintln!(
+            "{:?}: attached after {attached:?}: {line}",
+            pod.capabilities
+        );
+        stop(&runc, &pod)?;
+        drop(runc);
+
+        for cap in &added {
+            let mut variant = node.daemonset.clone();
+            let add = k8s_pod::container_mut(&mut variant)["securityContext"]["capabilities"]
+                ["add"]
+                .as_array_mut()
+                .context("add")?;
+            add.retain(|c| c != &json!(cap));
+            let id = container_id();
+            let pod = node.pod(&variant, &id)?;
+            let full = format!("CAP_{cap}");
+            assert!(!pod.capabilities.contains(&full));
+            node.kubelet.set_pods(&[node.fake_pod(&pod, &id)]);
+            let runc = node.start(&pod, &id)?;
+            let exit = runc.wait(Duration::from_secs(10));
+            let took = runc.started.elapsed();
+            let log = runc.log();
+            let message = log
+                .lines()
+                .find(|l| l.contains("lacks"))
+                .unwrap_or_default()
+                .to_owned();
+            eprintln!("without {full}: {exit:?} after {took:?}: {message}");
+            match exit {
+                Some(Exit::Code(code)) if code != 0 => {}
+                other => bail!(
+                    "without {full} observer ended with {other:?}:\n{}",
+                    tail(&log)
+                ),
+            }
+            assert!(
+                took < Duration::from_secs(5),
+                "without {full}: exited after {took:?}"
+            );
+            assert!(
+                message.contains(&format!("lacks {full}")),
+                "without {full}:\n{log}"
+            );
+            assert!(
+                !log.contains(ATTACHED),
+                "without {full} it attached:\n{log}"
+            );
         }
-        assert!(
-            took < Duration::from_secs(5),
-            "without {full}: exited after {took:?}"
-        );
-        assert!(
-            message.contains(&format!("lacks {full}")),
-            "without {full}:\n{log}"
-        );
-        assert!(
-            !log.contains(ATTACHED),
-            "without {full} it attached:\n{log}"
-        );
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 /// A SIGTERM while observer is still starting (a pod deleted as it starts) ends it cleanly at
@@ -1037,48 +1058,50 @@ async fn a_sigterm_during_start_up_is_not_lost() -> Result<()> {
     if skipped(TEST) {
         return Ok(());
     }
-    let _shared = HOST_BPFFS.read().await;
-    let node = Node::new().await?;
-    let id = container_id();
-    let pod = node.pod(&node.daemonset, &id)?;
-    node.kubelet.set_pods(&[node.fake_pod(&pod, &id)]);
-    let runc = node.start(&pod, &id)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !runc.log().contains(STARTING) {
-        ensure!(
-            runc.exited().is_none(),
-            "observer exited:\n{}",
-            tail(&runc.log())
-        );
-        ensure!(
-            Instant::now() < deadline,
-            "observer never started:\n{}",
-            tail(&runc.log())
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let attached_before = runc.log().contains(ATTACHED);
-    let sent = Instant::now();
-    runc.kill("TERM")?;
-    let exit = runc.wait(Duration::from_secs(10));
-    let took = sent.elapsed();
-    eprintln!(
-        "SIGTERM {:?} after runc run -d ({}): {exit:?} after {took:?}",
-        sent - runc.started,
-        if attached_before {
-            "already attached"
-        } else {
-            "before the programs were attached"
+    alone_on_host_bpffs(async {
+        let node = Node::new().await?;
+        let id = container_id();
+        let pod = node.pod(&node.daemonset, &id)?;
+        node.kubelet.set_pods(&[node.fake_pod(&pod, &id)]);
+        let runc = node.start(&pod, &id)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !runc.log().contains(STARTING) {
+            ensure!(
+                runc.exited().is_none(),
+                "observer exited:\n{}",
+                tail(&runc.log())
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "observer never started:\n{}",
+                tail(&runc.log())
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-    );
-    ensure!(
-        exit == Some(Exit::Code(0)),
-        "a SIGTERM during start-up did not end observer within 10 s ({exit:?}; the kubelet \
+        let attached_before = runc.log().contains(ATTACHED);
+        let sent = Instant::now();
+        runc.kill("TERM")?;
+        let exit = runc.wait(Duration::from_secs(10));
+        let took = sent.elapsed();
+        eprintln!(
+            "SIGTERM {:?} after runc run -d ({}): {exit:?} after {took:?}",
+            sent - runc.started,
+            if attached_before {
+                "already attached"
+            } else {
+                "before the programs were attached"
+            }
+        );
+        ensure!(
+            exit == Some(Exit::Code(0)),
+            "a SIGTERM during start-up did not end observer within 10 s ({exit:?}; the kubelet \
          would wait {:?}, then SIGKILL):\n{}",
-        pod.termination_grace,
-        tail(&runc.log())
-    );
-    Ok(())
+            pod.termination_grace,
+            tail(&runc.log())
+        );
+        Ok(())
+    })
+    .await
 }
 
 /// The kubelet restarting observer's container (a new container in the same pod: SIGTERM, and
@@ -1098,7 +1121,7 @@ async fn a_restarted_daemonset_pod_takes_over_and_loses_nothing() -> Result<()> 
     if skipped(TEST) {
         return Ok(());
     }
-    let _alone = HOST_BPFFS.write().await;
+    let _alone = HOST_BPFFS.lock().await;
     let started = Instant::now();
     let bpffs = HostBpffs::prepare(Path::new(OBSERVER))?;
     let mounted = bpffs.mounted();

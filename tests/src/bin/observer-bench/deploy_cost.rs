@@ -9,6 +9,7 @@ use testbed::{
     docker::{self, Containers, Run},
     ecs_taskdef::{self, Overrides},
     fake_mackerel::FakeMackerel,
+    host_bpffs::{self, HostBpffs},
     sh,
     state_dir::StateDir,
 };
@@ -97,6 +98,12 @@ pub fn deploy_cost() -> anyhow::Result<()> {
     )?;
     let args = run.args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The task definition's bpffs volume is the host's /sys/fs/bpf: observer pins there, and
+    // removing its container leaves the pins for the next one. The guard outlives the
+    // container and removes them, with the bpffs if it mounted one.
+    let observer_binary = std::env::current_exe()?.with_file_name("observer");
+    let bpffs = HostBpffs::prepare(&observer_binary)?;
+    let bpffs_mounted = bpffs.mounted();
     let started = Instant::now();
     sh("docker", &args)?;
     let observer = Observer(name);
@@ -148,6 +155,9 @@ pub fn deploy_cost() -> anyhow::Result<()> {
         started.elapsed().as_secs()
     );
     drop(observer);
+    drop(bpffs);
     drop(containers);
+    let left = host_bpffs::leftovers(bpffs_mounted);
+    anyhow::ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
 }
