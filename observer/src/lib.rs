@@ -13,6 +13,7 @@ pub mod config;
 pub mod cycle;
 pub mod defaults;
 pub mod delta;
+mod dir_walk;
 #[cfg(test)]
 mod fuzz;
 pub mod health;

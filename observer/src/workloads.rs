@@ -34,8 +34,9 @@ pub struct Joiner {
     usage: UsageReader,
     host: Host,
     cpu_before: HashMap<String, (Duration, Instant)>,
-    /// cgroup limits per container id, with the cycle they were read in: limits change rarely
-    /// (docker update), and every file read costs microseconds per container per interval.
+    /// cgroup limits per container and workload id, with the cycle to read them again in:
+    /// limits change rarely (docker update), and every file read costs microseconds per
+    /// container per interval.
     limits: HashMap<String, (CgroupLimits, u64)>,
     cycle: u64,
     /// Traffic of cgroups that look like containers no inventory lists yet, with the number
@@ -55,6 +56,20 @@ struct CgroupLimits {
 
 /// cgroup limits are read again after this many cycles.
 const LIMITS_EVERY: u64 = 10;
+
+/// The cycle after `cycle` to read `key`'s limits again. The first time, somewhere in the
+/// second half of [`LIMITS_EVERY`] by a hash of the key, so that a thousand containers
+/// started together do not all open their limit files in one cycle ever after.
+fn next_limits_read(key: &str, cycle: u64, first: bool) -> u64 {
+    if !first {
+        return cycle + LIMITS_EVERY;
+    }
+    // FNV-1a: any spread will do, and it is the same in every run.
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    cycle + LIMITS_EVERY / 2 + hash % (LIMITS_EVERY - LIMITS_EVERY / 2 + 1)
+}
 
 impl Joiner {
     /// Usage files are kept open as far as this process's open-file limit allows
@@ -95,6 +110,7 @@ impl Joiner {
         let mut reports =
             Vec::with_capacity(inventory.workloads.len() + inventory.standalone.len());
         for workload in &inventory.workloads {
+            seen.push(workload.id.clone());
             let limits = self.workload_limits(workload, paths);
             let usages: Vec<Usage> = workload
                 .containers
@@ -112,7 +128,8 @@ impl Joiner {
             let usage = self.usage(container, alone.limits, paths, now);
             reports.push(report(&alone, alone.limits, &[usage], traffic));
         }
-        // Containers that are gone take their CPU sample with them.
+        // Containers that are gone take their CPU sample and limits with them, workloads
+        // their limits.
         let seen: BTreeSet<&String> = seen.iter().collect();
         self.cpu_before.retain(|id, _| seen.contains(id));
         self.limits.retain(|id, _| seen.contains(id));
@@ -169,16 +186,19 @@ impl Joiner {
     /// The limits of the cgroup at `path`, read again every [`LIMITS_EVERY`] cycles.
     fn cgroup_limits(&mut self, key: &str, path: &str) -> CgroupLimits {
         let cycle = self.cycle;
-        if let Some((limits, read_at)) = self.limits.get(key) {
-            if cycle - read_at < LIMITS_EVERY {
+        let known = self.limits.get(key);
+        if let Some((limits, next)) = known {
+            if cycle < *next {
                 return *limits;
             }
         }
+        let first = known.is_none();
         let limits = CgroupLimits {
             cpu_cores: or_debug(key, self.usage.fs().cpu_limit(path)),
             memory: or_debug(key, self.usage.fs().memory_limit(path)),
         };
-        self.limits.insert(key.to_owned(), (limits, cycle));
+        let next = next_limits_read(key, cycle, first);
+        self.limits.insert(key.to_owned(), (limits, next));
         limits
     }
 
@@ -637,6 +657,58 @@ mod tests {
             "containers fall back to it"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A task's own cgroup limit is read once and then every [`LIMITS_EVERY`] cycles, like
+    /// a container's (it used to be read again in every cycle, two files per task).
+    #[test]
+    fn a_tasks_cgroup_limits_are_read_again_only_after_some_cycles() {
+        let dir = std::env::temp_dir().join(format!("observer-task-reread-{}", std::process::id()));
+        let limit_file = dir.join("memory/ecs/t/memory.limit_in_bytes");
+        std::fs::create_dir_all(dir.join("memory/ecs/t/c")).unwrap();
+        std::fs::write(&limit_file, "536870912\n").unwrap();
+        let fs = CgroupFs {
+            memory: Some(crate::resources::Hierarchy::at(dir.join("memory"))),
+            ..Default::default()
+        };
+        let mut joiner = Joiner::new(fs, Host::default());
+        let mut t = task(vec![container("c", &[6])], &[5]);
+        t.limits = Limits::default();
+        let mut inventory = Inventory::empty("test");
+        inventory.workloads.push(t);
+        let paths = |id: u64| Some(if id == 5 { "/ecs/t" } else { "/ecs/t/c" }.to_owned());
+        let mut limit = || {
+            joiner.join(&inventory, &paths, &HashMap::new(), &[], Instant::now())[0]
+                .usage
+                .memory_limit
+        };
+        assert_eq!(limit(), Some(512 << 20));
+        std::fs::write(&limit_file, "1073741824\n").unwrap();
+        let seen: Vec<Option<u64>> = (1..=LIMITS_EVERY).map(|_| limit()).collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let old = seen.iter().take_while(|l| **l == Some(512 << 20)).count() as u64;
+        assert!(
+            old >= LIMITS_EVERY / 2 - 1,
+            "read again after {} cycles: {seen:?}",
+            old + 1
+        );
+        assert_eq!(
+            seen.last(),
+            Some(&Some(1 << 30)),
+            "never read again: {seen:?}"
+        );
+    }
+
+    #[test]
+    fn first_limit_reads_of_many_containers_spread_over_cycles() {
+        let mut per_cycle = BTreeMap::new();
+        for i in 0..1000 {
+            let next = next_limits_read(&format!("{i:064x}"), 0, true);
+            assert!((LIMITS_EVERY / 2..=LIMITS_EVERY).contains(&next), "{next}");
+            *per_cycle.entry(next).or_insert(0) += 1;
+        }
+        assert!(per_cycle.values().all(|&n| n < 300), "{per_cycle:?}");
+        assert_eq!(next_limits_read("a", 7, false), 7 + LIMITS_EVERY);
     }
 
     #[test]
