@@ -34,7 +34,7 @@ pub struct Joiner {
     usage: UsageReader,
     host: Host,
     cpu_before: HashMap<String, (Duration, Instant)>,
-    /// cgroup limits per container and workload id, with the cycle to read them again in:
+    /// cgroup limits per container and workload id, with the cycle they were read in:
     /// limits change rarely (docker update), and every file read costs microseconds per
     /// container per interval.
     limits: HashMap<String, (CgroupLimits, u64)>,
@@ -56,20 +56,6 @@ struct CgroupLimits {
 
 /// cgroup limits are read again after this many cycles.
 const LIMITS_EVERY: u64 = 10;
-
-/// The cycle after `cycle` to read `key`'s limits again. The first time, somewhere in the
-/// second half of [`LIMITS_EVERY`] by a hash of the key, so that a thousand containers
-/// started together do not all open their limit files in one cycle ever after.
-fn next_limits_read(key: &str, cycle: u64, first: bool) -> u64 {
-    if !first {
-        return cycle + LIMITS_EVERY;
-    }
-    // FNV-1a: any spread will do, and it is the same in every run.
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    cycle + LIMITS_EVERY / 2 + hash % (LIMITS_EVERY - LIMITS_EVERY / 2 + 1)
-}
 
 impl Joiner {
     /// Usage files are kept open as far as this process's open-file limit allows
@@ -186,19 +172,16 @@ impl Joiner {
     /// The limits of the cgroup at `path`, read again every [`LIMITS_EVERY`] cycles.
     fn cgroup_limits(&mut self, key: &str, path: &str) -> CgroupLimits {
         let cycle = self.cycle;
-        let known = self.limits.get(key);
-        if let Some((limits, next)) = known {
-            if cycle < *next {
+        if let Some((limits, read_at)) = self.limits.get(key) {
+            if cycle - read_at < LIMITS_EVERY {
                 return *limits;
             }
         }
-        let first = known.is_none();
         let limits = CgroupLimits {
             cpu_cores: or_debug(key, self.usage.fs().cpu_limit(path)),
             memory: or_debug(key, self.usage.fs().memory_limit(path)),
         };
-        let next = next_limits_read(key, cycle, first);
-        self.limits.insert(key.to_owned(), (limits, next));
+        self.limits.insert(key.to_owned(), (limits, cycle));
         limits
     }
 
@@ -686,29 +669,9 @@ mod tests {
         std::fs::write(&limit_file, "1073741824\n").unwrap();
         let seen: Vec<Option<u64>> = (1..=LIMITS_EVERY).map(|_| limit()).collect();
         std::fs::remove_dir_all(&dir).unwrap();
-        let old = seen.iter().take_while(|l| **l == Some(512 << 20)).count() as u64;
-        assert!(
-            old >= LIMITS_EVERY / 2 - 1,
-            "read again after {} cycles: {seen:?}",
-            old + 1
-        );
-        assert_eq!(
-            seen.last(),
-            Some(&Some(1 << 30)),
-            "never read again: {seen:?}"
-        );
-    }
-
-    #[test]
-    fn first_limit_reads_of_many_containers_spread_over_cycles() {
-        let mut per_cycle = BTreeMap::new();
-        for i in 0..1000 {
-            let next = next_limits_read(&format!("{i:064x}"), 0, true);
-            assert!((LIMITS_EVERY / 2..=LIMITS_EVERY).contains(&next), "{next}");
-            *per_cycle.entry(next).or_insert(0) += 1;
-        }
-        assert!(per_cycle.values().all(|&n| n < 300), "{per_cycle:?}");
-        assert_eq!(next_limits_read("a", 7, false), 7 + LIMITS_EVERY);
+        let mut want = vec![Some(512 << 20); LIMITS_EVERY as usize - 1];
+        want.push(Some(1 << 30));
+        assert_eq!(seen, want, "read again in the wrong cycles");
     }
 
     #[test]
