@@ -6,12 +6,12 @@
 use std::{
     collections::HashMap,
     fs, io,
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{DirEntryExt as _, MetadataExt as _},
     path::{Path, PathBuf},
 };
 
 use crate::{
-    defaults, dir_walk,
+    defaults,
     mountinfo::{self, Mount},
 };
 
@@ -135,16 +135,26 @@ impl CgroupIndex {
             source,
         })?;
         paths.insert(root_id, "/".to_owned());
-        // d_type and d_ino come with getdents: no stat per entry. kernfs reports the same
-        // inode number there as stat does: the cgroup id. A cgroup removed while we walk is
-        // not an error: it is simply gone.
-        dir_walk::subdirs(&self.root, |ino, rel| {
-            paths.insert(ino, rel.to_owned());
-        })
-        .map_err(|source| CgroupError::Io {
-            path: self.root.clone(),
-            source,
-        })?;
+        let mut stack = vec![(self.root.clone(), String::new())];
+        while let Some((dir, rel)) = stack.pop() {
+            // A cgroup removed while we walk is not an error: it is simply gone.
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                // d_type and d_ino come with getdents: no stat per entry. kernfs reports the
+                // same inode number there as stat does: the cgroup id.
+                let Ok(file_type) = entry.file_type() else {
+                    continue;
+                };
+                if !file_type.is_dir() {
+                    continue;
+                }
+                let child_rel = format!("{rel}/{}", entry.file_name().to_string_lossy());
+                paths.insert(entry.ino(), child_rel.clone());
+                stack.push((entry.path(), child_rel));
+            }
+        }
         self.paths = paths;
         Ok(())
     }

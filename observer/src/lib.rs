@@ -13,7 +13,6 @@ pub mod config;
 pub mod cycle;
 pub mod defaults;
 pub mod delta;
-mod dir_walk;
 #[cfg(test)]
 mod fuzz;
 pub mod health;

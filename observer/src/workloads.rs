@@ -96,29 +96,29 @@ impl Joiner {
         let mut reports =
             Vec::with_capacity(inventory.workloads.len() + inventory.standalone.len());
         for workload in &inventory.workloads {
-            seen.push(workload.id.clone());
+            seen.push(workload.id.as_str());
             let limits = self.workload_limits(workload, paths);
             let usages: Vec<Usage> = workload
                 .containers
                 .iter()
                 .map(|c| {
-                    seen.push(c.id.clone());
+                    seen.push(c.id.as_str());
                     self.usage(c, limits, paths, now)
                 })
                 .collect();
             reports.push(report(workload, limits, &usages, traffic));
         }
         for container in &inventory.standalone {
-            seen.push(container.id.clone());
+            seen.push(container.id.as_str());
             let alone = Workload::alone(container);
             let usage = self.usage(container, alone.limits, paths, now);
             reports.push(report(&alone, alone.limits, &[usage], traffic));
         }
         // Containers that are gone take their CPU sample and limits with them, workloads
         // their limits.
-        let seen: BTreeSet<&String> = seen.iter().collect();
-        self.cpu_before.retain(|id, _| seen.contains(id));
-        self.limits.retain(|id, _| seen.contains(id));
+        let seen: BTreeSet<&str> = seen.into_iter().collect();
+        self.cpu_before.retain(|id, _| seen.contains(id.as_str()));
+        self.limits.retain(|id, _| seen.contains(id.as_str()));
         self.usage.end_interval();
         self.cycle += 1;
         reports
