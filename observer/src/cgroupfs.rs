@@ -4,7 +4,6 @@
 //! directory, so one walk of the hierarchy maps ids to paths.
 
 use std::{
-    collections::HashMap,
     fs, io,
     os::unix::fs::{DirEntryExt as _, MetadataExt as _},
     path::{Path, PathBuf},
@@ -12,6 +11,7 @@ use std::{
 
 use crate::{
     defaults,
+    fastmap::FastMap,
     mountinfo::{self, Mount},
 };
 
@@ -113,7 +113,7 @@ pub fn is_populated(dir: &Path) -> io::Result<bool> {
 #[derive(Debug, Default)]
 pub struct CgroupIndex {
     root: PathBuf,
-    paths: HashMap<u64, String>,
+    paths: FastMap<u64, String>,
 }
 
 impl CgroupIndex {
@@ -121,7 +121,7 @@ impl CgroupIndex {
     pub fn scan(root: &Path) -> Result<Self, CgroupError> {
         let mut index = Self {
             root: root.to_owned(),
-            paths: HashMap::new(),
+            paths: FastMap::default(),
         };
         index.rescan()?;
         Ok(index)
@@ -129,7 +129,8 @@ impl CgroupIndex {
 
     /// Walks the hierarchy again: cgroups come and go between intervals.
     pub fn rescan(&mut self) -> Result<(), CgroupError> {
-        let mut paths = HashMap::with_capacity(self.paths.len().max(64));
+        let mut paths =
+            FastMap::with_capacity_and_hasher(self.paths.len().max(64), Default::default());
         let root_id = cgroup_id(&self.root).map_err(|source| CgroupError::Io {
             path: self.root.clone(),
             source,

@@ -88,7 +88,7 @@ impl Cycle {
                 let index = self.collector.index();
                 let workloads = self.joiner.join(
                     refresher.inventory(),
-                    &|id| index.path(id).map(str::to_owned),
+                    &|id| index.path(id),
                     &traffic,
                     &unknown,
                     std::time::Instant::now(),

@@ -13,6 +13,7 @@ pub mod config;
 pub mod cycle;
 pub mod defaults;
 pub mod delta;
+pub mod fastmap;
 #[cfg(test)]
 mod fuzz;
 pub mod health;

@@ -13,7 +13,6 @@
 //! it are opened, read and closed each interval, as before.
 
 use std::{
-    collections::HashMap,
     fs::File,
     io,
     os::unix::fs::FileExt as _,
@@ -21,7 +20,10 @@ use std::{
     time::Duration,
 };
 
-use crate::resources::{self, CgroupFs, ResourceError, UsageFile};
+use crate::{
+    fastmap::FastMap,
+    resources::{self, CgroupFs, ResourceError, UsageFile},
+};
 
 /// At most this many usage files are kept open: three per container, so 5,000 containers fit,
 /// with about 70 MiB of kernel memory at most.
@@ -102,7 +104,7 @@ struct CgroupFiles {
 #[derive(Debug)]
 pub struct UsageReader {
     fs: CgroupFs,
-    cgroups: HashMap<String, CgroupFiles>,
+    cgroups: FastMap<String, CgroupFiles>,
     kept: usize,
     budget: Budget,
     /// One buffer for every read, grown to the longest text (memory.stat).
@@ -114,7 +116,7 @@ impl UsageReader {
     pub fn new(fs: CgroupFs, budget: Budget) -> Self {
         Self {
             fs,
-            cgroups: HashMap::new(),
+            cgroups: FastMap::default(),
             kept: 0,
             budget,
             buf: vec![0; 4096],

@@ -13,6 +13,7 @@ use std::{
 use observer_common::TrafficValue;
 
 use crate::{
+    fastmap::FastMap,
     inventory::{
         host_label_value, Container, Inventory, Limits, Workload, WorkloadKind, DISPLAY_NAME_LABEL,
         HOST_LABEL, MEMO_LABEL, PLUGINS_LABEL, ROLES_LABEL,
@@ -33,15 +34,24 @@ pub struct Host {
 pub struct Joiner {
     usage: UsageReader,
     host: Host,
-    cpu_before: HashMap<String, (Duration, Instant)>,
-    /// cgroup limits per container and workload id, with the cycle they were read in:
-    /// limits change rarely (docker update), and every file read costs microseconds per
-    /// container per interval.
-    limits: HashMap<String, (CgroupLimits, u64)>,
+    /// Per container and workload id listed in the last cycle.
+    kept: FastMap<String, Kept>,
     cycle: u64,
     /// Traffic of cgroups that look like containers no inventory lists yet, with the number
     /// of intervals it has waited.
     held: HashMap<u64, (TrafficValue, u32)>,
+}
+
+/// What the join keeps of a container or workload between cycles.
+#[derive(Debug, Default)]
+struct Kept {
+    /// The last CPU sample (containers only).
+    cpu: Option<(Duration, Instant)>,
+    /// cgroup limits with the cycle they were read in: limits change rarely (docker update),
+    /// and every file read costs microseconds per container per interval.
+    limits: Option<(CgroupLimits, u64)>,
+    /// The last cycle that listed the id; ids not listed in a cycle are dropped at its end.
+    seen_in: u64,
 }
 
 /// Held traffic of a cgroup no workload claims is given up after this many intervals (it
@@ -68,8 +78,7 @@ impl Joiner {
         Self {
             usage: UsageReader::new(fs, budget),
             host,
-            cpu_before: HashMap::new(),
-            limits: HashMap::new(),
+            kept: FastMap::default(),
             cycle: 0,
             held: HashMap::new(),
         }
@@ -82,43 +91,41 @@ impl Joiner {
     /// yet (it lags a container's start by up to an interval). Their traffic is held, and
     /// credited to the container in the first interval that lists it, so a container's first
     /// packets are its own; [`Joiner::held`] tells which cgroups are held now.
-    pub fn join(
+    pub fn join<'p>(
         &mut self,
         inventory: &Inventory,
-        paths: &dyn Fn(u64) -> Option<String>,
+        paths: &dyn Fn(u64) -> Option<&'p str>,
         traffic: &HashMap<u64, TrafficValue>,
         unknown: &[u64],
         now: Instant,
     ) -> Vec<WorkloadReport> {
         let traffic = self.with_held(inventory, traffic, unknown);
         let traffic = &traffic;
-        let mut seen = Vec::new();
         let mut reports =
             Vec::with_capacity(inventory.workloads.len() + inventory.standalone.len());
         for workload in &inventory.workloads {
-            seen.push(workload.id.as_str());
+            self.kept(&workload.id);
             let limits = self.workload_limits(workload, paths);
             let usages: Vec<Usage> = workload
                 .containers
                 .iter()
                 .map(|c| {
-                    seen.push(c.id.as_str());
+                    self.kept(&c.id);
                     self.usage(c, limits, paths, now)
                 })
                 .collect();
             reports.push(report(workload, limits, &usages, traffic));
         }
         for container in &inventory.standalone {
-            seen.push(container.id.as_str());
+            self.kept(&container.id);
             let alone = Workload::alone(container);
             let usage = self.usage(container, alone.limits, paths, now);
             reports.push(report(&alone, alone.limits, &[usage], traffic));
         }
         // Containers that are gone take their CPU sample and limits with them, workloads
         // their limits.
-        let seen: BTreeSet<&str> = seen.into_iter().collect();
-        self.cpu_before.retain(|id, _| seen.contains(id.as_str()));
-        self.limits.retain(|id, _| seen.contains(id.as_str()));
+        let cycle = self.cycle;
+        self.kept.retain(|_, kept| kept.seen_in == cycle);
         self.usage.end_interval();
         self.cycle += 1;
         reports
@@ -169,29 +176,40 @@ impl Joiner {
         traffic
     }
 
+    /// What is kept of `id`, which this cycle lists.
+    fn kept(&mut self, id: &str) -> &mut Kept {
+        // A lookup by &str allocates nothing; an id is copied once, when first listed.
+        if !self.kept.contains_key(id) {
+            self.kept.insert(id.to_owned(), Kept::default());
+        }
+        let kept = self.kept.get_mut(id).expect("inserted above");
+        kept.seen_in = self.cycle;
+        kept
+    }
+
     /// The limits of the cgroup at `path`, read again every [`LIMITS_EVERY`] cycles.
     fn cgroup_limits(&mut self, key: &str, path: &str) -> CgroupLimits {
         let cycle = self.cycle;
-        if let Some((limits, read_at)) = self.limits.get(key) {
+        if let Some((limits, read_at)) = self.kept(key).limits {
             if cycle - read_at < LIMITS_EVERY {
-                return *limits;
+                return limits;
             }
         }
         let limits = CgroupLimits {
             cpu_cores: or_debug(key, self.usage.fs().cpu_limit(path)),
             memory: or_debug(key, self.usage.fs().memory_limit(path)),
         };
-        self.limits.insert(key.to_owned(), (limits, cycle));
+        self.kept(key).limits = Some((limits, cycle));
         limits
     }
 
     /// A workload's limits: the platform's, else its own cgroup's. An ECS task's
     /// `/ecs/<task>` cgroup carries the task-level limits that the agent's API leaves out; a
     /// pod's cgroup carries the pod's.
-    fn workload_limits(
+    fn workload_limits<'p>(
         &mut self,
         workload: &Workload,
-        paths: &dyn Fn(u64) -> Option<String>,
+        paths: &dyn Fn(u64) -> Option<&'p str>,
     ) -> Limits {
         let own = workload.limits;
         if own.cpu_cores.is_some() && own.memory_bytes.is_some() {
@@ -201,22 +219,22 @@ impl Joiner {
             .cgroup_ids
             .iter()
             .filter_map(|id| paths(*id))
-            .min_by_key(String::len)
+            .min_by_key(|p| p.len())
         else {
             return own;
         };
-        let cgroup = self.cgroup_limits(&workload.id, &path);
+        let cgroup = self.cgroup_limits(&workload.id, path);
         Limits {
             cpu_cores: own.cpu_cores.or(cgroup.cpu_cores),
             memory_bytes: own.memory_bytes.or(cgroup.memory),
         }
     }
 
-    fn usage(
+    fn usage<'p>(
         &mut self,
         container: &Container,
         workload_limits: Limits,
-        paths: &dyn Fn(u64) -> Option<String>,
+        paths: &dyn Fn(u64) -> Option<&'p str>,
         now: Instant,
     ) -> Usage {
         // The container's own cgroup is the shortest of its paths (deeper ones are children).
@@ -224,22 +242,18 @@ impl Joiner {
             .cgroup_ids
             .iter()
             .filter_map(|id| paths(*id))
-            .min_by_key(String::len)
+            .min_by_key(|p| p.len())
         else {
             return Usage::default();
         };
         let name = container.name.as_str();
-        let cpu_percent = or_debug(name, self.usage.cpu_usage(&path)).and_then(|usage| {
-            // The id is copied once, not every interval.
-            let before = match self.cpu_before.get_mut(&container.id) {
-                Some(sample) => Some(std::mem::replace(sample, (usage, now))),
-                None => self.cpu_before.insert(container.id.clone(), (usage, now)),
-            };
+        let cpu_percent = or_debug(name, self.usage.cpu_usage(path)).and_then(|usage| {
+            let before = self.kept(&container.id).cpu.replace((usage, now));
             before
                 .and_then(|(prev, at)| cpu_percent(prev, usage, now.saturating_duration_since(at)))
         });
-        let memory_working_set = or_debug(name, self.usage.memory_working_set(&path));
-        let cgroup = self.cgroup_limits(&container.id, &path);
+        let memory_working_set = or_debug(name, self.usage.memory_working_set(path));
+        let cgroup = self.cgroup_limits(&container.id, path);
         Usage {
             cpu_percent,
             cpu_limit_cores: container
@@ -621,13 +635,7 @@ mod tests {
         t.limits = Limits::default();
         let mut inventory = Inventory::empty("test");
         inventory.workloads.push(t);
-        let paths = |id: u64| {
-            Some(if id == 5 {
-                "/ecs/t".to_owned()
-            } else {
-                "/ecs/t/c".to_owned()
-            })
-        };
+        let paths = |id: u64| Some(if id == 5 { "/ecs/t" } else { "/ecs/t/c" });
         let r = joiner.join(&inventory, &paths, &HashMap::new(), &[], Instant::now());
         assert_eq!(
             r[0].usage.memory_limit,
@@ -659,7 +667,7 @@ mod tests {
         t.limits = Limits::default();
         let mut inventory = Inventory::empty("test");
         inventory.workloads.push(t);
-        let paths = |id: u64| Some(if id == 5 { "/ecs/t" } else { "/ecs/t/c" }.to_owned());
+        let paths = |id: u64| Some(if id == 5 { "/ecs/t" } else { "/ecs/t/c" });
         let mut limit = || {
             joiner.join(&inventory, &paths, &HashMap::new(), &[], Instant::now())[0]
                 .usage
@@ -693,13 +701,7 @@ mod tests {
         let mut c0 = container("c0", &[1]);
         c0.limits.memory_bytes = Some(64 << 20);
         let (c1, c2) = (container("c1", &[1]), container("c2", &[2]));
-        let paths = |id: u64| {
-            Some(if id == 1 {
-                "/c1".to_owned()
-            } else {
-                "/c2".to_owned()
-            })
-        };
+        let paths = |id: u64| Some(if id == 1 { "/c1" } else { "/c2" });
         let now = Instant::now();
         let mut w = task(vec![], &[]);
         assert_eq!(

@@ -94,7 +94,14 @@ pub struct Refresher {
     /// Path under the v2 root of every cgroup attached to a workload at the last attach: where
     /// to look for it. Replaced at every attach, so bounded by the cgroups that exist.
     attached_paths: HashMap<u64, String>,
+    /// The cgroups of the last attach and what matched nothing, until a fetch: an interval
+    /// whose walk and inventory are those of the one before has nothing new to attach, and
+    /// parsing every cgroup's path again cost more than the rest of its inventory work.
+    last_attach: Option<LastAttach>,
 }
+
+/// The cgroups (id, path) an attach was given, and what of them matched nothing.
+type LastAttach = (Vec<(u64, Box<str>)>, Vec<Unmatched>);
 
 impl std::fmt::Debug for Refresher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -125,6 +132,7 @@ impl Refresher {
             failures_total: 0,
             cgroup_root: None,
             attached_paths: HashMap::new(),
+            last_attach: None,
         }
     }
 
@@ -165,6 +173,13 @@ impl Refresher {
     /// Attaches `cgroups` to the current inventory again, without asking for a fetch (after a
     /// walk of the hierarchy found the cgroups of containers the last fetch listed).
     pub fn attach(&mut self, cgroups: &[(u64, &str)]) -> Vec<Unmatched> {
+        if let Some((last, unmatched)) = &self.last_attach {
+            let same = last.len() == cgroups.len()
+                && (last.iter().zip(cgroups)).all(|((a, p), (b, q))| a == b && **p == **q);
+            if same {
+                return unmatched.clone();
+            }
+        }
         let unmatched = self.inventory.attach_cgroups(cgroups.iter().copied());
         let attached: HashSet<u64> = (self.inventory.workloads.iter())
             .flat_map(Workload::all_cgroup_ids)
@@ -174,6 +189,8 @@ impl Refresher {
             .filter(|(id, _)| attached.contains(id))
             .map(|(id, path)| (*id, (*path).to_owned()))
             .collect();
+        let seen = cgroups.iter().map(|(id, path)| (*id, (*path).into()));
+        self.last_attach = Some((seen.collect(), unmatched.clone()));
         unmatched
     }
 
@@ -234,6 +251,8 @@ impl Refresher {
         self.wanted = false;
         self.last_attempt = Some(now);
         self.attempts += 1;
+        // Whatever the outcome, the inventory may have changed: attach afresh.
+        self.last_attach = None;
         let timeout = self.config.timeout;
         match tokio::time::timeout(timeout, self.source.fetch()).await {
             Ok(Ok(inventory)) => self.succeeded(now, inventory),
@@ -697,6 +716,33 @@ mod tests {
             3,
             "no fetch storm for a cgroup nobody lists"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_walk_that_changed_is_attached_again_without_a_fetch() {
+        let script = Script::default();
+        script.then(Step::Tasks(vec![TASK_A]));
+        let mut r = refresher(&script);
+        let t0 = Instant::now();
+        let a = format!("/ecs/{TASK_A}/{}", container_of(TASK_A));
+        let sub = format!("{a}/sub");
+        let (inv, _) = r.tick(t0, &[(1, a.as_str())]).await;
+        assert_eq!(inv.workloads[0].containers[0].cgroup_ids, [1]);
+        // The same walk: the same answer.
+        let (inv, unmatched) = r.tick(t0 + S / 10, &[(1, a.as_str())]).await;
+        assert_eq!(inv.workloads[0].containers[0].cgroup_ids, [1]);
+        assert!(unmatched.is_empty());
+        // A child cgroup appears, then the container's cgroup is made again under a new id:
+        // each walk is attached, with no fetch in between.
+        let (inv, _) = r
+            .tick(t0 + S / 5, &[(1, a.as_str()), (4, sub.as_str())])
+            .await;
+        let mut ids = inv.workloads[0].containers[0].cgroup_ids.clone();
+        ids.sort();
+        assert_eq!(ids, [1, 4]);
+        let (inv, _) = r.tick(t0 + S / 4, &[(5, a.as_str())]).await;
+        assert_eq!(inv.workloads[0].containers[0].cgroup_ids, [5]);
+        assert_eq!(script.calls(), 1);
     }
 
     // ---- workloads an answer leaves out: the kernel's word ----

@@ -250,6 +250,7 @@ pub fn inventory_cost(counts: &[usize]) -> anyhow::Result<()> {
         reset_peak_rss();
         let mut cpu = Vec::with_capacity(CYCLES);
         for _ in 0..CYCLES {
+            crate::check_interrupted()?;
             let before = process_cpu();
             cycle(&rt, &mut run)?;
             cpu.push(process_cpu() - before);
@@ -316,6 +317,7 @@ fn docker_side_by_side() -> anyhow::Result<()> {
         )))?;
     }
     for _ in 0..CYCLES {
+        crate::check_interrupted()?;
         let (own, daemons) = (process_cpu(), docker_daemons_cpu());
         let joined = cycle(&rt, &mut run)?;
         anyhow::ensure!(joined >= REAL_CONTAINERS, "only {joined} containers joined");
