@@ -7,8 +7,9 @@
 //!
 //! Two program pairs share the maps:
 //! - `count_*` (x86-64): a per-CPU direct-mapped cache of cgroup slots in front of the hash.
-//!   A hit costs an array lookup (inlined by recent kernels) instead of hashing the key and
-//!   walking a bucket; a miss moves the slot's counts into the hash and takes the slot over.
+//!   A hit costs an array lookup with a constant key (inlined by recent kernels) and an offset
+//!   instead of hashing the key and walking a bucket; a miss moves the slot's counts into the
+//!   hash and takes the slot over.
 //!   Readers copy slots while they are taken over; the move's order (see [`CacheSlot`]) tells
 //!   them when a copy was torn, which holds where stores are seen in program order (x86-64).
 //! - `count_*_hashed` (everywhere else): the per-CPU hash alone.
@@ -23,8 +24,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use core::ptr::write_volatile;
 use observer_common::{
-    cache_index, CacheSlot, Counter, Stat, TrafficKey, TrafficValue, CACHE_SLOTS,
-    DEFAULT_MAX_ENTRIES, LOOPBACK_IFINDEX, STAT_COUNT,
+    cache_slot, CacheSlot, CacheSlots, Counter, Stat, TrafficKey, TrafficValue, CACHE_EGRESS,
+    CACHE_INGRESS, DEFAULT_MAX_ENTRIES, LOOPBACK_IFINDEX, STAT_COUNT,
 };
 
 /// Sized by the loader (`--map-entries`); the default is only what the object file declares.
@@ -34,11 +35,11 @@ use observer_common::{
 static TRAFFIC: PerCpuHashMap<TrafficKey, TrafficValue> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// 64 B x 1,024 slots per CPU (64 KiB; 6 MiB on 96 vCPUs). One half per direction, so the
-/// ingress program (softirq) never takes over a slot the egress program on the same CPU is in
-/// the middle of.
+/// 64 B x 512 slots per direction per CPU (64 KiB; 6 MiB on 96 vCPUs). One element per
+/// direction, so the ingress program (softirq) never takes over a slot the egress program on
+/// the same CPU is in the middle of.
 #[map]
-static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(2 * CACHE_SLOTS, 0);
+static CACHE: PerCpuArray<CacheSlots> = PerCpuArray::with_max_entries(2, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
@@ -101,25 +102,38 @@ fn packet(ctx: &SkBuffContext) -> (u64, u64, bool) {
 #[inline(always)]
 fn count_cached(ctx: &SkBuffContext, direction: Direction) {
     let (cgroup_id, len, loopback) = packet(ctx);
-    let Some(slot) = CACHE.get_ptr_mut(cache_index(cgroup_id, direction == Direction::Egress))
-    else {
-        return; // never: the index is always below the array's size
+    let element = match direction {
+        Direction::Ingress => CACHE_INGRESS,
+        Direction::Egress => CACHE_EGRESS,
     };
-    // SAFETY: this CPU's slot, which only programs on this CPU write.
-    let slot = unsafe { &mut *slot };
+    let Some(slots) = CACHE.get_ptr_mut(element) else {
+        return; // never: the array has both elements
+    };
+    // SAFETY: this CPU's slots, which only programs on this CPU write; cache_slot is always
+    // below CACHE_SLOTS (the verifier checks the bound too).
+    let slot = unsafe {
+        (*slots)
+            .slots
+            .get_unchecked_mut(cache_slot(cgroup_id) as usize)
+    };
     if slot.cgroup_id != cgroup_id {
         take_over(ctx, slot, cgroup_id, direction);
     }
     // Per-CPU values: no atomics needed, user space sums the CPUs.
-    if loopback {
-        slot.lo.add(len);
+    let counter = if loopback {
+        &mut slot.lo
     } else {
-        slot.net.add(len);
-    }
+        &mut slot.net
+    };
+    counter.add(len);
 }
 
 /// Moves the slot's counts into the hash and gives the slot to `cgroup_id`, empty.
-#[inline(always)]
+///
+/// Out of line (a BPF subprogram), as is everything it calls: a hit then needs no more
+/// registers than its own, so nothing is spilled to the stack and the hit path stays short.
+#[inline(never)]
+#[cold]
 fn take_over(ctx: &SkBuffContext, slot: &mut CacheSlot, cgroup_id: u64, direction: Direction) {
     let seq = slot.begin.wrapping_add(1);
     // Volatile: these stores stay in this order, `end` first and `begin` last (CacheSlot).
@@ -194,6 +208,14 @@ fn map_full(ctx: &SkBuffContext, lost: &TrafficValue) {
     };
     // Once per CPU, not per packet: the count itself goes out every interval.
     if first {
-        warn!(ctx, "traffic map full: packets of new cgroups go uncounted");
+        warn_map_full(ctx);
     }
+}
+
+/// Its own subprogram: inlined, LLVM merges the log's code with the take-over's, and the
+/// verifier then rejects a register read on one of the merged paths.
+#[inline(never)]
+#[cold]
+fn warn_map_full(ctx: &SkBuffContext) {
+    warn!(ctx, "traffic map full: packets of new cgroups go uncounted");
 }

@@ -18,8 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use observer_common::{
-    CacheSlot, TrafficKey, TrafficValue, CACHE_MAP, CACHE_SLOTS, REPORTED_MAP, STATS_MAP,
-    STAT_COUNT, TRAFFIC_MAP,
+    CacheSlots, TrafficKey, TrafficValue, CACHE_MAP, REPORTED_MAP, STATS_MAP, STAT_COUNT,
+    TRAFFIC_MAP,
 };
 
 use crate::pin::{self, Found, PinDir, Shape};
@@ -155,8 +155,8 @@ pub fn map_shapes(map_entries: u32) -> [(&'static str, Shape); 4] {
             Shape {
                 map_type: MapType::PerCpuArray,
                 key_size: 4,
-                value_size: size_of::<CacheSlot>() as u32,
-                max_entries: 2 * CACHE_SLOTS,
+                value_size: size_of::<CacheSlots>() as u32,
+                max_entries: 2,
                 map_flags: 0,
             },
         ),

@@ -6,10 +6,10 @@
 
 use std::collections::HashMap as StdHashMap;
 
-use aya::maps::{HashMap, Map, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapType, PerCpuArray, PerCpuHashMap};
 use observer_common::{
-    CacheSlot, TrafficKey, TrafficValue, CACHE_MAP, REPORTED_MAP, REPORTED_MAP_FULL_KEY, STATS_MAP,
-    TRAFFIC_MAP,
+    CacheSlot, CacheSlots, TrafficKey, TrafficValue, CACHE_MAP, CACHE_SLOTS, REPORTED_MAP,
+    REPORTED_MAP_FULL_KEY, STATS_MAP, TRAFFIC_MAP,
 };
 
 use crate::{
@@ -46,7 +46,7 @@ pub fn take_over(
                 old.found,
                 old.want
             );
-            if !old.readable {
+            if !old.readable && !is_legacy_cache(&old) {
                 log::warn!(
                     "this build cannot read the earlier {} map's values: traffic it counted \
                      since its last report (at most one interval) is not reported",
@@ -132,24 +132,50 @@ fn carry_over(
 }
 
 /// The slots of a set-aside cache, summed per cgroup.
+/// The cache of builds before the one-element-per-direction layout: a per-CPU array of one
+/// [`CacheSlot`] per element, ingress then egress, indexed as [`cache_index`] still counts.
+///
+/// [`cache_index`]: observer_common::cache_index
+fn is_legacy_cache(old: &SetAside) -> bool {
+    old.name == CACHE_MAP
+        && old.found.map_type == MapType::PerCpuArray
+        && old.found.key_size == 4
+        && old.found.value_size as usize == size_of::<CacheSlot>()
+}
+
+/// What a set-aside cache's whole slots hold, per key, in either layout.
 fn read_cache(old: SetAside) -> Vec<(TrafficKey, TrafficValue)> {
-    match PerCpuArray::<_, CacheSlot>::try_from(Map::PerCpuArray(old.map)) {
-        Ok(map) => {
-            let mut sums: StdHashMap<TrafficKey, TrafficValue> = StdHashMap::new();
+    let mut sums: StdHashMap<TrafficKey, TrafficValue> = StdHashMap::new();
+    let mut add = |index: u32, slot: &CacheSlot| {
+        if slot.cgroup_id != 0 && slot.is_whole() {
+            *sums.entry(TrafficKey::new(slot.cgroup_id)).or_default() += slot.value(index);
+        }
+    };
+    let legacy = is_legacy_cache(&old);
+    let read = if legacy {
+        PerCpuArray::<_, CacheSlot>::try_from(Map::PerCpuArray(old.map)).map(|map| {
             for (index, per_cpu) in map.iter().enumerate() {
                 let Ok(per_cpu) = per_cpu else { continue };
-                for slot in per_cpu.iter().filter(|s| s.cgroup_id != 0 && s.is_whole()) {
-                    *sums.entry(TrafficKey::new(slot.cgroup_id)).or_default() +=
-                        slot.value(index as u32);
+                per_cpu.iter().for_each(|slot| add(index as u32, slot));
+            }
+        })
+    } else {
+        PerCpuArray::<_, CacheSlots>::try_from(Map::PerCpuArray(old.map)).map(|map| {
+            for (element, per_cpu) in map.iter().enumerate() {
+                let Ok(per_cpu) = per_cpu else { continue };
+                let base = element as u32 * CACHE_SLOTS;
+                for slots in per_cpu.iter() {
+                    for (i, slot) in slots.slots.iter().enumerate() {
+                        add(base + i as u32, slot);
+                    }
                 }
             }
-            sums.into_iter().collect()
-        }
-        Err(e) => {
-            log::warn!("reading the set-aside cache: {e}");
-            Vec::new()
-        }
+        })
+    };
+    if let Err(e) = read {
+        log::warn!("reading the set-aside cache: {e}");
     }
+    sums.into_iter().collect()
 }
 
 fn read_traffic(old: SetAside) -> Vec<(TrafficKey, TrafficValue)> {

@@ -22,8 +22,8 @@ use aya::{
     Ebpf,
 };
 use observer_common::{
-    CacheSlot, Counter, Stat, TrafficKey, TrafficValue, CACHE_MAP, REPORTED_MAP, STATS_MAP,
-    TRAFFIC_MAP,
+    CacheSlot, CacheSlots, Counter, Stat, TrafficKey, TrafficValue, CACHE_EGRESS, CACHE_INGRESS,
+    CACHE_MAP, CACHE_SLOTS, REPORTED_MAP, STATS_MAP, TRAFFIC_MAP,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -94,9 +94,7 @@ pub struct TrafficReader {
 }
 
 struct Cache {
-    map: PerCpuArray<MapData, CacheSlot>,
-    fd: OwnedFd,
-    len: u32,
+    map: PerCpuArray<MapData, CacheSlots>,
 }
 
 /// Copies of a slot taken while it is being taken over are made again, this many times; a
@@ -144,16 +142,9 @@ impl TrafficReader {
         })?;
         let cache = match ebpf.take_map(CACHE_MAP) {
             Some(Map::PerCpuArray(data)) if crate::programs::CACHED => {
-                let fd = data.fd().as_fd().try_clone_to_owned().map_err(|source| {
-                    TrafficError::Read {
-                        name: CACHE_MAP,
-                        source,
-                    }
-                })?;
-                let map: PerCpuArray<MapData, CacheSlot> =
+                let map: PerCpuArray<MapData, CacheSlots> =
                     PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(CACHE_MAP))?;
-                let len = map.len();
-                Some(Cache { map, fd, len })
+                Some(Cache { map })
             }
             _ => None,
         };
@@ -226,7 +217,7 @@ impl TrafficReader {
                 ..Reading::default()
             });
         };
-        let (slots, whole) = read_cache(cache, self.cpus, self.batch_supported)?;
+        let (slots, whole) = read_cache(cache)?;
         let mut totals: StdHashMap<TrafficKey, TrafficValue> = hashed.into_iter().collect();
         let mut held = HashSet::new();
         for (index, slot) in slots.iter().filter(|(_, s)| s.cgroup_id != 0) {
@@ -480,56 +471,49 @@ fn lookup_batch(fd: &OwnedFd, cpus: usize) -> io::Result<Vec<(TrafficKey, Traffi
     Ok(entries)
 }
 
-/// Every slot of every CPU, and whether all were copied whole. A slot torn by a take-over
-/// (CacheSlot) is copied again with the rest of its index; one torn every time is left out,
-/// and the reading is then not whole: its counts come next time, and nothing is freed now.
-fn read_cache(
-    cache: &Cache,
-    cpus: usize,
-    batch_supported: bool,
-) -> Result<(Vec<(u32, CacheSlot)>, bool), TrafficError> {
-    let map_err = |source| TrafficError::Map {
-        name: CACHE_MAP,
-        source,
+/// Every used slot of every CPU with its index ([`cache_index`]: ingress, then egress), and
+/// whether all were copied whole. A direction's slots are one element, copied in one syscall;
+/// a slot torn by a take-over (CacheSlot) is copied again with the rest of its element; one
+/// torn every time is left out, and the reading is then not whole: its counts come next time,
+/// and nothing is freed now.
+///
+/// [`cache_index`]: observer_common::cache_index
+fn read_cache(cache: &Cache) -> Result<(Vec<(u32, CacheSlot)>, bool), TrafficError> {
+    let get = |element: u32| {
+        cache
+            .map
+            .get(&element, 0)
+            .map_err(|source| TrafficError::Map {
+                name: CACHE_MAP,
+                source,
+            })
     };
-    let mut slots = Vec::with_capacity(cache.len as usize * cpus);
-    let mut torn = Vec::new();
-    let mut take = |index: u32, per_cpu: &[CacheSlot]| {
-        if per_cpu.iter().all(CacheSlot::is_whole) {
-            slots.extend(per_cpu.iter().map(|s| (index, *s)));
-        } else {
-            torn.push(index);
-        }
-    };
-    let batched = batch_supported
-        && match batch::<u32, CacheSlot>(&cache.fd, cpus, &mut take) {
-            Ok(()) => true,
-            // Kernels whose arrays have no batch operations (before 5.7): slot by slot.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => false,
-            Err(source) => {
-                return Err(TrafficError::Read {
-                    name: CACHE_MAP,
-                    source,
-                })
-            }
-        };
-    if !batched {
-        for index in 0..cache.len {
-            take(index, &cache.map.get(&index, 0).map_err(map_err)?);
-        }
-    }
+    let mut slots = Vec::new();
     let mut whole = true;
-    for index in torn {
-        let mut copied = false;
-        for _ in 0..TORN_RETRIES {
-            let per_cpu = cache.map.get(&index, 0).map_err(map_err)?;
-            if per_cpu.iter().all(CacheSlot::is_whole) {
-                slots.extend(per_cpu.iter().map(|s| (index, *s)));
-                copied = true;
+    for element in [CACHE_INGRESS, CACHE_EGRESS] {
+        let base = element * CACHE_SLOTS;
+        let mut per_cpu = get(element)?;
+        let mut pending: Vec<usize> = (0..CACHE_SLOTS as usize).collect();
+        for attempt in 0..=TORN_RETRIES {
+            if attempt > 0 {
+                per_cpu = get(element)?;
+            }
+            pending.retain(|&i| {
+                if !per_cpu.iter().all(|s| s.slots[i].is_whole()) {
+                    return true;
+                }
+                let used = per_cpu
+                    .iter()
+                    .map(|s| s.slots[i])
+                    .filter(|s| s.cgroup_id != 0);
+                slots.extend(used.map(|s| (base + i as u32, s)));
+                false
+            });
+            if pending.is_empty() {
                 break;
             }
         }
-        whole &= copied;
+        whole &= pending.is_empty();
     }
     Ok((slots, whole))
 }

@@ -227,3 +227,100 @@ fn a_graceful_restart_and_an_upgrade_of_the_map_size_lose_nothing() -> anyhow::R
     ensure!(again.contains("nothing pinned"), "{again}");
     Ok(())
 }
+
+/// An upgrade from a build whose cache was one element per slot (a per-CPU array of 1,024
+/// 64-byte slots, ingress then egress): the counts its slots held are carried over and
+/// reported once, under their cgroup.
+#[test]
+fn an_upgrade_from_the_cache_of_one_slot_per_element_carries_its_counts_over() -> anyhow::Result<()>
+{
+    if skip_unless_root("an_upgrade_from_the_cache_of_one_slot_per_element_carries_its_counts_over")
+    {
+        return Ok(());
+    }
+    const LO_BYTES: u64 = 1234;
+    const LO_PACKETS: u64 = 7;
+    let bpffs = Bpffs::new()?;
+    let pin_dir = bpffs.pin_dir();
+    std::fs::create_dir_all(&pin_dir)?;
+    let idle = TestCgroup::new("restart-legacy")?;
+    let cache = pin_dir.join(observer_common::CACHE_MAP);
+    let cache_path = cache.to_string_lossy().into_owned();
+    sh(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &cache_path,
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "64",
+            "entries",
+            "1024",
+            "name",
+            "CACHE",
+        ],
+    )?;
+    // The earlier build's slot of the idle cgroup's egress: a whole slot (begin == end) with
+    // loopback counts. bpftool writes the same value on every CPU.
+    let index = observer_common::cache_index(idle.id(), true);
+    let words = [1, idle.id(), 0, 0, LO_BYTES, LO_PACKETS, 1, 0];
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+    let key = hex(&index.to_ne_bytes());
+    let value = hex(&words
+        .iter()
+        .flat_map(|w: &u64| w.to_ne_bytes())
+        .collect::<Vec<_>>());
+    let mut args = vec!["map", "update", "pinned", &cache_path, "key", "hex"];
+    args.extend(key.iter().map(String::as_str));
+    args.extend(["value", "hex"]);
+    args.extend(value.iter().map(String::as_str));
+    sh("bpftool", &args)?;
+    // Per-CPU maps hold a value for every possible CPU ("0-1", "0-3,5-7").
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let cpus = 1 + possible
+        .trim()
+        .rsplit(['-', ','])
+        .next()
+        .and_then(|last| last.parse::<u64>().ok())
+        .with_context(|| format!("possible CPUs {possible:?}"))?;
+
+    let mut observer = start(&pin_dir, &[])?;
+    observer.wait_stdout(r#""type":"observer""#, Duration::from_secs(10))?;
+    observer.wait_stdout(r#""type":"observer""#, Duration::from_secs(5))?;
+    observer.signal(libc::SIGTERM);
+    let done = observer.finish(Duration::from_secs(20))?;
+    ensure!(done.status.success(), "{}", done.log);
+    ensure!(
+        done.log.contains("the pinned CACHE map") && done.log.contains("set aside"),
+        "{}",
+        done.log
+    );
+    ensure!(
+        !done.log.contains("cannot read the earlier CACHE"),
+        "{}",
+        done.log
+    );
+    let lines: Vec<Value> = done
+        .stdout
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["type"] == "cgroup" && l["cgroup_id"] == idle.id())
+        .collect();
+    let bytes: u64 = lines.iter().filter_map(|l| l["lo_tx_bytes"].as_u64()).sum();
+    let packets: u64 = lines
+        .iter()
+        .filter_map(|l| l["lo_tx_packets"].as_u64())
+        .sum();
+    ensure!(
+        (bytes, packets) == (LO_BYTES * cpus, LO_PACKETS * cpus),
+        "carried over {bytes} B / {packets} packets, not {} / {} ({cpus} CPUs): {lines:?}\n{}",
+        LO_BYTES * cpus,
+        LO_PACKETS * cpus,
+        done.log
+    );
+    Ok(())
+}
