@@ -249,9 +249,10 @@ impl Container {
 }
 
 fn dataplane(opts: &Opts) -> anyhow::Result<()> {
+    let root = testbed::v2_root();
+    refuse_other_skb_programs(&root)?;
     let stats = Sysctl::set("kernel.bpf_stats_enabled", "1")
         .context("turning on kernel.bpf_stats_enabled")?;
-    let root = testbed::v2_root();
     let mut observer = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
     let mut floor = Programs::load_floor()?;
     let mut hashed = Programs::load_hashed(DEFAULT_MAX_ENTRIES)?;
@@ -308,6 +309,33 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
     eprintln!(" done");
     drop(stats);
     print_dataplane(opts, &results);
+    Ok(())
+}
+
+/// Stops when cgroup_skb programs are already attached at `root`: every packet would run them
+/// too, in front of the measured pair, which then finds the socket's lines warm and looks
+/// cheaper than it is (a pinned observer stopped with SIGTERM stays attached, by design).
+fn refuse_other_skb_programs(root: &std::path::Path) -> anyhow::Result<()> {
+    let shown = testbed::sh("bpftool", &["cgroup", "show", &root.to_string_lossy()])
+        .context("listing the programs attached at the cgroup v2 root (bpftool cgroup show)")?;
+    let attached: Vec<&str> = shown
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|id| id.parse::<u32>().is_ok())
+        })
+        .filter(|l| l.contains("ingress") || l.contains("egress"))
+        .collect();
+    if !attached.is_empty() {
+        bail!(
+            "cgroup_skb programs are already attached at {}; the data plane would measure them \
+             too:\n{}\ndetach them first (a pinned observer: observer detach --bpf-pin-dir \
+             /sys/fs/bpf/observer)",
+            root.display(),
+            attached.join("\n")
+        );
+    }
     Ok(())
 }
 
