@@ -5,3 +5,86 @@
 //! in advance to collide.
 
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// What is kept per key (a container id, a cgroup path) from one cycle to the next: a key the
+/// cycle does not touch is dropped when the cycle ends, so what is kept follows what is listed
+/// without a set of every key built each cycle.
+#[derive(Debug)]
+pub struct Stamped<V> {
+    map: FastMap<String, (V, u64)>,
+    cycle: u64,
+}
+
+impl<V> Default for Stamped<V> {
+    fn default() -> Self {
+        Self {
+            map: FastMap::default(),
+            cycle: 0,
+        }
+    }
+}
+
+impl<V: Default> Stamped<V> {
+    /// What is kept of `key`, made if there is none, and kept through this cycle.
+    pub fn touch(&mut self, key: &str) -> &mut V {
+        // A lookup by &str allocates nothing; a key is copied once, when first touched.
+        if !self.map.contains_key(key) {
+            self.map.insert(key.to_owned(), (V::default(), self.cycle));
+        }
+        let (value, stamp) = self.map.get_mut(key).expect("inserted above");
+        *stamp = self.cycle;
+        value
+    }
+
+    /// Ends the cycle: what it did not touch is dropped, each passed to `dropped` first.
+    pub fn end_cycle(&mut self, mut dropped: impl FnMut(&V)) {
+        let cycle = self.cycle;
+        self.map.retain(|_, (value, stamp)| {
+            let keep = *stamp == cycle;
+            if !keep {
+                dropped(value);
+            }
+            keep
+        });
+        self.cycle += 1;
+    }
+
+    /// The cycle under way: 0, then one more after each [`Stamped::end_cycle`].
+    pub fn cycle(&self) -> u64 {
+        self.cycle
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_cycle_does_not_touch_is_dropped_at_its_end() {
+        let mut kept: Stamped<u32> = Stamped::default();
+        *kept.touch("a") += 1;
+        *kept.touch("b") += 10;
+        kept.end_cycle(|_| panic!("both were touched"));
+        assert_eq!(kept.cycle(), 1);
+        // Cycle 1 touches only a: b goes at its end, a keeps its value.
+        *kept.touch("a") += 1;
+        let mut dropped = Vec::new();
+        kept.end_cycle(|v| dropped.push(*v));
+        assert_eq!(dropped, [10]);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(*kept.touch("a"), 2);
+        // A key dropped and touched again starts afresh.
+        assert_eq!(*kept.touch("b"), 0);
+        kept.end_cycle(|_| {});
+        kept.end_cycle(|_| {});
+        assert!(kept.is_empty());
+    }
+}

@@ -21,7 +21,7 @@ use std::{
 };
 
 use crate::{
-    fastmap::FastMap,
+    fastmap::Stamped,
     resources::{self, CgroupFs, ResourceError, UsageFile},
 };
 
@@ -96,31 +96,28 @@ struct Kept {
 #[derive(Debug, Default)]
 struct CgroupFiles {
     files: [Option<Kept>; UsageFile::ALL.len()],
-    /// The interval it was last read in: cgroups not read in one are closed.
-    read_in: u64,
 }
 
 /// CPU and memory usage of cgroups, read through files kept open between intervals.
 #[derive(Debug)]
 pub struct UsageReader {
     fs: CgroupFs,
-    cgroups: FastMap<String, CgroupFiles>,
+    /// Cgroups not read in an interval are closed at its end.
+    cgroups: Stamped<CgroupFiles>,
     kept: usize,
     budget: Budget,
     /// One buffer for every read, grown to the longest text (memory.stat).
     buf: Vec<u8>,
-    interval: u64,
 }
 
 impl UsageReader {
     pub fn new(fs: CgroupFs, budget: Budget) -> Self {
         Self {
             fs,
-            cgroups: FastMap::default(),
+            cgroups: Stamped::default(),
             kept: 0,
             budget,
             buf: vec![0; 4096],
-            interval: 0,
         }
     }
 
@@ -146,26 +143,14 @@ impl UsageReader {
 
     /// Ends an interval: the files of cgroups not read in it are closed.
     pub fn end_interval(&mut self) {
-        let interval = self.interval;
         let mut closed = 0;
-        self.cgroups.retain(|_, c| {
-            let keep = c.read_in == interval;
-            if !keep {
-                closed += c.files.iter().flatten().count();
-            }
-            keep
-        });
+        self.cgroups
+            .end_cycle(|c| closed += c.files.iter().flatten().count());
         self.kept -= closed;
-        self.interval += 1;
     }
 
     fn cgroup<'a>(&'a mut self, rel: &'a str) -> Cgroup<'a> {
-        // A lookup by &str allocates nothing; a cgroup's path is copied once, when first read.
-        if !self.cgroups.contains_key(rel) {
-            self.cgroups.insert(rel.to_owned(), CgroupFiles::default());
-        }
-        let files = self.cgroups.get_mut(rel).expect("inserted above");
-        files.read_in = self.interval;
+        let files = self.cgroups.touch(rel);
         Cgroup {
             fs: &self.fs,
             rel,

@@ -13,7 +13,7 @@ use std::{
 use observer_common::TrafficValue;
 
 use crate::{
-    fastmap::FastMap,
+    fastmap::Stamped,
     inventory::{
         host_label_value, Container, Inventory, Limits, Workload, WorkloadKind, DISPLAY_NAME_LABEL,
         HOST_LABEL, MEMO_LABEL, PLUGINS_LABEL, ROLES_LABEL,
@@ -34,9 +34,8 @@ pub struct Host {
 pub struct Joiner {
     usage: UsageReader,
     host: Host,
-    /// Per container and workload id listed in the last cycle.
-    kept: FastMap<String, Kept>,
-    cycle: u64,
+    /// Per container and workload id listed in this cycle or the last.
+    kept: Stamped<Kept>,
     /// Traffic of cgroups that look like containers no inventory lists yet, with the number
     /// of intervals it has waited.
     held: HashMap<u64, (TrafficValue, u32)>,
@@ -50,8 +49,6 @@ struct Kept {
     /// cgroup limits with the cycle they were read in: limits change rarely (docker update),
     /// and every file read costs microseconds per container per interval.
     limits: Option<(CgroupLimits, u64)>,
-    /// The last cycle that listed the id; ids not listed in a cycle are dropped at its end.
-    seen_in: u64,
 }
 
 /// Held traffic of a cgroup no workload claims is given up after this many intervals (it
@@ -78,8 +75,7 @@ impl Joiner {
         Self {
             usage: UsageReader::new(fs, budget),
             host,
-            kept: FastMap::default(),
-            cycle: 0,
+            kept: Stamped::default(),
             held: HashMap::new(),
         }
     }
@@ -124,10 +120,8 @@ impl Joiner {
         }
         // Containers that are gone take their CPU sample and limits with them, workloads
         // their limits.
-        let cycle = self.cycle;
-        self.kept.retain(|_, kept| kept.seen_in == cycle);
+        self.kept.end_cycle(|_| {});
         self.usage.end_interval();
-        self.cycle += 1;
         reports
     }
 
@@ -178,18 +172,12 @@ impl Joiner {
 
     /// What is kept of `id`, which this cycle lists.
     fn kept(&mut self, id: &str) -> &mut Kept {
-        // A lookup by &str allocates nothing; an id is copied once, when first listed.
-        if !self.kept.contains_key(id) {
-            self.kept.insert(id.to_owned(), Kept::default());
-        }
-        let kept = self.kept.get_mut(id).expect("inserted above");
-        kept.seen_in = self.cycle;
-        kept
+        self.kept.touch(id)
     }
 
     /// The limits of the cgroup at `path`, read again every [`LIMITS_EVERY`] cycles.
     fn cgroup_limits(&mut self, key: &str, path: &str) -> CgroupLimits {
-        let cycle = self.cycle;
+        let cycle = self.kept.cycle();
         if let Some((limits, read_at)) = self.kept(key).limits {
             if cycle - read_at < LIMITS_EVERY {
                 return limits;
