@@ -104,6 +104,8 @@ impl SyntheticTasks {
             .map(|h| PathBuf::from("/sys/fs/cgroup").join(h))
             .filter(|p| p.is_dir())
             .chain(std::iter::once(testbed::v2_root()))
+            // Where cpu and cpuacct are one hierarchy (cpu,cpuacct and two symlinks), once.
+            .map(|p| p.canonicalize().unwrap_or(p))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -111,6 +113,14 @@ impl SyntheticTasks {
             dirs: Vec::new(),
             inventory: Inventory::empty("bench"),
         };
+        // The `ecs` parents too, where the bench made them (removed last: children first).
+        for h in &hierarchies {
+            let parent = h.join("ecs");
+            if !parent.exists() {
+                fs::create_dir(&parent).with_context(|| format!("mkdir {}", parent.display()))?;
+                this.dirs.push(parent);
+            }
+        }
         let pid = std::process::id();
         for t in 0..n.div_ceil(CONTAINERS_PER_TASK) {
             let task_id = format!("{:08x}{:024x}", pid, t);
