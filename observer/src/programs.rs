@@ -18,8 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use observer_common::{
-    CacheSlots, TrafficKey, TrafficValue, CACHE_MAP, REPORTED_MAP, STATS_MAP, STAT_COUNT,
-    TRAFFIC_MAP,
+    CacheSlot, CacheSlots, TrafficKey, TrafficValue, CACHE_MAP, REPORTED_MAP, STATS_MAP,
+    STAT_COUNT, TRAFFIC_MAP,
 };
 
 use crate::pin::{self, Found, PinDir, Shape};
@@ -163,6 +163,17 @@ pub fn map_shapes(map_entries: u32) -> [(&'static str, Shape); 4] {
     ]
 }
 
+/// The cache of builds before the one-element-per-direction layout: a per-CPU array of one
+/// [`CacheSlot`] per element, ingress then egress, indexed as [`cache_index`] still counts.
+/// Its values are not laid out as this build's, but it can be read (resume.rs).
+///
+/// [`cache_index`]: observer_common::cache_index
+pub fn is_legacy_cache(found: &Shape) -> bool {
+    found.map_type == MapType::PerCpuArray
+        && found.key_size == 4
+        && found.value_size as usize == size_of::<CacheSlot>()
+}
+
 /// The name a direction's link is pinned under, whichever program pair serves it, so that a
 /// restart takes the link over instead of attaching a second one beside it.
 fn link_name(attach_type: CgroupSkbAttachType) -> &'static str {
@@ -210,7 +221,7 @@ impl Programs {
                         map,
                         found,
                         want,
-                        readable,
+                        readable: readable || (name == CACHE_MAP && is_legacy_cache(&found)),
                     }),
                 }
                 loader.map_pin_path(name, pins.map(name));

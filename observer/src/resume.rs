@@ -6,7 +6,7 @@
 
 use std::collections::HashMap as StdHashMap;
 
-use aya::maps::{HashMap, Map, MapType, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, Map, PerCpuArray, PerCpuHashMap};
 use observer_common::{
     CacheSlot, CacheSlots, TrafficKey, TrafficValue, CACHE_MAP, CACHE_SLOTS, REPORTED_MAP,
     REPORTED_MAP_FULL_KEY, STATS_MAP, TRAFFIC_MAP,
@@ -14,7 +14,7 @@ use observer_common::{
 
 use crate::{
     collect::Resume,
-    programs::{Programs, SetAside},
+    programs::{is_legacy_cache, Programs, SetAside},
     traffic::{sum, TrafficError, TrafficReader},
 };
 
@@ -46,7 +46,7 @@ pub fn take_over(
                 old.found,
                 old.want
             );
-            if !old.readable && !is_legacy_cache(&old) {
+            if !old.readable {
                 log::warn!(
                     "this build cannot read the earlier {} map's values: traffic it counted \
                      since its last report (at most one interval) is not reported",
@@ -131,18 +131,6 @@ fn carry_over(
         .collect()
 }
 
-/// The slots of a set-aside cache, summed per cgroup.
-/// The cache of builds before the one-element-per-direction layout: a per-CPU array of one
-/// [`CacheSlot`] per element, ingress then egress, indexed as [`cache_index`] still counts.
-///
-/// [`cache_index`]: observer_common::cache_index
-fn is_legacy_cache(old: &SetAside) -> bool {
-    old.name == CACHE_MAP
-        && old.found.map_type == MapType::PerCpuArray
-        && old.found.key_size == 4
-        && old.found.value_size as usize == size_of::<CacheSlot>()
-}
-
 /// What a set-aside cache's whole slots hold, per key, in either layout.
 fn read_cache(old: SetAside) -> Vec<(TrafficKey, TrafficValue)> {
     let mut sums: StdHashMap<TrafficKey, TrafficValue> = StdHashMap::new();
@@ -151,8 +139,7 @@ fn read_cache(old: SetAside) -> Vec<(TrafficKey, TrafficValue)> {
             *sums.entry(TrafficKey::new(slot.cgroup_id)).or_default() += slot.value(index);
         }
     };
-    let legacy = is_legacy_cache(&old);
-    let read = if legacy {
+    let read = if is_legacy_cache(&old.found) {
         PerCpuArray::<_, CacheSlot>::try_from(Map::PerCpuArray(old.map)).map(|map| {
             for (index, per_cpu) in map.iter().enumerate() {
                 let Ok(per_cpu) = per_cpu else { continue };

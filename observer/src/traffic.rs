@@ -77,7 +77,7 @@ pub struct TrafficReader {
     /// What was last reported per key: kept in the kernel so a restart finds it (pinned).
     reported: HashMap<MapData, TrafficKey, TrafficValue>,
     /// The per-CPU cache, when this build's programs count through it.
-    cache: Option<Cache>,
+    cache: Option<PerCpuArray<MapData, CacheSlots>>,
     /// What the last reading returned per key (with the cache only): totals never go back.
     last: StdHashMap<TrafficKey, TrafficValue>,
     /// Per retired key, what its freed hash entries held: added to its later readings.
@@ -91,10 +91,6 @@ pub struct TrafficReader {
     capacity: u32,
     cpus: usize,
     batch_supported: bool,
-}
-
-struct Cache {
-    map: PerCpuArray<MapData, CacheSlots>,
 }
 
 /// Copies of a slot taken while it is being taken over are made again, this many times; a
@@ -142,9 +138,7 @@ impl TrafficReader {
         })?;
         let cache = match ebpf.take_map(CACHE_MAP) {
             Some(Map::PerCpuArray(data)) if crate::programs::CACHED => {
-                let map: PerCpuArray<MapData, CacheSlots> =
-                    PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(CACHE_MAP))?;
-                Some(Cache { map })
+                Some(PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(CACHE_MAP))?)
             }
             _ => None,
         };
@@ -220,7 +214,7 @@ impl TrafficReader {
         let (slots, whole) = read_cache(cache)?;
         let mut totals: StdHashMap<TrafficKey, TrafficValue> = hashed.into_iter().collect();
         let mut held = HashSet::new();
-        for (index, slot) in slots.iter().filter(|(_, s)| s.cgroup_id != 0) {
+        for (index, slot) in &slots {
             let key = TrafficKey::new(slot.cgroup_id);
             *totals.entry(key).or_default() += slot.value(*index);
             held.insert(key);
@@ -478,15 +472,14 @@ fn lookup_batch(fd: &OwnedFd, cpus: usize) -> io::Result<Vec<(TrafficKey, Traffi
 /// and nothing is freed now.
 ///
 /// [`cache_index`]: observer_common::cache_index
-fn read_cache(cache: &Cache) -> Result<(Vec<(u32, CacheSlot)>, bool), TrafficError> {
+fn read_cache(
+    cache: &PerCpuArray<MapData, CacheSlots>,
+) -> Result<(Vec<(u32, CacheSlot)>, bool), TrafficError> {
     let get = |element: u32| {
-        cache
-            .map
-            .get(&element, 0)
-            .map_err(|source| TrafficError::Map {
-                name: CACHE_MAP,
-                source,
-            })
+        cache.get(&element, 0).map_err(|source| TrafficError::Map {
+            name: CACHE_MAP,
+            source,
+        })
     };
     let mut slots = Vec::new();
     let mut whole = true;
