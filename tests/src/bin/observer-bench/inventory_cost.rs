@@ -27,7 +27,11 @@ use observer::{
 use observer_common::DEFAULT_MAX_ENTRIES;
 use testbed::{docker, stats::Summary};
 
-const CYCLES: usize = 10;
+/// Three whole periods of what is done one cycle in ten (the walk; each container's limits
+/// are read in one cycle of its ten), so the mean is what a node spends.
+const CYCLES: usize = 30;
+/// Collections of the real containers, through observer and through Docker's stats API.
+const DOCKER_ROUNDS: usize = 10;
 const CONTAINERS_PER_TASK: usize = 10;
 /// Real containers for the side-by-side with Docker's stats API.
 const REAL_CONTAINERS: usize = 10;
@@ -265,8 +269,8 @@ pub fn inventory_cost(counts: &[usize]) -> anyhow::Result<()> {
             cycle(&rt, &mut run)?;
             cpu.push(process_cpu() - before);
         }
-        // The mean too: limits are read again in one cycle of ten, which the median leaves out
-        // and the CPU a node spends does not.
+        // The mean too: the walk is done in one cycle of ten, which the median leaves out and
+        // the CPU a node spends does not.
         let mean = cpu.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / cpu.len() as f64;
         let fmt = ms(&cpu).map_or("-".into(), |s| {
             format!("{:.2} [{:.2}..{:.2}] {mean:>8.2}", s.median, s.min, s.max)
@@ -326,7 +330,7 @@ fn docker_side_by_side() -> anyhow::Result<()> {
             "/containers/{id}/stats?stream=false&one-shot=true"
         )))?;
     }
-    for _ in 0..CYCLES {
+    for _ in 0..DOCKER_ROUNDS {
         crate::check_interrupted()?;
         let (own, daemons) = (process_cpu(), docker_daemons_cpu());
         let joined = cycle(&rt, &mut run)?;
@@ -349,7 +353,7 @@ fn docker_side_by_side() -> anyhow::Result<()> {
     println!();
     println!(
         "{REAL_CONTAINERS} real containers, CPU per collection of all of them incl. the Docker engine's \
-         processes, ms (median [min..max] of {CYCLES}; engine CPU has 10 ms resolution)"
+         processes, ms (median [min..max] of {DOCKER_ROUNDS}; engine CPU has 10 ms resolution)"
     );
     let fmt = |s: Option<Summary>| {
         s.map_or("-".into(), |s| {
