@@ -35,6 +35,41 @@ fn lo_tx(n: u64, payload: u64) -> TrafficValue {
     }
 }
 
+/// The walk lists only directories that have subdirectories (by their link count) and stats
+/// the rest: every cgroup is still found at any depth, a child made in what was a leaf at the
+/// last walk is found by the next, and a removed one is gone.
+#[test]
+fn the_walk_finds_cgroups_at_every_depth_and_children_of_former_leaves() {
+    if skip_unless_root("the_walk_finds_cgroups_at_every_depth_and_children_of_former_leaves") {
+        return;
+    }
+    let root = testbed::v2_root();
+    let top = TestCgroup::new("walk").unwrap();
+    let a = TestCgroup::under(top.path(), "a").unwrap();
+    let b = TestCgroup::under(a.path(), "b").unwrap();
+    let c = TestCgroup::under(b.path(), "c").unwrap();
+    let leaf = TestCgroup::under(top.path(), "leaf").unwrap();
+    let rel = |cg: &TestCgroup| {
+        let rel = cg.path().strip_prefix(&root).unwrap();
+        format!("/{}", rel.display())
+    };
+    let mut index = CgroupIndex::scan(&root).unwrap();
+    for cg in [&top, &a, &b, &c, &leaf] {
+        assert_eq!(index.path(cg.id()), Some(rel(cg).as_str()));
+    }
+
+    let child = TestCgroup::under(leaf.path(), "child").unwrap();
+    let grandchild = TestCgroup::under(child.path(), "grandchild").unwrap();
+    index.rescan().unwrap();
+    assert_eq!(index.path(child.id()), Some(rel(&child).as_str()));
+    assert_eq!(index.path(grandchild.id()), Some(rel(&grandchild).as_str()));
+
+    c.remove().unwrap();
+    index.rescan().unwrap();
+    assert_eq!(index.path(c.id()), None, "removed");
+    assert_eq!(index.path(b.id()), Some(rel(&b).as_str()), "a leaf again");
+}
+
 #[test]
 fn a_cgroup_made_mid_interval_starts_from_its_first_packet() {
     if skip_unless_root("a_cgroup_made_mid_interval_starts_from_its_first_packet") {
