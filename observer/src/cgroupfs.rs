@@ -161,12 +161,10 @@ impl CgroupIndex {
                     continue;
                 }
                 let child_rel = format!("{rel}/{}", entry.file_name().to_string_lossy());
-                if has_no_subdirs(&entry) {
-                    paths.insert(entry.ino(), child_rel);
-                    continue;
+                if !has_no_subdirs(&entry) {
+                    stack.push((entry.path(), child_rel.clone()));
                 }
-                paths.insert(entry.ino(), child_rel.clone());
-                stack.push((entry.path(), child_rel));
+                paths.insert(entry.ino(), child_rel);
             }
         }
         self.paths = paths;
