@@ -53,15 +53,25 @@ pub fn main() -> std::process::ExitCode {
     }
     if let Some(config::Command::Detach) = args.command {
         return match pin::remove_all(&args.bpf_pin_dir) {
-            Ok(removed) if removed.is_empty() => {
+            Ok(removed) if removed.paths.is_empty() => {
                 log::info!("nothing pinned in {}", args.bpf_pin_dir.display());
                 std::process::ExitCode::SUCCESS
             }
             Ok(removed) => {
-                for path in &removed {
+                for path in &removed.paths {
                     log::info!("removed {}", path.display());
                 }
-                log::info!("observer is detached: its programs and maps are gone");
+                if removed.still_loaded.is_empty() {
+                    log::info!("observer is detached: its programs and maps are gone");
+                } else {
+                    // Detached from every cgroup, so they count nothing; another process holds them.
+                    log::warn!(
+                        "observer is detached, but programs {:?} are still loaded: another \
+                         process holds them (an observer still running? stop it; \
+                         bpftool prog show id N names the holder's pid)",
+                        removed.still_loaded
+                    );
+                }
                 std::process::ExitCode::SUCCESS
             }
             Err(e) => {

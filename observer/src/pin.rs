@@ -12,7 +12,7 @@ use std::{
     ffi::CString,
     fs, io,
     os::{
-        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::{Path, PathBuf},
@@ -27,6 +27,9 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -287,13 +290,28 @@ pub fn update_link(link: &Path, program: BorrowedFd<'_>) -> Result<(), PinError>
     Ok(())
 }
 
-/// Removes everything observer pinned in `dir`, links first (which detaches the programs),
-/// then the maps, then the directory; returns what was removed. A directory that is not there
-/// is nothing to do.
-pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
+/// What `observer detach` removed, and the programs that were still loaded when it stopped
+/// waiting (held by another process, such as an observer still running).
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub paths: Vec<PathBuf>,
+    pub still_loaded: Vec<u32>,
+}
+
+/// How long `remove_all` waits for the kernel to free the programs behind removed links.
+const FREED_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Removes everything observer pinned in `dir`, links first, then the maps, then the
+/// directory, and waits until the programs behind the links are gone. A directory that is not
+/// there is nothing to do.
+///
+/// Each link is detached explicitly (`BPF_LINK_DETACH`) before its pin goes: removing a pin
+/// alone frees the link only after an RCU grace period and a kernel work item, so its program
+/// would go on counting, and stay loaded, for a moment after this returned.
+pub fn remove_all(dir: &Path) -> Result<Removed, PinError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removed::default()),
         Err(source) => {
             return Err(PinError::Io {
                 path: dir.to_owned(),
@@ -302,17 +320,103 @@ pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
         }
     };
     let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-    // Links before maps: the programs stop before their maps go.
-    paths.sort_by_key(|p| {
-        !p.file_name()
+    let is_link = |p: &Path| {
+        p.file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with("link_"))
-    });
+    };
+    // Links before maps: the programs stop before their maps go.
+    paths.sort_by_key(|p| !is_link(p));
+    let mut programs = Vec::new();
     for path in &paths {
+        if is_link(path) {
+            // Best effort: a kernel without BPF_LINK_DETACH (before 5.9) or a link whose cgroup
+            // is gone still detaches when the pin goes; the wait below covers both.
+            if let Ok(link) = open_pinned(path) {
+                programs.extend(link_program(link.as_fd()));
+                link_detach(link.as_fd());
+            }
+        }
         fs::remove_file(path).map_err(io_err(path))?;
     }
     fs::remove_dir(dir).map_err(io_err(dir))?;
-    Ok(paths)
+    let deadline = std::time::Instant::now() + FREED_WITHIN;
+    loop {
+        programs.retain(|&id| program_loaded(id));
+        if programs.is_empty() || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(Removed {
+        paths,
+        still_loaded: programs,
+    })
+}
+
+/// `union bpf_attr` as BPF_OBJ_GET_INFO_BY_FD reads it.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The id of the program behind a link (`struct bpf_link_info`: type, id, prog_id).
+fn link_program(link: BorrowedFd<'_>) -> Option<u32> {
+    let mut info = [0u32; 16];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD; the kernel writes at
+    // most info_len bytes into info, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            size_of::<InfoAttr>(),
+        )
+    };
+    (rc == 0 && info[2] != 0).then_some(info[2])
+}
+
+fn link_detach(link: BorrowedFd<'_>) {
+    let mut attr = [link.as_raw_fd() as u32, 0];
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_DETACH (link_fd).
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_mut_ptr(),
+            size_of_val(&attr),
+        )
+    };
+}
+
+/// Whether a program with this id is still loaded.
+fn program_loaded(id: u32) -> bool {
+    // prog_id, next_id, open_flags
+    let mut attr = [id, 0, 0];
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_GET_FD_BY_ID.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            attr.as_mut_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: the kernel just returned this fd to us alone.
+        drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        return true;
+    }
+    // Anything but "no such program" (a permission error) is not proof that it is gone.
+    io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT)
 }
 
 #[cfg(test)]
@@ -332,6 +436,7 @@ mod tests {
     fn removing_a_directory_that_is_not_there_is_nothing() {
         assert!(remove_all(Path::new("/nonexistent/observer-pins"))
             .unwrap()
+            .paths
             .is_empty());
     }
 
