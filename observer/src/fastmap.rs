@@ -53,6 +53,11 @@ impl<V: Default> Stamped<V> {
         self.cycle
     }
 
+    /// Every value kept, in no particular order.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.map.values_mut().map(|(value, _)| value)
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }

@@ -178,32 +178,7 @@ impl CgroupFs {
     /// CPU limit of cgroup `rel` in cores: v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`
     /// (-1 = none), else v2 `cpu.max` ("max 100000" = none). None when unlimited or unknown.
     pub fn cpu_limit(&self, rel: &str) -> Result<Option<f64>, ResourceError> {
-        if let Some(quota_path) = file(&self.cpu, rel, "cpu.cfs_quota_us") {
-            if let Some(quota) = read(&quota_path)? {
-                let quota: i64 = quota
-                    .trim()
-                    .parse()
-                    .map_err(|_| parse_error(&quota_path, "quota", &quota))?;
-                if quota <= 0 {
-                    return Ok(None);
-                }
-                let Some(period_path) = file(&self.cpu, rel, "cpu.cfs_period_us") else {
-                    return Ok(None);
-                };
-                let Some(period) = read(&period_path)? else {
-                    return Ok(None);
-                };
-                let period = parse_u64(&period_path, "period", &period)?;
-                return Ok((period > 0).then(|| quota as f64 / period as f64));
-            }
-        }
-        let Some(path) = file(&self.unified, rel, "cpu.max") else {
-            return Ok(None);
-        };
-        let Some(text) = read(&path)? else {
-            return Ok(None);
-        };
-        parse_cpu_max(&text).ok_or_else(|| parse_error(&path, "cpu.max", &text))
+        cpu_limit(&mut Afresh { fs: self, rel })
     }
 
     /// Memory in use by cgroup `rel` without reclaimable page cache (the working set, as
@@ -225,6 +200,13 @@ impl CgroupFs {
             UsageFile::MemoryUsage => (&self.unified, "memory.current"),
             UsageFile::MemoryStat if self.memory.is_some() => (&self.memory, "memory.stat"),
             UsageFile::MemoryStat => (&self.unified, "memory.stat"),
+            UsageFile::CpuQuota => (&self.cpu, "cpu.cfs_quota_us"),
+            UsageFile::CpuPeriod => (&self.cpu, "cpu.cfs_period_us"),
+            UsageFile::CpuMax => (&self.unified, "cpu.max"),
+            UsageFile::MemoryLimit if self.memory.is_some() => {
+                (&self.memory, "memory.limit_in_bytes")
+            }
+            UsageFile::MemoryLimit => (&self.unified, "memory.max"),
         };
         self::file(hierarchy, rel, name)
     }
@@ -232,22 +214,7 @@ impl CgroupFs {
     /// Memory limit of cgroup `rel` in bytes: v1 `memory.limit_in_bytes` (the huge "no limit"
     /// value reads as None), v2 `memory.max` ("max" = None).
     pub fn memory_limit(&self, rel: &str) -> Result<Option<u64>, ResourceError> {
-        let (hierarchy, name) = if self.memory.is_some() {
-            (&self.memory, "memory.limit_in_bytes")
-        } else {
-            (&self.unified, "memory.max")
-        };
-        let Some(path) = file(hierarchy, rel, name) else {
-            return Ok(None);
-        };
-        let Some(text) = read(&path)? else {
-            return Ok(None);
-        };
-        if text.trim() == "max" {
-            return Ok(None);
-        }
-        let limit = parse_u64(&path, name, &text)?;
-        Ok((limit < V1_UNLIMITED).then_some(limit))
+        memory_limit(&mut Afresh { fs: self, rel })
     }
 
     /// Every metric of cgroup `rel`; a metric that cannot be read is None and its error is
@@ -264,8 +231,8 @@ impl CgroupFs {
     }
 }
 
-/// A file read each interval for a cgroup's CPU and memory usage (limits are read more
-/// rarely, afresh: [`CgroupFs::cpu_limit`], [`CgroupFs::memory_limit`]).
+/// A file of a cgroup's CPU and memory: its usage, read each interval, or its limits, read
+/// every few intervals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UsageFile {
     /// v1 `cpuacct.usage`, nanoseconds.
@@ -276,15 +243,38 @@ pub enum UsageFile {
     MemoryUsage,
     /// `memory.stat` of the hierarchy that holds memory, for the inactive file pages.
     MemoryStat,
+    /// v1 `cpu.cfs_quota_us`.
+    CpuQuota,
+    /// v1 `cpu.cfs_period_us`.
+    CpuPeriod,
+    /// v2 `cpu.max`.
+    CpuMax,
+    /// v1 `memory.limit_in_bytes`, v2 `memory.max`.
+    MemoryLimit,
 }
 
 impl UsageFile {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 8] = [
         Self::CpuacctUsage,
         Self::CpuStat,
         Self::MemoryUsage,
         Self::MemoryStat,
+        Self::CpuQuota,
+        Self::CpuPeriod,
+        Self::CpuMax,
+        Self::MemoryLimit,
     ];
+
+    /// How many usage (not limit) files a cgroup has open at most: CPU, memory, memory.stat.
+    pub const USAGE_PER_CGROUP: usize = 3;
+
+    /// A limit, read every few intervals rather than each.
+    pub fn is_limit(self) -> bool {
+        matches!(
+            self,
+            Self::CpuQuota | Self::CpuPeriod | Self::CpuMax | Self::MemoryLimit
+        )
+    }
 }
 
 /// Reads one cgroup's usage files: afresh ([`CgroupFs::cpu_usage`]) or through descriptors
@@ -341,6 +331,44 @@ pub fn memory_working_set(files: &mut impl UsageFiles) -> Result<Option<u64>, Re
         })?
         .unwrap_or(0);
     Ok(Some(usage.saturating_sub(inactive)))
+}
+
+/// CPU limit in cores ([`CgroupFs::cpu_limit`]).
+pub fn cpu_limit(files: &mut impl UsageFiles) -> Result<Option<f64>, ResourceError> {
+    let quota = files.parse(UsageFile::CpuQuota, "quota", |t| {
+        t.trim().parse::<i64>().ok()
+    })?;
+    if let Some(quota) = quota {
+        if quota <= 0 {
+            return Ok(None);
+        }
+        let period = files.parse(UsageFile::CpuPeriod, "period", |t| {
+            t.trim().parse::<u64>().ok()
+        })?;
+        return Ok(period
+            .filter(|&p| p > 0)
+            .map(|period| quota as f64 / period as f64));
+    }
+    Ok(files
+        .parse(UsageFile::CpuMax, "cpu.max", parse_cpu_max)?
+        .flatten())
+}
+
+/// Memory limit in bytes ([`CgroupFs::memory_limit`]).
+pub fn memory_limit(files: &mut impl UsageFiles) -> Result<Option<u64>, ResourceError> {
+    let what = if files.memory_v1() {
+        "memory.limit_in_bytes"
+    } else {
+        "memory.max"
+    };
+    let limit = files.parse(UsageFile::MemoryLimit, what, |t| match t.trim() {
+        "max" => Some(None),
+        t => t
+            .parse::<u64>()
+            .ok()
+            .map(|l| (l < V1_UNLIMITED).then_some(l)),
+    })?;
+    Ok(limit.flatten())
 }
 
 /// A cgroup's usage files opened and read at each call.
@@ -507,12 +535,6 @@ fn read(path: &Path) -> Result<Option<String>, ResourceError> {
             source,
         }),
     }
-}
-
-fn parse_u64(path: &Path, what: &'static str, text: &str) -> Result<u64, ResourceError> {
-    text.trim()
-        .parse()
-        .map_err(|_| parse_error(path, what, text))
 }
 
 fn parse_error(path: &Path, what: &'static str, text: &str) -> ResourceError {

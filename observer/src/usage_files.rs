@@ -8,9 +8,15 @@
 //! dropped and the file is opened again by path, which finds nothing (the cgroup is gone) or
 //! the new cgroup of the same name (a restarted container).
 //!
-//! Each kept file holds a descriptor and about 4.4 KiB of kernel memory (the open file's page
-//! of text), charged to observer's own cgroup; both are bounded by [`Budget`]. Files beyond
-//! it are opened, read and closed each interval, as before.
+//! Limit files are kept too, though they are read only every few intervals: an open, read and
+//! close costs ten times a read of a kept file, and opening them cost a cycle as much as
+//! reading memory.stat in it (docs/benchmarks.md).
+//!
+//! Each kept file holds a descriptor and about 4 KiB of kernel memory (the open file's page
+//! of text), charged to observer's own cgroup; both are bounded by [`Budget`]. Usage files
+//! come first: limit files are kept only in what the budget leaves after three usage files for
+//! every cgroup read, and are closed again when more cgroups need that room. Files beyond it
+//! are opened, read and closed each time, as before.
 
 use std::{
     fs::File,
@@ -25,8 +31,9 @@ use crate::{
     resources::{self, CgroupFs, ResourceError, UsageFile},
 };
 
-/// At most this many usage files are kept open: three per container, so 5,000 containers fit,
-/// with about 70 MiB of kernel memory at most.
+/// At most this many files are kept open: three usage files per container, so 5,000
+/// containers fit, and their limit files as far as the rest goes; about 70 MiB of kernel
+/// memory at most.
 pub const MAX_KEPT_FILES: usize = 16_384;
 
 /// Descriptors left for everything else (sockets, maps, the state files, HTTP clients).
@@ -105,6 +112,8 @@ pub struct UsageReader {
     /// Cgroups not read in an interval are closed at its end.
     cgroups: Stamped<CgroupFiles>,
     kept: usize,
+    /// Of `kept`, limit files.
+    kept_limits: usize,
     budget: Budget,
     /// One buffer for every read, grown to the longest text (memory.stat).
     buf: Vec<u8>,
@@ -116,14 +125,10 @@ impl UsageReader {
             fs,
             cgroups: Stamped::default(),
             kept: 0,
+            kept_limits: 0,
             budget,
             buf: vec![0; 4096],
         }
-    }
-
-    /// The hierarchies, for what is read afresh (limits).
-    pub fn fs(&self) -> &CgroupFs {
-        &self.fs
     }
 
     /// Files kept open now.
@@ -141,25 +146,77 @@ impl UsageReader {
         resources::memory_working_set(&mut self.cgroup(rel))
     }
 
-    /// Ends an interval: the files of cgroups not read in it are closed.
+    /// [`CgroupFs::cpu_limit`], through kept files.
+    pub fn cpu_limit(&mut self, rel: &str) -> Result<Option<f64>, ResourceError> {
+        resources::cpu_limit(&mut self.cgroup(rel))
+    }
+
+    /// [`CgroupFs::memory_limit`], through kept files.
+    pub fn memory_limit(&mut self, rel: &str) -> Result<Option<u64>, ResourceError> {
+        resources::memory_limit(&mut self.cgroup(rel))
+    }
+
+    /// Keeps the files of `rel` open through this interval without reading them: a cgroup
+    /// whose limits alone are read (a task's, a pod's) is read only every few intervals.
+    pub fn keep(&mut self, rel: &str) {
+        self.cgroups.touch(rel);
+    }
+
+    /// Ends an interval: the files of cgroups not read in it are closed, and limit files
+    /// beyond what the usage files of the cgroups read leave of the budget.
     pub fn end_interval(&mut self) {
-        let mut closed = 0;
-        self.cgroups
-            .end_cycle(|c| closed += c.files.iter().flatten().count());
+        let (mut closed, mut limits) = (0, 0);
+        self.cgroups.end_cycle(|c| {
+            for (file, kept) in UsageFile::ALL.iter().zip(&c.files) {
+                if kept.is_some() {
+                    closed += 1;
+                    limits += usize::from(file.is_limit());
+                }
+            }
+        });
         self.kept -= closed;
+        self.kept_limits -= limits;
+        let room = limit_room(self.budget, self.cgroups.len());
+        if self.kept_limits > room {
+            let mut excess = self.kept_limits - room;
+            for c in self.cgroups.values_mut() {
+                for (file, slot) in UsageFile::ALL.iter().zip(&mut c.files) {
+                    if excess > 0 && file.is_limit() && slot.take().is_some() {
+                        excess -= 1;
+                        self.kept -= 1;
+                        self.kept_limits -= 1;
+                    }
+                }
+                if excess == 0 {
+                    break;
+                }
+            }
+        }
     }
 
     fn cgroup<'a>(&'a mut self, rel: &'a str) -> Cgroup<'a> {
+        // Counts `rel` from its second read on: a new cgroup's first file is a usage file
+        // (limits are read after usage), and a rare overshoot is undone at the interval's end.
+        let limit_room = limit_room(self.budget, self.cgroups.len());
         let files = self.cgroups.touch(rel);
         Cgroup {
             fs: &self.fs,
             rel,
             files,
             kept: &mut self.kept,
+            kept_limits: &mut self.kept_limits,
+            limit_room,
             budget: self.budget,
             buf: &mut self.buf,
         }
     }
+}
+
+/// How many limit files may be kept beside the usage files of `cgroups` cgroups.
+fn limit_room(budget: Budget, cgroups: usize) -> usize {
+    budget
+        .0
+        .saturating_sub(cgroups.saturating_mul(UsageFile::USAGE_PER_CGROUP))
 }
 
 /// One cgroup's files, as [`resources::UsageFiles`].
@@ -168,6 +225,9 @@ struct Cgroup<'a> {
     rel: &'a str,
     files: &'a mut CgroupFiles,
     kept: &'a mut usize,
+    kept_limits: &'a mut usize,
+    /// How many limit files may be kept in all.
+    limit_room: usize,
     budget: Budget,
     buf: &'a mut Vec<u8>,
 }
@@ -194,9 +254,16 @@ impl resources::UsageFiles for Cgroup<'_> {
                     } else {
                         std::slice::from_mut(&mut self.files.files[file as usize])
                     };
-                    for slot in drop.iter_mut().filter(|s| s.is_some()) {
-                        *slot = None;
-                        *self.kept -= 1;
+                    let files = if drop.len() == 1 {
+                        &[file][..]
+                    } else {
+                        &UsageFile::ALL[..]
+                    };
+                    for (f, slot) in files.iter().zip(drop.iter_mut()) {
+                        if slot.take().is_some() {
+                            *self.kept -= 1;
+                            *self.kept_limits -= usize::from(f.is_limit());
+                        }
                     }
                 }
             }
@@ -212,9 +279,11 @@ impl resources::UsageFiles for Cgroup<'_> {
             Err(source) => return Err(ResourceError::Read { path, source }),
         };
         let parsed = parse_buf(&path, what, &self.buf[..len], parse);
-        if *self.kept < self.budget.0 {
+        let room = !file.is_limit() || *self.kept_limits < self.limit_room;
+        if *self.kept < self.budget.0 && room {
             *slot = Some(Kept { file: opened, path });
             *self.kept += 1;
+            *self.kept_limits += usize::from(file.is_limit());
         }
         parsed.map(Some)
     }
@@ -352,6 +421,84 @@ mod tests {
         assert_eq!(reader.kept(), 0);
     }
 
+    fn limits(t: &TempDir, cgroup: &str, quota: i64, memory: u64) {
+        t.write(
+            &format!("cpu/docker/{cgroup}/cpu.cfs_quota_us"),
+            &format!("{quota}\n"),
+        );
+        t.write(
+            &format!("cpu/docker/{cgroup}/cpu.cfs_period_us"),
+            "100000\n",
+        );
+        t.write(
+            &format!("memory/docker/{cgroup}/memory.limit_in_bytes"),
+            &format!("{memory}\n"),
+        );
+    }
+
+    #[test]
+    fn kept_limit_files_give_what_fresh_reads_give_and_see_a_changed_limit() {
+        let t = TempDir::new("kept-limits");
+        hybrid(&t, 1, 5000);
+        limits(&t, "a", 1, 1);
+        let fs = CgroupFs::probe(&t.0);
+        let mut reader = UsageReader::new(fs.clone(), Budget(100));
+        for (quota, memory) in [(150_000, 512 << 20), (50_000, 256 << 20), (-1, u64::MAX)] {
+            limits(&t, "a", quota, memory);
+            let cpu = reader.cpu_limit("/docker/a").unwrap();
+            let mem = reader.memory_limit("/docker/a").unwrap();
+            assert_eq!(cpu, fs.cpu_limit("/docker/a").unwrap());
+            assert_eq!(mem, fs.memory_limit("/docker/a").unwrap());
+            assert_eq!(cpu, (quota > 0).then(|| quota as f64 / 100_000.0));
+            assert_eq!(mem, (memory < u64::MAX).then_some(memory));
+            reader.memory_working_set("/docker/a").unwrap();
+            reader.end_interval();
+        }
+        // Quota, memory limit and the two memory files; the period was read while it was
+        // kept, so it is still open.
+        assert_eq!(reader.kept(), 5);
+        // Kept through an interval that reads no limits.
+        reader.memory_working_set("/docker/a").unwrap();
+        reader.end_interval();
+        assert_eq!(reader.kept(), 5);
+    }
+
+    #[test]
+    fn limit_files_make_room_for_the_usage_files_of_more_cgroups() {
+        let t = TempDir::new("kept-limit-room");
+        for c in ["a", "b", "c"] {
+            t.write(&format!("cpuacct/docker/{c}/cpuacct.usage"), "1\n");
+            limits(&t, c, 200_000, 1 << 30);
+        }
+        let mut reader = UsageReader::new(CgroupFs::probe(&t.0), Budget(4));
+        let read = |reader: &mut UsageReader, c: &str| {
+            let rel = format!("/docker/{c}");
+            assert_eq!(
+                reader.cpu_usage(&rel).unwrap(),
+                Some(Duration::from_nanos(1))
+            );
+            assert_eq!(reader.cpu_limit(&rel).unwrap(), Some(2.0));
+            assert_eq!(reader.memory_limit(&rel).unwrap(), Some(1 << 30));
+        };
+        // One cgroup: three usage files are set aside for it, one limit file fits.
+        read(&mut reader, "a");
+        assert_eq!(reader.kept(), 2, "cpuacct.usage and one limit file");
+        reader.end_interval();
+        // Two: 6 set aside is more than the budget, so no limit file is kept, and the one kept
+        // is closed at the interval's end; usage files are kept as far as the budget goes.
+        read(&mut reader, "a");
+        read(&mut reader, "b");
+        reader.end_interval();
+        assert_eq!(reader.kept(), 2, "the two cpuacct.usage");
+        for _ in 0..2 {
+            for c in ["a", "b", "c"] {
+                read(&mut reader, c);
+            }
+            reader.end_interval();
+            assert_eq!(reader.kept(), 3, "a cpuacct.usage each, no limit file");
+        }
+    }
+
     #[test]
     fn the_budget_leaves_descriptors_for_the_rest() {
         assert_eq!(Budget::within(1024), Budget(0));
@@ -397,11 +544,27 @@ mod tests {
             "empty cgroup"
         );
         assert_eq!(reader.kept(), 2);
+        // A limit set after its file was opened is read through the kept file.
+        let limit_file = dir.join(if fs.memory.is_some() {
+            "memory.limit_in_bytes"
+        } else {
+            "memory.max"
+        });
+        assert_eq!(reader.memory_limit(&rel).unwrap(), None, "no limit yet");
+        assert_eq!(reader.kept(), 3);
+        fs::write(&limit_file, "268435456").unwrap();
+        assert_eq!(reader.memory_limit(&rel).unwrap(), Some(256 << 20));
+        assert_eq!(reader.kept(), 3, "read through the kept file");
         reader.end_interval();
 
         fs::remove_dir(&dir).unwrap();
         assert_eq!(reader.memory_working_set(&rel).unwrap(), None, "removed");
-        assert_eq!(reader.kept(), 0, "its descriptors are dropped");
+        assert_eq!(
+            reader.kept(),
+            0,
+            "its descriptors are dropped, the limit file's too"
+        );
+        assert_eq!(reader.memory_limit(&rel).unwrap(), None, "removed");
         reader.end_interval();
 
         // The same name again: read through new descriptors, not the removed cgroup's.

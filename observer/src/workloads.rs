@@ -191,13 +191,17 @@ impl Joiner {
         let cycle = self.kept.cycle();
         let kept = self.kept.touch(key);
         let due = match kept.limits {
-            Some((limits, due)) if cycle < due => return limits,
+            Some((limits, due)) if cycle < due => {
+                // Its limit files stay open for the next read.
+                self.usage.keep(path);
+                return limits;
+            }
             Some(_) => cycle + LIMITS_EVERY,
             None => first_reread(key, cycle),
         };
         let limits = CgroupLimits {
-            cpu_cores: or_debug(key, self.usage.fs().cpu_limit(path)),
-            memory: or_debug(key, self.usage.fs().memory_limit(path)),
+            cpu_cores: or_debug(key, self.usage.cpu_limit(path)),
+            memory: or_debug(key, self.usage.memory_limit(path)),
         };
         kept.limits = Some((limits, due));
         limits

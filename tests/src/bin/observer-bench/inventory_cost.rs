@@ -203,11 +203,12 @@ impl InventorySource for Fixed {
 fn product_cycle(
     programs: &mut Programs,
     source: Box<dyn InventorySource>,
+    joiner: Joiner,
 ) -> anyhow::Result<Cycle> {
     let reader = TrafficReader::new(programs.ebpf_mut())?;
     let collector = Collector::new(reader, CgroupIndex::scan(&testbed::v2_root())?);
     let refresher = Refresher::new(source, RefreshConfig::for_interval(Duration::from_secs(60)));
-    Ok(Cycle::new(collector, Some(refresher), joiner(), 2))
+    Ok(Cycle::new(collector, Some(refresher), joiner, 2))
 }
 
 /// One interval as observer runs it, minus the wait, with the JSON output; returns the
@@ -218,21 +219,23 @@ fn cycle(rt: &tokio::runtime::Runtime, cycle: &mut Cycle) -> anyhow::Result<usiz
     Ok(snapshot.workloads.iter().map(|w| w.containers.len()).sum())
 }
 
-/// The joiner as run.rs makes it, with the open-file limit raised as run.rs raises it.
-fn joiner() -> Joiner {
+/// The joiner as run.rs makes it, with the open-file limit raised as run.rs raises it; with
+/// `budget`, that many files kept open instead.
+fn joiner(budget: Option<usage_files::Budget>) -> Joiner {
     if let Err(e) = usage_files::raise_open_files_limit() {
         eprintln!("raising the open-files limit: {e}");
     }
     let fs = CgroupFs::detect(std::path::Path::new("/sys/fs/cgroup"))
         .unwrap_or_else(|_| CgroupFs::probe(std::path::Path::new("/sys/fs/cgroup")));
     let proc = std::path::Path::new("/proc");
-    Joiner::new(
-        fs,
-        Host {
-            cpus: resources::host_cpu_count(proc).ok(),
-            memory: resources::host_memory_total(proc).ok(),
-        },
-    )
+    let host = Host {
+        cpus: resources::host_cpu_count(proc).ok(),
+        memory: resources::host_memory_total(proc).ok(),
+    };
+    match budget {
+        Some(budget) => Joiner::with_budget(fs, host, budget),
+        None => Joiner::new(fs, host),
+    }
 }
 
 fn ms(d: &[Duration]) -> Option<Summary> {
@@ -253,27 +256,68 @@ pub fn inventory_cost(counts: &[usize]) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let (mut reopened, mut skipped) = (Vec::new(), Vec::new());
     for &n in counts {
         crate::check_interrupted()?;
         let tasks = SyntheticTasks::create(n)?;
         let mut programs = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
-        let mut run = product_cycle(&mut programs, Box::new(Fixed(tasks.inventory.clone())))?;
+        let mut run = product_cycle(
+            &mut programs,
+            Box::new(Fixed(tasks.inventory.clone())),
+            joiner(None),
+        )?;
+        // The same cycle with room for the usage files only, so limit files are opened at each
+        // read (the design before 2026-12-03): its cycles alternate with the product's, so the
+        // machine's drift falls on both alike. Its programs are loaded, not attached. Only
+        // where both cycles' files fit this process's open-file limit (up to five each per
+        // container): a walk that runs out of descriptors would measure nothing.
+        let fits = usage_files::raise_open_files_limit()
+            .is_ok_and(|soft| n as u64 * 10 + 2 * usage_files::RESERVED_DESCRIPTORS <= soft);
+        let mut other = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
+        let mut reopen = fits
+            .then(|| {
+                product_cycle(
+                    &mut other,
+                    Box::new(Fixed(tasks.inventory.clone())),
+                    joiner(Some(usage_files::Budget(
+                        n * resources::UsageFile::USAGE_PER_CGROUP,
+                    ))),
+                )
+            })
+            .transpose()?;
         programs.attach(&root)?;
         let containers = cycle(&rt, &mut run)?;
         anyhow::ensure!(containers == n, "{containers} containers joined, {n} made");
+        if let Some(reopen) = &mut reopen {
+            cycle(&rt, reopen)?;
+        }
         reset_peak_rss();
         let mut cpu = Vec::with_capacity(CYCLES);
+        let mut cpu_reopen = Vec::with_capacity(CYCLES);
         for _ in 0..CYCLES {
             crate::check_interrupted()?;
             let before = process_cpu();
             cycle(&rt, &mut run)?;
             cpu.push(process_cpu() - before);
+            if let Some(reopen) = &mut reopen {
+                let before = process_cpu();
+                cycle(&rt, reopen)?;
+                cpu_reopen.push(process_cpu() - before);
+            }
         }
         // The mean too: the walk is done in one cycle of ten, which the median leaves out and
         // the CPU a node spends does not.
-        let mean = cpu.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / cpu.len() as f64;
+        let mean = |d: &[Duration]| {
+            d.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / d.len() as f64
+        };
         let fmt = ms(&cpu).map_or("-".into(), |s| {
-            format!("{:.2} [{:.2}..{:.2}] {mean:>8.2}", s.median, s.min, s.max)
+            format!(
+                "{:.2} [{:.2}..{:.2}] {:>8.2}",
+                s.median,
+                s.min,
+                s.max,
+                mean(&cpu)
+            )
         });
         println!(
             "{:>10} {:>10} {:>37} {:>11} MiB",
@@ -282,7 +326,37 @@ pub fn inventory_cost(counts: &[usize]) -> anyhow::Result<()> {
             fmt,
             peak_rss_kib() / 1024
         );
+        if reopen.is_some() {
+            reopened.push((n, mean(&cpu), mean(&cpu_reopen), ms(&cpu), ms(&cpu_reopen)));
+        } else {
+            skipped.push(n);
+        }
         drop(tasks);
+    }
+    println!();
+    println!(
+        "Limit files kept open (observer) against opened at each read, cycles alternating in \
+         this run: CPU per cycle, ms, median (mean)"
+    );
+    println!(
+        "{:>10} {:>20} {:>20} {:>14}",
+        "containers", "kept", "opened", "mean kept/opened"
+    );
+    for (n, kept, opened, k, o) in reopened {
+        let med = |s: Option<Summary>| s.map_or("-".into(), |s| format!("{:.2}", s.median));
+        println!(
+            "{:>10} {:>20} {:>20} {:>14.2}",
+            n,
+            format!("{} ({kept:.2})", med(k)),
+            format!("{} ({opened:.2})", med(o)),
+            kept / opened
+        );
+    }
+    if !skipped.is_empty() {
+        println!(
+            "  (not at {skipped:?} containers: two cycles' files do not fit this process's \
+             open-file limit)"
+        );
     }
     docker_side_by_side()
 }
@@ -318,7 +392,7 @@ fn docker_side_by_side() -> anyhow::Result<()> {
         ..RefreshConfig::for_interval(Duration::from_secs(10))
     };
     let refresher = Refresher::new(Box::new(DockerSource::new(client.clone())), every_cycle);
-    let mut run = Cycle::new(collector, Some(refresher), joiner(), 2);
+    let mut run = Cycle::new(collector, Some(refresher), joiner(None), 2);
     programs.attach(&root)?;
 
     let mut ours = Vec::new();
@@ -335,7 +409,8 @@ fn docker_side_by_side() -> anyhow::Result<()> {
         let (own, daemons) = (process_cpu(), docker_daemons_cpu());
         let joined = cycle(&rt, &mut run)?;
         anyhow::ensure!(joined >= REAL_CONTAINERS, "only {joined} containers joined");
-        ours.push((process_cpu() - own) + (docker_daemons_cpu() - daemons));
+        // Saturating: a shim that exits between the two readings takes its CPU with it.
+        ours.push((process_cpu() - own) + docker_daemons_cpu().saturating_sub(daemons));
 
         let (own, daemons) = (process_cpu(), docker_daemons_cpu());
         for id in &ids {
@@ -347,7 +422,7 @@ fn docker_side_by_side() -> anyhow::Result<()> {
                 "no memory_stats for {id}"
             );
         }
-        theirs.push((process_cpu() - own) + (docker_daemons_cpu() - daemons));
+        theirs.push((process_cpu() - own) + docker_daemons_cpu().saturating_sub(daemons));
     }
     let (o, t) = (ms(&ours), ms(&theirs));
     println!();
