@@ -211,6 +211,16 @@ fn mount_bpffs(at: &Path) -> Result<(), PinError> {
     Ok(())
 }
 
+/// bpf(2) with `attr`, the prefix of `union bpf_attr` that `cmd` reads: what the kernel
+/// returned (-1 with errno set on failure).
+///
+/// # Safety
+/// `attr` must be laid out as `cmd` reads it, and every pointer in it valid for the call.
+pub(crate) unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+    // SAFETY: the caller's promise; the kernel reads at most size_of::<T>() bytes of attr.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) }
+}
+
 /// `union bpf_attr` as BPF_OBJ_GET reads it.
 #[repr(C)]
 #[derive(Default)]
@@ -243,14 +253,7 @@ pub fn open_pinned(path: &Path) -> Result<OwnedFd, PinError> {
         ..Default::default()
     };
     // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut attr as *mut ObjGetAttr,
-            size_of::<ObjGetAttr>(),
-        )
-    };
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) };
     if fd < 0 {
         return Err(PinError::Syscall {
             what: "opening the pin",
@@ -272,14 +275,7 @@ pub fn update_link(link: &Path, program: BorrowedFd<'_>) -> Result<(), PinError>
         ..Default::default()
     };
     // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_UPDATE; both fds are open.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &mut attr as *mut LinkUpdateAttr,
-            size_of::<LinkUpdateAttr>(),
-        )
-    };
+    let rc = unsafe { sys_bpf(BPF_LINK_UPDATE, &mut attr) };
     if rc < 0 {
         return Err(PinError::Syscall {
             what: "replacing the program behind the pinned link",
@@ -373,28 +369,14 @@ fn link_program(link: BorrowedFd<'_>) -> Option<u32> {
     };
     // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD; the kernel writes at
     // most info_len bytes into info, which outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            size_of::<InfoAttr>(),
-        )
-    };
+    let rc = unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) };
     (rc == 0 && info[2] != 0).then_some(info[2])
 }
 
 fn link_detach(link: BorrowedFd<'_>) {
     let mut attr = [link.as_raw_fd() as u32, 0];
     // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_DETACH (link_fd).
-    unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            attr.as_mut_ptr(),
-            size_of_val(&attr),
-        )
-    };
+    unsafe { sys_bpf(BPF_LINK_DETACH, &mut attr) };
 }
 
 /// Whether a program with this id is still loaded.
@@ -402,14 +384,7 @@ fn program_loaded(id: u32) -> bool {
     // prog_id, next_id, open_flags
     let mut attr = [id, 0, 0];
     // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_GET_FD_BY_ID.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            attr.as_mut_ptr(),
-            size_of_val(&attr),
-        )
-    };
+    let fd = unsafe { sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) };
     if fd >= 0 {
         // SAFETY: the kernel just returned this fd to us alone.
         drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });

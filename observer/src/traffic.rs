@@ -538,14 +538,7 @@ fn lookup_and_delete(
         ..Default::default()
     };
     // SAFETY: attr points at one key and a value per CPU.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &mut attr as *mut ElemAttr,
-            size_of::<ElemAttr>(),
-        )
-    };
+    let ret = unsafe { crate::pin::sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) };
     if ret < 0 {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
@@ -600,14 +593,7 @@ fn batch<K: aya::Pod + Default, V: aya::Pod + Default>(
             ..Default::default()
         };
         // SAFETY: attr points at buffers of BATCH keys and BATCH * cpus values.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>(),
-            )
-        };
+        let ret = unsafe { crate::pin::sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let err = (ret < 0).then(io::Error::last_os_error);
         let n = attr.count as usize;
         for (i, key) in keys.iter().take(n).enumerate() {
