@@ -29,6 +29,37 @@ pub enum CgroupError {
     NotCgroup2(PathBuf),
     #[error("reading {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {source}; the cgroups found by the last walk are kept{hint}")]
+    Walk {
+        path: PathBuf,
+        source: io::Error,
+        hint: &'static str,
+    },
+}
+
+impl CgroupError {
+    fn walk(path: &Path, source: io::Error) -> Self {
+        let hint = match source.raw_os_error() {
+            Some(libc::EMFILE) => {
+                ": observer is out of file descriptors, raise its open-files limit (ulimit -n, \
+                 LimitNOFILE= in a systemd unit, the nofile ulimit of an ECS task, or the \
+                 container runtime's default)"
+            }
+            Some(libc::ENFILE) => ": the host is out of file descriptors (fs.file-max)",
+            _ => "",
+        };
+        Self::Walk {
+            path: path.to_owned(),
+            source,
+            hint,
+        }
+    }
+}
+
+/// A directory of the walk that went between listing and reading: the cgroup was removed.
+fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+        || matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOTDIR))
 }
 
 /// Finds the cgroup v2 mount point among `mounts` (this process's: [`mountinfo::read_self`]).
@@ -136,7 +167,9 @@ impl CgroupIndex {
         Ok(index)
     }
 
-    /// Walks the hierarchy again: cgroups come and go between intervals.
+    /// Walks the hierarchy again: cgroups come and go between intervals. A walk that cannot
+    /// read a directory for any reason but its removal (no descriptor left, say) fails and
+    /// keeps the last walk's index: a partial one would drop the containers it missed.
     pub fn rescan(&mut self) -> Result<(), CgroupError> {
         let mut paths =
             FastMap::with_capacity_and_hasher(self.paths.len().max(64), Default::default());
@@ -148,10 +181,17 @@ impl CgroupIndex {
         let mut stack = vec![(self.root.clone(), String::new())];
         while let Some((dir, rel)) = stack.pop() {
             // A cgroup removed while we walk is not an error: it is simply gone.
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if is_gone(&e) => continue,
+                Err(e) => return Err(CgroupError::walk(&dir, e)),
             };
-            for entry in entries.flatten() {
+            for entry in entries {
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) if is_gone(&e) => break,
+                    Err(e) => return Err(CgroupError::walk(&dir, e)),
+                };
                 // d_type and d_ino come with getdents: no stat per control file. kernfs reports
                 // the same inode number there as stat does: the cgroup id.
                 let Ok(file_type) = entry.file_type() else {
@@ -197,6 +237,81 @@ impl CgroupIndex {
 mod tests {
     use super::*;
     use crate::mountinfo::parse;
+
+    const EMFILE_CHILD: &str = "OBSERVER_TEST_EMFILE_CHILD";
+
+    /// Runs in a process of its own (the test binary again, this test only), because it uses
+    /// up the process's descriptors.
+    #[test]
+    fn a_walk_out_of_descriptors_fails_and_keeps_the_last_index() {
+        let name = "cgroupfs::tests::a_walk_out_of_descriptors_fails_and_keeps_the_last_index";
+        if std::env::var_os(EMFILE_CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(EMFILE_CHILD, "1")
+                .output()
+                .unwrap();
+            let printed = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{printed}");
+            assert!(printed.contains("emfile child: walk refused"), "{printed}");
+            return;
+        }
+        struct Removed(PathBuf);
+        impl Drop for Removed {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+        let root = std::env::temp_dir().join(format!("observer-emfile-{}", std::process::id()));
+        let _removed = Removed(root.clone());
+        for dir in ["a/b", "a/c", "d"] {
+            fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        let mut index = CgroupIndex::scan(&root).unwrap();
+        assert_eq!(index.len(), 5, "the root and four directories");
+        // Down to a low limit, then every descriptor under it taken.
+        let limit = libc::rlimit {
+            rlim_cur: 64,
+            rlim_max: 64,
+        };
+        // SAFETY: a plain syscall on a struct that lives through it.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        let mut held = Vec::new();
+        let err = loop {
+            match fs::File::open("/dev/null") {
+                Ok(f) => held.push(f),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
+        let refused = index.rescan().unwrap_err();
+        let text = refused.to_string();
+        assert!(text.contains("open-files limit"), "{text}");
+        assert!(text.contains("last walk are kept"), "{text}");
+        assert_eq!(index.len(), 5, "the last walk's index is kept");
+        drop(held);
+        fs::create_dir(root.join("d/e")).unwrap();
+        index.rescan().unwrap();
+        assert_eq!(
+            index.len(),
+            6,
+            "with descriptors back, the walk sees the new directory"
+        );
+        println!("emfile child: walk refused: {text}");
+    }
+
+    #[test]
+    fn a_directory_removed_during_the_walk_is_gone_not_an_error() {
+        for errno in [libc::ENOENT, libc::ENODEV, libc::ENOTDIR] {
+            assert!(is_gone(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        for errno in [libc::EMFILE, libc::ENFILE, libc::EACCES, libc::ENOMEM] {
+            assert!(!is_gone(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        let err = CgroupError::walk(Path::new("/x"), io::Error::from_raw_os_error(libc::ENFILE));
+        assert!(err.to_string().contains("fs.file-max"), "{err}");
+    }
 
     #[test]
     fn populated_comes_from_cgroup_events() {

@@ -182,8 +182,12 @@ impl Collector {
                 && !self.last_paths.contains_key(id)
                 && !self.unresolved.contains(id)
         });
+        // A failed walk keeps the last index: new cgroups go by id until a walk works, and
+        // this interval's counts, already taken from the map, are still reported.
         if new_unknown {
-            self.index.rescan()?;
+            if let Err(e) = self.index.rescan() {
+                log::warn!("walking the cgroup hierarchy: {e}");
+            }
         }
 
         let mut cgroups = Vec::with_capacity(by_cgroup.len());
