@@ -30,6 +30,18 @@ pub const DEFAULT_MAX_ENTRIES: u32 = 16_384;
 /// Loopback devices have this ifindex in every network namespace.
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
+/// Stands for the kernel's `bpf_cast_to_kern_ctx` kfunc (6.3+) in the programs, which turns
+/// the context into the kernel's `struct sk_buff` (the verifier makes the call a register
+/// move). aya cannot emit a kfunc call, so the programs call this helper number, which no
+/// kernel has, and the loader rewrites each such call into the kfunc's (observer's
+/// cache_key.rs).
+pub const CAST_TO_KERN_CTX_PLACEHOLDER: i32 = 0x7fff_0001;
+/// The read-only globals the loader sets to offsets from the kernel's BTF for those programs.
+pub const SKB_SK_OFFSET: &str = "SKB_SK_OFFSET";
+pub const SOCK_STATE_OFFSET: &str = "SOCK_STATE_OFFSET";
+pub const SOCK_CGROUP_OFFSET: &str = "SOCK_CGROUP_OFFSET";
+pub const CGROUP_SERIAL_OFFSET: &str = "CGROUP_SERIAL_OFFSET";
+
 /// One row of the traffic map: what the counters in a [`TrafficValue`] belong to.
 ///
 /// How to add a dimension: one of few values (a destination class: loopback, same node, VPC,
@@ -190,7 +202,7 @@ impl core::iter::Sum for TrafficValue {
 }
 
 /// One slot of the per-CPU cache ([`CACHE_MAP`]): one direction's counts of the cgroup that
-/// last sent or received on this CPU among those whose ids fall on this slot, not yet moved to
+/// last sent or received on this CPU among those whose keys fall on this slot, not yet moved to
 /// [`TRAFFIC_MAP`]. Which direction is the element of [`CACHE_MAP`] it is in. 64 bytes: one
 /// cache line when the kernel's per-CPU allocation is aligned.
 ///
@@ -208,7 +220,9 @@ pub struct CacheSlot {
     pub net: Counter,
     pub lo: Counter,
     pub end: u64,
-    _pad: u64,
+    /// What the programs look the slot up by: the cgroup id, or a key the kernel finds sooner
+    /// (observer-ebpf's traffic.rs). 0 in slots of builds before it, which miss once.
+    pub key: u64,
 }
 
 impl CacheSlot {
@@ -260,7 +274,8 @@ impl Default for CacheSlots {
     }
 }
 
-/// Which slot of a direction's [`CacheSlots`] holds `cgroup_id`'s counts: Fibonacci hashing
+/// Which slot of a direction's [`CacheSlots`] holds the counts of the cgroup keyed `cgroup_id`
+/// (its id, or the key [`CacheSlot::key`] says): Fibonacci hashing
 /// (the top bits of a multiply), which spreads ids that differ only in their low bits, as the
 /// inode numbers of sibling cgroups do. Always below [`CACHE_SLOTS`].
 #[inline(always)]

@@ -7,6 +7,8 @@
 pub mod appmetrics;
 pub mod backoff;
 pub mod body;
+pub mod btf;
+pub mod cache_key;
 pub mod cgroupfs;
 pub mod collect;
 pub mod config;

@@ -22,7 +22,10 @@ use observer_common::{
     STAT_COUNT, TRAFFIC_MAP,
 };
 
-use crate::pin::{self, Found, PinDir, Shape};
+use crate::{
+    cache_key::KernelKey,
+    pin::{self, Found, PinDir, Shape},
+};
 
 /// observer's programs, built by build.rs from observer-ebpf.
 pub static OBSERVER_OBJECT: &[u8] =
@@ -31,20 +34,19 @@ pub static OBSERVER_OBJECT: &[u8] =
 pub static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-floor"));
 
-/// observer's program pair: (name, direction). On x86-64 the pair with the per-CPU cache in
-/// front of the hash; elsewhere the hash alone, because the cache's readers rely on x86's
+/// observer's program pair on x86-64 kernels with `bpf_cast_to_kern_ctx` (6.3+): the per-CPU
+/// cache in front of the hash, keyed by the cgroup's serial number (cache_key.rs). Elsewhere
+/// [`BY_ID_PROGRAMS`] or, off x86-64, [`HASHED_PROGRAMS`]: the cache's readers rely on x86's
 /// store order to tell a torn copy of a slot (observer-ebpf's traffic.rs).
-pub const OBSERVER_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = if CACHED {
-    [
-        ("count_ingress", CgroupSkbAttachType::Ingress),
-        ("count_egress", CgroupSkbAttachType::Egress),
-    ]
-} else {
-    [
-        ("count_ingress_hashed", CgroupSkbAttachType::Ingress),
-        ("count_egress_hashed", CgroupSkbAttachType::Egress),
-    ]
-};
+pub const SERIAL_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    ("count_ingress", CgroupSkbAttachType::Ingress),
+    ("count_egress", CgroupSkbAttachType::Egress),
+];
+/// The cached pair keyed by `bpf_skb_cgroup_id`: x86-64 kernels before 6.3.
+pub const BY_ID_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    ("count_ingress_by_id", CgroupSkbAttachType::Ingress),
+    ("count_egress_by_id", CgroupSkbAttachType::Egress),
+];
 /// The hash-only pair, whichever pair this build counts with: what the bench compares the
 /// cache against.
 pub const HASHED_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
@@ -174,6 +176,40 @@ pub fn is_legacy_cache(found: &Shape) -> bool {
         && found.value_size as usize == size_of::<CacheSlot>()
 }
 
+/// What the serial-keyed pair needs from this kernel, or None (logged) where it has not got it.
+fn kernel_key() -> Option<KernelKey> {
+    KernelKey::find()
+        .inspect_err(|e| {
+            log::info!(
+                "counting by cgroup id, which costs a few ns more per packet and counts the                  same: the kernel's BTF lacks what keying by cgroup serial number needs                  (bpf_cast_to_kern_ctx is 6.3+): {e}"
+            )
+        })
+        .ok()
+}
+
+/// Loads (verifies) both programs of `names` in `ebpf`.
+fn load_pair(
+    ebpf: &mut Ebpf,
+    names: [(&'static str, CgroupSkbAttachType); 2],
+) -> Result<(), ProgramsError> {
+    for (name, _) in names {
+        cgroup_skb(ebpf, name)?
+            .load()
+            .map_err(|source| ProgramsError::Program { name, source })?;
+    }
+    Ok(())
+}
+
+fn cgroup_skb<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSkb, ProgramsError> {
+    ebpf.program_mut(name)
+        .ok_or(ProgramsError::Missing(name))?
+        .try_into()
+        .map_err(|source| ProgramsError::Program { name, source })
+}
+
 /// The name a direction's link is pinned under, whichever program pair serves it, so that a
 /// restart takes the link over instead of attaching a second one beside it.
 fn link_name(attach_type: CgroupSkbAttachType) -> &'static str {
@@ -227,11 +263,46 @@ impl Programs {
                 loader.map_pin_path(name, pins.map(name));
             }
         }
-        let ebpf = loader.load(OBSERVER_OBJECT)?;
-        let mut programs = Self::with(ebpf, OBSERVER_PROGRAMS)?;
+        let key = if CACHED { kernel_key() } else { None };
+        let mut programs = match key {
+            Some(key) => {
+                let globals = key.globals();
+                for (name, offset) in &globals {
+                    loader.override_global(name, offset, true);
+                }
+                let (object, _) = key.patch(OBSERVER_OBJECT);
+                let mut ebpf = loader.load(&object)?;
+                // The by-id pair is in the same object, unpatched, with the same maps.
+                match load_pair(&mut ebpf, SERIAL_PROGRAMS) {
+                    Ok(()) => Self::loaded(ebpf, SERIAL_PROGRAMS),
+                    Err(e) => {
+                        log::warn!(
+                            "counting by cgroup id, which costs a few ns more per packet and                              counts the same: the programs keyed by cgroup serial number did                              not load on this kernel: {e}"
+                        );
+                        Self::with(ebpf, BY_ID_PROGRAMS)?
+                    }
+                }
+            }
+            None => Self::with(
+                loader.load(OBSERVER_OBJECT)?,
+                if CACHED {
+                    BY_ID_PROGRAMS
+                } else {
+                    HASHED_PROGRAMS
+                },
+            )?,
+        };
         programs.pins = pins.cloned();
         programs.set_aside = set_aside;
         Ok(programs)
+    }
+
+    /// The cached pair keyed by cgroup id (what kernels before 6.3 run) with maps of its own,
+    /// not pinned: the benchmark's comparison.
+    pub fn load_by_id(map_entries: u32) -> Result<Self, ProgramsError> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(TRAFFIC_MAP, map_entries);
+        Self::with(loader.load(OBSERVER_OBJECT)?, BY_ID_PROGRAMS)
     }
 
     /// Pinned maps of earlier builds that this one could not use as they were: taken, to be
@@ -258,23 +329,21 @@ impl Programs {
     }
 
     fn with(
-        ebpf: Ebpf,
+        mut ebpf: Ebpf,
         names: [(&'static str, CgroupSkbAttachType); 2],
     ) -> Result<Self, ProgramsError> {
-        let mut programs = Self {
+        load_pair(&mut ebpf, names)?;
+        Ok(Self::loaded(ebpf, names))
+    }
+
+    fn loaded(ebpf: Ebpf, names: [(&'static str, CgroupSkbAttachType); 2]) -> Self {
+        Self {
             ebpf,
             names,
             links: Vec::new(),
             pins: None,
             set_aside: Vec::new(),
-        };
-        for (name, _) in names {
-            programs
-                .program_mut(name)?
-                .load()
-                .map_err(|source| ProgramsError::Program { name, source })?;
         }
-        Ok(programs)
     }
 
     /// Attaches both programs to `cgroup` (normally the v2 root, where they see every socket).
@@ -366,12 +435,13 @@ impl Programs {
         Ok(())
     }
 
+    /// The pair loaded: (name, direction).
+    pub fn names(&self) -> [(&'static str, CgroupSkbAttachType); 2] {
+        self.names
+    }
+
     fn program_mut(&mut self, name: &'static str) -> Result<&mut CgroupSkb, ProgramsError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(ProgramsError::Missing(name))?
-            .try_into()
-            .map_err(|source| ProgramsError::Program { name, source })
+        cgroup_skb(&mut self.ebpf, name)
     }
 
     /// Run statistics of both programs, as the kernel keeps them.

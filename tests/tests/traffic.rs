@@ -14,7 +14,7 @@ use testbed::{
 
 /// observer's programs attached at the v2 root, with their map to read.
 struct Counting {
-    _programs: Programs,
+    programs: Programs,
     reader: TrafficReader,
 }
 
@@ -24,13 +24,13 @@ impl Counting {
     }
 
     fn with_entries(entries: u32) -> Self {
-        let mut programs = Programs::load_observer(entries).expect("load");
+        Self::with(Programs::load_observer(entries).expect("load"))
+    }
+
+    fn with(mut programs: Programs) -> Self {
         let reader = TrafficReader::new(programs.ebpf_mut()).expect("maps");
         programs.attach(&testbed::v2_root()).expect("attach");
-        Self {
-            _programs: programs,
-            reader,
-        }
+        Self { programs, reader }
     }
 
     /// Everything counted for `cgroup` so far.
@@ -190,6 +190,56 @@ fn two_cgroups_sending_at_once_are_not_mixed_up() {
             ..Default::default()
         }
     );
+}
+
+/// What this kernel runs (keyed by cgroup serial number on 6.3+), the pair keyed by cgroup id
+/// (older kernels) and the hash alone (off x86-64), all attached at once: each sees every
+/// packet and must count it under the same cgroup, UDP exactly and TCP (handshake, ACKs and
+/// teardown included) to the byte alike.
+#[test]
+fn every_program_pair_counts_the_same_packets_alike() {
+    if skip_unless_root("every_program_pair_counts_the_same_packets_alike") {
+        return;
+    }
+    let mut pairs = [
+        Counting::attach(),
+        Counting::with(Programs::load_by_id(4096).expect("load by id")),
+        Counting::with(Programs::load_hashed(4096).expect("load hashed")),
+    ];
+    let (a, b, sink) = (
+        TestCgroup::new("pairs-a").unwrap(),
+        TestCgroup::new("pairs-b").unwrap(),
+        TestCgroup::new("pairs-sink").unwrap(),
+    );
+    udp_exchange(at(&a), at(&sink), "127.0.0.1:0", 700, 64);
+    udp_exchange(at(&b), at(&sink), "127.0.0.1:0", 300, 1200);
+    let mut rx = Spawned::start(&trafficgen(), &["tcp-recv", "127.0.0.1:0"], at(&sink)).unwrap();
+    let addr = rx.expect("ready ").unwrap();
+    let mut tx = Spawned::start(&trafficgen(), &["tcp-send", &addr, "1048576"], at(&a)).unwrap();
+    assert_eq!(tx.expect("sent ").unwrap(), "1048576");
+    rx.expect("received ").unwrap();
+    tx.wait(Duration::from_secs(10)).unwrap();
+    rx.wait(Duration::from_secs(10)).unwrap();
+
+    let names = [
+        pairs[0].programs.names()[0].0,
+        "count_ingress_by_id",
+        "count_ingress_hashed",
+    ];
+    let counted: Vec<[TrafficValue; 3]> = pairs
+        .iter_mut()
+        .map(|p| [p.of(&a), p.of(&b), p.of(&sink)])
+        .collect();
+    assert_eq!(
+        counted[0][1].lo_tx,
+        udp(300, 1200),
+        "{}: b sent UDP only",
+        names[0]
+    );
+    assert!(counted[0][0].lo_tx.bytes > 1 << 20, "{}: a's TCP", names[0]);
+    for (name, other) in names.iter().zip(&counted).skip(1) {
+        assert_eq!(other, &counted[0], "{name} against {}", names[0]);
+    }
 }
 
 #[test]

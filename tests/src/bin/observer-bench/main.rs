@@ -170,8 +170,18 @@ enum Mode {
     Observer,
     /// observer's hash-only pair (the design before the cache; what arm64 runs).
     Hashed,
+    /// The cache keyed by cgroup id (what x86-64 kernels before 6.3 run).
+    ById,
 }
-const MODES: [Mode; 4] = [Mode::Detached, Mode::Floor, Mode::Observer, Mode::Hashed];
+const MODES: [Mode; 5] = [
+    Mode::Detached,
+    Mode::Floor,
+    Mode::Observer,
+    Mode::Hashed,
+    Mode::ById,
+];
+/// The pairs measured, in [`Mode`] order after Detached.
+const PAIRS: usize = MODES.len() - 1;
 
 #[derive(Clone, Copy)]
 enum Workload {
@@ -201,9 +211,9 @@ impl Workload {
 /// Per workload: end-to-end rates per mode, and ns per run per (mode, direction).
 #[derive(Default)]
 struct Results {
-    rates: [[Vec<f64>; 4]; 4],
-    /// [workload][0 = floor, 1 = observer, 2 = hash alone][0 = ingress, 1 = egress]
-    ns: [[[Vec<f64>; 2]; 3]; 4],
+    rates: [[Vec<f64>; MODES.len()]; 4],
+    /// [workload][0 = floor, 1 = observer, 2 = hash alone, 3 = by id][0 = ingress, 1 = egress]
+    ns: [[[Vec<f64>; 2]; PAIRS]; 4],
 }
 
 struct Bed {
@@ -256,6 +266,7 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
     let mut observer = Programs::load_observer(DEFAULT_MAX_ENTRIES)?;
     let mut floor = Programs::load_floor()?;
     let mut hashed = Programs::load_hashed(DEFAULT_MAX_ENTRIES)?;
+    let mut by_id = Programs::load_by_id(DEFAULT_MAX_ENTRIES)?;
     let bed = Bed {
         ns: NetNs::with_veth("bench")?,
         tx: TestCgroup::new("bench-tx")?,
@@ -264,8 +275,10 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
     };
     let mut results = Results::default();
     eprint!(
-        "data plane: {} rounds of 4 modes x 4 workloads x 2 passes x {} s ",
-        opts.rounds, opts.seconds
+        "data plane: {} rounds of {} modes x 4 workloads x 2 passes x {} s ",
+        opts.rounds,
+        MODES.len(),
+        opts.seconds
     );
     for round in 0..opts.rounds {
         // Rotate the order of modes so that none always runs first after a quiet spell.
@@ -276,6 +289,7 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
                 Mode::Floor => Some(&mut floor),
                 Mode::Observer => Some(&mut observer),
                 Mode::Hashed => Some(&mut hashed),
+                Mode::ById => Some(&mut by_id),
             };
             if let Some(p) = programs {
                 p.attach(&root)?;
@@ -287,9 +301,9 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
                 stats.write("0")?;
                 results.rates[w][m].push(run(*workload, opts.seconds, &bed)?);
                 stats.write("1")?;
-                let before = run_stats(MODES[m], [&floor, &observer, &hashed])?;
+                let before = run_stats(MODES[m], [&floor, &observer, &hashed, &by_id])?;
                 run(*workload, opts.seconds, &bed)?;
-                let after = run_stats(MODES[m], [&floor, &observer, &hashed])?;
+                let after = run_stats(MODES[m], [&floor, &observer, &hashed, &by_id])?;
                 if let (Some(b), Some(a)) = (before, after) {
                     let slot = MODES[m] as usize - 1;
                     for dir in 0..2 {
@@ -302,13 +316,14 @@ fn dataplane(opts: &Opts) -> anyhow::Result<()> {
             observer.detach()?;
             floor.detach()?;
             hashed.detach()?;
+            by_id.detach()?;
         }
         eprint!(".");
         let _ = std::io::stderr().flush();
     }
     eprintln!(" done");
     drop(stats);
-    print_dataplane(opts, &results);
+    print_dataplane(opts, &results, observer.names()[0].0);
     Ok(())
 }
 
@@ -339,8 +354,8 @@ fn refuse_other_skb_programs(root: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run statistics of the pair `mode` attaches: [floor, observer, hash alone].
-fn run_stats(mode: Mode, programs: [&Programs; 3]) -> anyhow::Result<Option<Vec<RunStats>>> {
+/// Run statistics of the pair `mode` attaches: [floor, observer, hash alone, by id].
+fn run_stats(mode: Mode, programs: [&Programs; PAIRS]) -> anyhow::Result<Option<Vec<RunStats>>> {
     Ok(match mode {
         Mode::Detached => None,
         _ => Some(programs[mode as usize - 1].run_stats()?),
@@ -418,19 +433,21 @@ fn fmt(s: Option<Summary>, scale: f64, digits: usize) -> String {
     }
 }
 
-fn print_dataplane(opts: &Opts, r: &Results) {
+fn print_dataplane(opts: &Opts, r: &Results, observer_pair: &str) {
     println!();
     println!(
         "Kernel cost per program run, ns, and its ratio to the empty program's (median [min..max] of {} rounds; kernel.bpf_stats_enabled)",
         opts.rounds
     );
     println!(
-        "{:<18} {:<9} {:>20} {:>20} {:>22} {:>22} {:>22}",
+        "{:<18} {:<9} {:>18} {:>18} {:>18} {:>20} {:>20} {:>20} {:>20}",
         "workload",
         "program",
         "observer / empty",
+        "by id / empty",
         "hash alone / empty",
         "observer",
+        "by id",
         "hash alone",
         "empty (floor)"
     );
@@ -443,22 +460,25 @@ fn print_dataplane(opts: &Opts, r: &Results) {
                 .map(|(i, e)| i + e)
                 .collect()
         };
+        let slots = [0, 1, 3, 2];
         let rows = [
-            ("ingress", [0, 1, 2].map(|slot| r.ns[w][slot][0].clone())),
-            ("egress", [0, 1, 2].map(|slot| r.ns[w][slot][1].clone())),
-            ("both", [0, 1, 2].map(both)),
+            ("ingress", slots.map(|slot| r.ns[w][slot][0].clone())),
+            ("egress", slots.map(|slot| r.ns[w][slot][1].clone())),
+            ("both", slots.map(both)),
         ];
-        for (name, [floor, obs, hashed]) in rows {
+        for (name, [floor, obs, by_id, hashed]) in rows {
             // Each pair measured in the same round as the floor, so drift between rounds cancels.
             let ratio =
                 |x: &[f64]| -> Vec<f64> { x.iter().zip(&floor).map(|(o, f)| o / f).collect() };
             println!(
-                "{:<18} {:<9} {:>20} {:>20} {:>22} {:>22} {:>22}",
+                "{:<18} {:<9} {:>18} {:>18} {:>18} {:>20} {:>20} {:>20} {:>20}",
                 workload.label(),
                 name,
                 fmt(Summary::of(&ratio(&obs)), 1.0, 2),
+                fmt(Summary::of(&ratio(&by_id)), 1.0, 2),
                 fmt(Summary::of(&ratio(&hashed)), 1.0, 2),
                 fmt(Summary::of(&obs), 1.0, 1),
+                fmt(Summary::of(&by_id), 1.0, 1),
                 fmt(Summary::of(&hashed), 1.0, 1),
                 fmt(Summary::of(&floor), 1.0, 1),
             );
@@ -466,7 +486,10 @@ fn print_dataplane(opts: &Opts, r: &Results) {
     }
     println!(
         "(x / empty: the ratio of each round's pair, median [min..max]; \"both\" is per datagram, \
-         ingress + egress; \"hash alone\": observer's hash-only pair, the design before the cache)"
+         ingress + egress; \"observer\": the pair this kernel runs ({}); \"by id\": the cache keyed \
+         by cgroup id, what kernels before 6.3 run; \"hash alone\": the hash-only pair, the design \
+         before the cache)",
+        observer_pair
     );
     println!();
     println!(
@@ -474,8 +497,13 @@ fn print_dataplane(opts: &Opts, r: &Results) {
         opts.rounds, opts.seconds
     );
     println!(
-        "{:<18} {:>34} {:>24} {:>24} {:>24}",
-        "workload", "detached", "floor / detached", "observer / detached", "hash alone / detached"
+        "{:<18} {:>34} {:>22} {:>22} {:>22} {:>22}",
+        "workload",
+        "detached",
+        "floor / detached",
+        "observer / detached",
+        "by id / detached",
+        "hash alone / detached"
     );
     for (w, workload) in WORKLOADS.iter().enumerate() {
         let (scale, unit) = match workload {
@@ -485,12 +513,13 @@ fn print_dataplane(opts: &Opts, r: &Results) {
         let detached = Summary::of(&r.rates[w][0]);
         let ratio = |m: usize| detached.and_then(|d| Summary::ratio_to(&r.rates[w][m], &d));
         println!(
-            "{:<18} {:>34} {:>24} {:>24} {:>24}",
+            "{:<18} {:>34} {:>22} {:>22} {:>22} {:>22}",
             workload.label(),
             format!("{} {unit}", fmt(detached, scale, 1)),
-            fmt(ratio(1), 1.0, 3),
-            fmt(ratio(2), 1.0, 3),
-            fmt(ratio(3), 1.0, 3)
+            fmt(ratio(Mode::Floor as usize), 1.0, 3),
+            fmt(ratio(Mode::Observer as usize), 1.0, 3),
+            fmt(ratio(Mode::ById as usize), 1.0, 3),
+            fmt(ratio(Mode::Hashed as usize), 1.0, 3)
         );
     }
 }
