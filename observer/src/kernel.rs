@@ -61,6 +61,10 @@ pub fn release() -> Option<String> {
 pub const CGROUP_LINKS: KernelVersion = KernelVersion::new(5, 7);
 /// BPF_MAP_LOOKUP_BATCH: one syscall per few thousand cgroups; older kernels are read key by key.
 pub const BATCH_LOOKUPS: KernelVersion = KernelVersion::new(5, 6);
+/// `bpf_cast_to_kern_ctx`: the cache keyed by the cgroup's serial number, no helper call per
+/// packet; older kernels key it by cgroup id, a few ns more per packet. Detected from the
+/// kernel's BTF (cache_key.rs), not by version, since distributions backport.
+pub const KERN_CTX_KFUNC: KernelVersion = KernelVersion::new(6, 3);
 /// The oldest kernel observer runs on: what its required features need.
 pub const OLDEST: KernelVersion = CGROUP_LINKS;
 /// The oldest kernel `cargo xtask vm-test` boots on every CI run (Amazon Linux 2's).

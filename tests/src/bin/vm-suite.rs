@@ -198,17 +198,34 @@ fn same(
 }
 
 /// Two senders in two cgroups, one receiver in a third: each cgroup gets exactly its own
-/// loopback bytes and packets, nothing on other devices.
+/// loopback bytes and packets, nothing on other devices. The pair counting them is the one
+/// this kernel's BTF allows: keyed by cgroup serial number where it has bpf_cast_to_kern_ctx
+/// (6.3+), by cgroup id before, never a silent fall-back.
 fn traffic_per_cgroup() -> Result<String> {
     let (a, b, sink) = (
         TestCgroup::new("vm-a")?,
         TestCgroup::new("vm-b")?,
         TestCgroup::new("vm-sink")?,
     );
-    let cmd = start_observer(
+    let mut cmd = start_observer(
         &["--platform", "none", "--interval", "1s", "--output", "json"],
         &[],
     )?;
+    let want = match observer::cache_key::KernelKey::find() {
+        Ok(_) => "attached count_ingress (",
+        Err(_) => "attached count_ingress_by_id (",
+    };
+    let attached = cmd
+        .log_so_far()
+        .iter()
+        .find(|l| l.contains("attached count_"))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        attached.contains(want),
+        "want {want:?}, observer logged {attached:?}"
+    );
+    let pair = want.trim_start_matches("attached ").trim_end_matches(" (");
     udp_exchange(at(&a), at(&sink), "127.0.0.1:0", 300, 1000);
     udp_exchange(at(&b), at(&sink), "127.0.0.1:0", 200, 500);
     let lines = two_intervals_then_stop(cmd)?;
@@ -233,7 +250,7 @@ fn traffic_per_cgroup() -> Result<String> {
         &expect(&[("lo_rx_bytes", rx.bytes), ("lo_rx_packets", rx.packets)]),
     )?;
     Ok(format!(
-        "a lo_tx {} B, b lo_tx {} B, sink lo_rx {} B",
+        "{pair}: a lo_tx {} B, b lo_tx {} B, sink lo_rx {} B",
         udp(300, 1000).bytes,
         udp(200, 500).bytes,
         rx.bytes
