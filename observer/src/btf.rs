@@ -64,22 +64,30 @@ pub enum Want {
     Int(u32),
 }
 
-#[derive(Debug, Clone)]
+/// One type record, read from the section when needed.
+#[derive(Debug, Clone, Copy)]
 struct Type {
     kind: u32,
     name_off: u32,
     /// Size (structs, unions, ints) or the type referred to (pointers, typedefs, modifiers).
     size_or_type: u32,
     kind_flag: bool,
-    /// Structs and unions: (name offset, type id, bit offset word).
-    members: Vec<(u32, u32, u32)>,
+    vlen: usize,
+    /// Where the record's members (structs, unions) start in the type section.
+    members_at: usize,
 }
 
-/// A parsed type section with its strings.
+/// A type section with its strings, kept as read: one buffer and an index of where each type
+/// starts, freed whole when dropped. Parsing every type into its own allocations left about
+/// 20 MiB of a long-running process's heap resident after the parse, for four offsets.
 pub struct Btf {
-    /// Index = type id; id 0 is void.
-    types: Vec<Type>,
-    strings: Vec<u8>,
+    data: Vec<u8>,
+    types_at: usize,
+    types_len: usize,
+    strings_at: usize,
+    strings_len: usize,
+    /// Start of each type's record in the type section; index = type id - 1.
+    index: Vec<u32>,
 }
 
 impl Btf {
@@ -93,87 +101,96 @@ impl Btf {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&data)
+        Self::parse(data)
     }
 
-    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
-        let u16_at = |at: usize| {
-            data.get(at..at + 2)
-                .map(|b| u16::from_ne_bytes([b[0], b[1]]))
-                .ok_or(BtfError::Truncated("header"))
-        };
-        let magic = u16_at(0)?;
+    pub fn parse(data: Vec<u8>) -> Result<Self, BtfError> {
+        let magic = data
+            .get(0..2)
+            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+            .ok_or(BtfError::Truncated("header"))?;
         if magic != MAGIC {
             return Err(BtfError::Magic(magic));
         }
-        let header = Reader::new(data, 4);
+        let header = Reader::new(&data, 4);
         let hdr_len = header.u32(0)? as usize;
-        let type_off = header.u32(4)? as usize;
-        let type_len = header.u32(8)? as usize;
-        let str_off = header.u32(12)? as usize;
-        let str_len = header.u32(16)? as usize;
-        let types_at = hdr_len + type_off;
-        let section = data
-            .get(types_at..types_at + type_len)
-            .ok_or(BtfError::Truncated("type section"))?;
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or(BtfError::Truncated("string section"))?
-            .to_vec();
-        let mut types = vec![Type {
-            kind: 0,
-            name_off: 0,
-            size_or_type: 0,
-            kind_flag: false,
-            members: Vec::new(),
-        }];
-        let r = Reader::new(section, 0);
+        let types_at = hdr_len + header.u32(4)? as usize;
+        let types_len = header.u32(8)? as usize;
+        let strings_at = hdr_len + header.u32(12)? as usize;
+        let strings_len = header.u32(16)? as usize;
+        if data.len() < types_at + types_len {
+            return Err(BtfError::Truncated("type section"));
+        }
+        if data.len() < strings_at + strings_len {
+            return Err(BtfError::Truncated("string section"));
+        }
+        let r = Reader::new(&data[types_at..types_at + types_len], 0);
+        let mut index = Vec::new();
         let mut at = 0;
-        while at < section.len() {
-            let name_off = r.u32(at)?;
+        while at < types_len {
+            index.push(u32::try_from(at).map_err(|_| BtfError::Truncated("type section"))?);
             let info = r.u32(at + 4)?;
-            let size_or_type = r.u32(at + 8)?;
-            at += 12;
+            r.u32(at + 8)?;
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
-            let mut members = Vec::new();
             let extra = match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
                 KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION => {
-                    for m in 0..vlen {
-                        let m_at = at + m * 12;
-                        members.push((r.u32(m_at)?, r.u32(m_at + 4)?, r.u32(m_at + 8)?));
-                    }
-                    vlen * 12
-                }
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
                 KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
-                KIND_DATASEC | KIND_ENUM64 => vlen * 12,
                 KIND_PTR | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
                 | KIND_FUNC | 16 | KIND_TYPE_TAG => 0,
                 other => return Err(BtfError::UnknownKind(other)),
             };
-            at += extra;
-            types.push(Type {
-                kind,
-                name_off,
-                size_or_type,
-                kind_flag: info >> 31 == 1,
-                members,
-            });
+            at += 12 + extra;
+            if at > types_len {
+                return Err(BtfError::Truncated("type"));
+            }
         }
-        Ok(Self { types, strings })
+        Ok(Self {
+            data,
+            types_at,
+            types_len,
+            strings_at,
+            strings_len,
+            index,
+        })
+    }
+
+    fn section(&self) -> Reader<'_> {
+        Reader::new(&self.data[self.types_at..self.types_at + self.types_len], 0)
+    }
+
+    /// Type `id` (0 is void, which has no record).
+    fn ty(&self, id: u32) -> Option<Type> {
+        let at = *self.index.get((id as usize).checked_sub(1)?)? as usize;
+        let r = self.section();
+        let info = r.u32(at + 4).ok()?;
+        Some(Type {
+            kind: (info >> 24) & 0x1f,
+            name_off: r.u32(at).ok()?,
+            size_or_type: r.u32(at + 8).ok()?,
+            kind_flag: info >> 31 == 1,
+            vlen: (info & 0xffff) as usize,
+            members_at: at + 12,
+        })
+    }
+
+    /// Every type with its id.
+    fn types(&self) -> impl Iterator<Item = (u32, Type)> + '_ {
+        (1..=self.index.len() as u32).filter_map(|id| self.ty(id).map(|t| (id, t)))
     }
 
     fn name(&self, off: u32) -> &[u8] {
-        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let strings = &self.data[self.strings_at..self.strings_at + self.strings_len];
+        let rest = strings.get(off as usize..).unwrap_or_default();
         &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
     }
 
     /// Follows typedefs and modifiers to the type they name.
-    fn resolve(&self, mut id: u32) -> Option<&Type> {
+    fn resolve(&self, mut id: u32) -> Option<Type> {
         for _ in 0..32 {
-            let t = self.types.get(id as usize)?;
+            let t = self.ty(id)?;
             match t.kind {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     id = t.size_or_type
@@ -188,17 +205,16 @@ impl Btf {
     /// `strukt`, checked to be what a program reads there. Members inside anonymous structs and
     /// unions are found as the C compiler would find them.
     pub fn offset(&self, strukt: &str, path: &str, want: Want) -> Result<u32, BtfError> {
-        let start = self
-            .types
-            .iter()
-            .find(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == strukt.as_bytes())
+        let (_, start) = self
+            .types()
+            .find(|(_, t)| t.kind == KIND_STRUCT && self.name(t.name_off) == strukt.as_bytes())
             .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
         let mut current = start;
         let mut offset = 0;
         let mut last = None;
         for member in path.split('.') {
             let (bits, type_id, bitfield) =
-                self.member(current, member)
+                self.member(&current, member)
                     .ok_or_else(|| BtfError::NoMember {
                         strukt: strukt.into(),
                         member: path.into(),
@@ -232,10 +248,9 @@ impl Btf {
 
     /// The type id of kernel function `name`: what a program's call of it (a kfunc) names.
     pub fn function(&self, name: &str) -> Result<u32, BtfError> {
-        self.types
-            .iter()
-            .position(|t| t.kind == KIND_FUNC && self.name(t.name_off) == name.as_bytes())
-            .map(|id| id as u32)
+        self.types()
+            .find(|(_, t)| t.kind == KIND_FUNC && self.name(t.name_off) == name.as_bytes())
+            .map(|(id, _)| id)
             .ok_or_else(|| BtfError::NoFunction(name.into()))
     }
 
@@ -245,7 +260,14 @@ impl Btf {
         if t.kind != KIND_STRUCT && t.kind != KIND_UNION {
             return None;
         }
-        for &(name_off, type_id, word) in &t.members {
+        let r = self.section();
+        for m in 0..t.vlen {
+            let m_at = t.members_at + m * 12;
+            let (name_off, type_id, word) = (
+                r.u32(m_at).ok()?,
+                r.u32(m_at + 4).ok()?,
+                r.u32(m_at + 8).ok()?,
+            );
             // With kind_flag, the top 8 bits are a bitfield's size.
             let (bits, bitfield) = if t.kind_flag {
                 (word & 0x00ff_ffff, word >> 24 != 0)
@@ -258,7 +280,7 @@ impl Btf {
             }
             if member_name.is_empty() {
                 if let Some(inner) = self.resolve(type_id) {
-                    if let Some((inner_bits, id, bitfield)) = self.member(inner, name) {
+                    if let Some((inner_bits, id, bitfield)) = self.member(&inner, name) {
                         return Some((bits + inner_bits, id, bitfield));
                     }
                 }
@@ -395,7 +417,7 @@ mod tests {
             64,
             &[("a", u64_t, 0), ("d", data, 128), ("", anon, 384)],
         );
-        Btf::parse(&b.bytes()).unwrap()
+        Btf::parse(b.bytes()).unwrap()
     }
 
     #[test]
@@ -425,11 +447,11 @@ mod tests {
             btf.offset("nope", "a", Want::Int(8)),
             Err(BtfError::NoStruct(_))
         ));
-        assert!(matches!(Btf::parse(&[0u8; 24]), Err(BtfError::Magic(0))));
+        assert!(matches!(Btf::parse(vec![0u8; 24]), Err(BtfError::Magic(0))));
         let mut cut = Builder::new();
         cut.int("int", 4);
         let bytes = cut.bytes();
-        assert!(Btf::parse(&bytes[..bytes.len() - 8]).is_err());
+        assert!(Btf::parse(bytes[..bytes.len() - 8].to_vec()).is_err());
     }
 
     /// The running kernel's BTF, against bpftool's reading of the same file.
