@@ -410,6 +410,8 @@ mod tests {
             16,
             &[("flags", u64_t, 0), ("cgroup", ptr, 64)],
         );
+        let proto = b.head("", KIND_FUNC_PROTO, 0, false, u64_t);
+        let _func = b.head("bpf_cast_to_kern_ctx", KIND_FUNC, 0, false, proto);
         let anon = b.strukt("", KIND_UNION, 8, &[("hidden", u64_td, 0)]);
         let _outer = b.strukt(
             "sock",
@@ -426,6 +428,18 @@ mod tests {
         assert_eq!(btf.offset("sock", "d.cgroup", Want::Pointer).unwrap(), 24);
         assert_eq!(btf.offset("cgroup", "serial", Want::Int(8)).unwrap(), 8);
         assert_eq!(btf.offset("sock", "hidden", Want::Int(8)).unwrap(), 48);
+    }
+
+    #[test]
+    fn a_function_is_found_by_name_as_its_type_id() {
+        let btf = sample();
+        // ids from 1 in the order made: int, typedef, cgroup, ptr, data, proto, func.
+        assert_eq!(btf.function("bpf_cast_to_kern_ctx").unwrap(), 7);
+        assert!(matches!(
+            btf.function("cgroup"),
+            Err(BtfError::NoFunction(_))
+        ));
+        assert!(matches!(btf.function("nope"), Err(BtfError::NoFunction(_))));
     }
 
     #[test]
@@ -494,6 +508,11 @@ mod tests {
             btf.offset("cgroup", "self.serial_nr", Want::Int(8))
                 .unwrap(),
             (bits("cgroup", "self") + bits("cgroup_subsys_state", "serial_nr")) / 8
+        );
+        assert_eq!(
+            btf.offset("sock", "__sk_common.skc_state", Want::Int(1))
+                .unwrap(),
+            (bits("sock", "__sk_common") + bits("sock_common", "skc_state")) / 8
         );
     }
 }
