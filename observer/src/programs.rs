@@ -181,7 +181,9 @@ fn kernel_key() -> Option<KernelKey> {
     KernelKey::find()
         .inspect_err(|e| {
             log::info!(
-                "counting by cgroup id, which costs a few ns more per packet and counts the                  same: the kernel's BTF lacks what keying by cgroup serial number needs                  (bpf_cast_to_kern_ctx is 6.3+): {e}"
+                "counting by cgroup id, which costs a few ns more per packet and counts the \
+                 same: the kernel's BTF lacks what keying by cgroup serial number needs \
+                 (bpf_cast_to_kern_ctx is 6.3+): {e}"
             )
         })
         .ok()
@@ -277,7 +279,9 @@ impl Programs {
                     Ok(()) => Self::loaded(ebpf, SERIAL_PROGRAMS),
                     Err(e) => {
                         log::warn!(
-                            "counting by cgroup id, which costs a few ns more per packet and                              counts the same: the programs keyed by cgroup serial number did                              not load on this kernel: {e}"
+                            "counting by cgroup id, which costs a few ns more per packet and \
+                             counts the same: the programs keyed by cgroup serial number did \
+                             not load on this kernel: {e}"
                         );
                         Self::with(ebpf, BY_ID_PROGRAMS)?
                     }
