@@ -138,28 +138,22 @@ impl UsageReader {
 
     /// [`CgroupFs::cpu_usage`], through kept files.
     pub fn cpu_usage(&mut self, rel: &str) -> Result<Option<Duration>, ResourceError> {
-        resources::cpu_usage(&mut self.cgroup(rel))
+        self.cgroup(rel).cpu_usage()
     }
 
     /// [`CgroupFs::memory_working_set`], through kept files.
     pub fn memory_working_set(&mut self, rel: &str) -> Result<Option<u64>, ResourceError> {
-        resources::memory_working_set(&mut self.cgroup(rel))
+        self.cgroup(rel).memory_working_set()
     }
 
     /// [`CgroupFs::cpu_limit`], through kept files.
     pub fn cpu_limit(&mut self, rel: &str) -> Result<Option<f64>, ResourceError> {
-        resources::cpu_limit(&mut self.cgroup(rel))
+        self.cgroup(rel).cpu_limit()
     }
 
     /// [`CgroupFs::memory_limit`], through kept files.
     pub fn memory_limit(&mut self, rel: &str) -> Result<Option<u64>, ResourceError> {
-        resources::memory_limit(&mut self.cgroup(rel))
-    }
-
-    /// Keeps the files of `rel` open through this interval without reading them: a cgroup
-    /// whose limits alone are read (a task's, a pod's) is read only every few intervals.
-    pub fn keep(&mut self, rel: &str) {
-        self.cgroups.touch(rel);
+        self.cgroup(rel).memory_limit()
     }
 
     /// Ends an interval: the files of cgroups not read in it are closed, and limit files
@@ -194,7 +188,10 @@ impl UsageReader {
         }
     }
 
-    fn cgroup<'a>(&'a mut self, rel: &'a str) -> Cgroup<'a> {
+    /// The files of cgroup `rel`, kept through this interval whether or not any is read:
+    /// one lookup for every figure of a cgroup (hashing its path was a few percent of a
+    /// cycle, once per figure).
+    pub fn cgroup<'a>(&'a mut self, rel: &'a str) -> Cgroup<'a> {
         // Counts `rel` from its second read on: a new cgroup's first file is a usage file
         // (limits are read after usage), and a rare overshoot is undone at the interval's end.
         let limit_room = limit_room(self.budget, self.cgroups.len());
@@ -219,8 +216,8 @@ fn limit_room(budget: Budget, cgroups: usize) -> usize {
         .saturating_sub(cgroups.saturating_mul(UsageFile::USAGE_PER_CGROUP))
 }
 
-/// One cgroup's files, as [`resources::UsageFiles`].
-struct Cgroup<'a> {
+/// One cgroup's files, as [`resources::UsageFiles`] ([`UsageReader::cgroup`]).
+pub struct Cgroup<'a> {
     fs: &'a CgroupFs,
     rel: &'a str,
     files: &'a mut CgroupFiles,
@@ -230,6 +227,28 @@ struct Cgroup<'a> {
     limit_room: usize,
     budget: Budget,
     buf: &'a mut Vec<u8>,
+}
+
+impl Cgroup<'_> {
+    /// [`CgroupFs::cpu_usage`].
+    pub fn cpu_usage(&mut self) -> Result<Option<Duration>, ResourceError> {
+        resources::cpu_usage(self)
+    }
+
+    /// [`CgroupFs::memory_working_set`].
+    pub fn memory_working_set(&mut self) -> Result<Option<u64>, ResourceError> {
+        resources::memory_working_set(self)
+    }
+
+    /// [`CgroupFs::cpu_limit`].
+    pub fn cpu_limit(&mut self) -> Result<Option<f64>, ResourceError> {
+        resources::cpu_limit(self)
+    }
+
+    /// [`CgroupFs::memory_limit`].
+    pub fn memory_limit(&mut self) -> Result<Option<u64>, ResourceError> {
+        resources::memory_limit(self)
+    }
 }
 
 impl resources::UsageFiles for Cgroup<'_> {

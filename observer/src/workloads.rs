@@ -6,6 +6,7 @@
 //! to exactly one cgroup, so nothing is counted twice.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
     time::{Duration, Instant},
 };
@@ -20,7 +21,7 @@ use crate::{
     },
     resources::{cpu_percent, CgroupFs, ResourceError},
     snapshot::{ContainerReport, Usage, WorkloadReport},
-    usage_files::{Budget, UsageReader},
+    usage_files::{Budget, Cgroup, UsageReader},
 };
 
 /// Host facts used as the last fallback for limits.
@@ -110,20 +111,15 @@ impl Joiner {
         let mut reports =
             Vec::with_capacity(inventory.workloads.len() + inventory.standalone.len());
         for workload in &inventory.workloads {
-            self.kept(&workload.id);
             let limits = self.workload_limits(workload, paths);
             let usages: Vec<Usage> = workload
                 .containers
                 .iter()
-                .map(|c| {
-                    self.kept(&c.id);
-                    self.usage(c, limits, paths, now)
-                })
+                .map(|c| self.usage(c, limits, paths, now))
                 .collect();
             reports.push(report(workload, limits, &usages, traffic));
         }
         for container in &inventory.standalone {
-            self.kept(&container.id);
             let alone = Workload::alone(container);
             let usage = self.usage(container, alone.limits, paths, now);
             reports.push(report(&alone, alone.limits, &[usage], traffic));
@@ -142,12 +138,16 @@ impl Joiner {
 
     /// This interval's traffic plus what was held for cgroups the inventory now lists; holds
     /// the traffic of `unknown` cgroups.
-    fn with_held(
+    fn with_held<'t>(
         &mut self,
         inventory: &Inventory,
-        traffic: &HashMap<u64, TrafficValue>,
+        traffic: &'t HashMap<u64, TrafficValue>,
         unknown: &[u64],
-    ) -> HashMap<u64, TrafficValue> {
+    ) -> Cow<'t, HashMap<u64, TrafficValue>> {
+        // The common case: nothing held and nothing new, so no copy of every cgroup's traffic.
+        if self.held.is_empty() && unknown.is_empty() {
+            return Cow::Borrowed(traffic);
+        }
         let attached: BTreeSet<u64> = inventory
             .workloads
             .iter()
@@ -177,31 +177,21 @@ impl Joiner {
                 self.held.entry(*id).or_default().0 += t;
             }
         }
-        traffic
+        Cow::Owned(traffic)
     }
 
-    /// What is kept of `id`, which this cycle lists.
-    fn kept(&mut self, id: &str) -> &mut Kept {
-        self.kept.touch(id)
-    }
-
-    /// The limits of the cgroup at `path`, read again every [`LIMITS_EVERY`] cycles (the
-    /// first time sooner, [`first_reread`]).
-    fn cgroup_limits(&mut self, key: &str, path: &str) -> CgroupLimits {
-        let cycle = self.kept.cycle();
-        let kept = self.kept.touch(key);
+    /// The limits of cgroup `key`, from `kept` if they are not due to be read again
+    /// (every [`LIMITS_EVERY`] cycles; the first time sooner, [`first_reread`]).
+    fn limits(kept: &mut Kept, files: &mut Cgroup<'_>, key: &str, cycle: u64) -> CgroupLimits {
         let due = match kept.limits {
-            Some((limits, due)) if cycle < due => {
-                // Its limit files stay open for the next read.
-                self.usage.keep(path);
-                return limits;
-            }
+            // Its limit files stay open for the next read (`files` keeps them).
+            Some((limits, due)) if cycle < due => return limits,
             Some(_) => cycle + LIMITS_EVERY,
             None => first_reread(key, cycle),
         };
         let limits = CgroupLimits {
-            cpu_cores: or_debug(key, self.usage.cpu_limit(path)),
-            memory: or_debug(key, self.usage.memory_limit(path)),
+            cpu_cores: or_debug(key, files.cpu_limit()),
+            memory: or_debug(key, files.memory_limit()),
         };
         kept.limits = Some((limits, due));
         limits
@@ -227,7 +217,9 @@ impl Joiner {
         else {
             return own;
         };
-        let cgroup = self.cgroup_limits(&workload.id, path);
+        let cycle = self.kept.cycle();
+        let kept = self.kept.touch(&workload.id);
+        let cgroup = Self::limits(kept, &mut self.usage.cgroup(path), &workload.id, cycle);
         Limits {
             cpu_cores: own.cpu_cores.or(cgroup.cpu_cores),
             memory_bytes: own.memory_bytes.or(cgroup.memory),
@@ -241,6 +233,9 @@ impl Joiner {
         paths: &dyn Fn(u64) -> Option<&'p str>,
         now: Instant,
     ) -> Usage {
+        // One lookup of what is kept of the container and one of its files, for every figure.
+        let cycle = self.kept.cycle();
+        let kept = self.kept.touch(&container.id);
         // The container's own cgroup is the shortest of its paths (deeper ones are children).
         let Some(path) = container
             .cgroup_ids
@@ -251,13 +246,14 @@ impl Joiner {
             return Usage::default();
         };
         let name = container.name.as_str();
-        let cpu_percent = or_debug(name, self.usage.cpu_usage(path)).and_then(|usage| {
-            let before = self.kept(&container.id).cpu.replace((usage, now));
+        let mut files = self.usage.cgroup(path);
+        let cpu_percent = or_debug(name, files.cpu_usage()).and_then(|usage| {
+            let before = kept.cpu.replace((usage, now));
             before
                 .and_then(|(prev, at)| cpu_percent(prev, usage, now.saturating_duration_since(at)))
         });
-        let memory_working_set = or_debug(name, self.usage.memory_working_set(path));
-        let cgroup = self.cgroup_limits(&container.id, path);
+        let memory_working_set = or_debug(name, files.memory_working_set());
+        let cgroup = Self::limits(kept, &mut files, &container.id, cycle);
         Usage {
             cpu_percent,
             cpu_limit_cores: container
