@@ -35,6 +35,16 @@ impl<V: Default> Stamped<V> {
         value
     }
 
+    /// [`Stamped::touch`], with how many keys are kept now (this one counted).
+    pub fn touch_counted(&mut self, key: &str) -> (&mut V, usize) {
+        let len = self.map.len();
+        let entry = self.map.entry_ref(key);
+        let len = len + usize::from(matches!(entry, hashbrown::hash_map::EntryRef::Vacant(_)));
+        let (value, stamp) = entry.or_default();
+        *stamp = self.cycle;
+        (value, len)
+    }
+
     /// Ends the cycle: what it did not touch is dropped, each passed to `dropped` first.
     pub fn end_cycle(&mut self, mut dropped: impl FnMut(&V)) {
         let cycle = self.cycle;
@@ -85,8 +95,9 @@ mod tests {
         assert_eq!(dropped, [10]);
         assert_eq!(kept.len(), 1);
         assert_eq!(*kept.touch("a"), 2);
-        // A key dropped and touched again starts afresh.
-        assert_eq!(*kept.touch("b"), 0);
+        // A key dropped and touched again starts afresh; it is counted with the others.
+        assert_eq!(kept.touch_counted("b"), (&mut 0, 2));
+        assert_eq!(kept.touch_counted("a"), (&mut 2, 2));
         kept.end_cycle(|_| {});
         kept.end_cycle(|_| {});
         assert!(kept.is_empty());

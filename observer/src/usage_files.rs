@@ -192,10 +192,9 @@ impl UsageReader {
     /// one lookup for every figure of a cgroup (hashing its path was a few percent of a
     /// cycle, once per figure).
     pub fn cgroup<'a>(&'a mut self, rel: &'a str) -> Cgroup<'a> {
-        // Counts `rel` from its second read on: a new cgroup's first file is a usage file
-        // (limits are read after usage), and a rare overshoot is undone at the interval's end.
-        let limit_room = limit_room(self.budget, self.cgroups.len());
-        let files = self.cgroups.touch(rel);
+        // `rel` counted, new or not, so its usage files have their room before its limits.
+        let (files, cgroups) = self.cgroups.touch_counted(rel);
+        let limit_room = limit_room(self.budget, cgroups);
         Cgroup {
             fs: &self.fs,
             rel,
